@@ -1,0 +1,149 @@
+"""The `dataengine` command. Library code logs; this module prints."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from dataengine.spec import SpecError
+
+EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from dataengine.spec import load_spec
+
+    for path in args.specs:
+        spec = load_spec(path)
+        print(f"{path}: ok ({spec.name}: {' -> '.join(spec.stage_names())})")
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from dataengine.spec import SCHEMA_PATH, json_schema, write_json_schema
+
+    if args.write:
+        print(f"wrote {write_json_schema()}")
+    elif args.check:
+        current = json.loads(SCHEMA_PATH.read_text()) if SCHEMA_PATH.exists() else None
+        if current != json_schema():
+            print(f"{SCHEMA_PATH} is out of date: run `dataengine schema --write`", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"{SCHEMA_PATH}: up to date")
+    else:
+        print(json.dumps(json_schema(), indent=2, sort_keys=True))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from dataengine.runner import format_summary, run_pipeline
+    from dataengine.spec import load_spec
+
+    spec = load_spec(args.spec)
+    result = run_pipeline(spec, output=args.output, address=args.address)
+    print(format_summary(result.manifest))
+    print(f"\noutputs: {result.run_dir}/dataset (kept), {result.run_dir}/rejected, {result.run_dir}/run.json")
+    return 0
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from dataengine.query import run_sql
+
+    frame = run_sql(args.run, args.sql)
+    with pl.Config(tbl_rows=args.limit, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
+        print(frame)
+    return 0
+
+
+def _cmd_synthweb(args: argparse.Namespace) -> int:
+    from dataengine.synthweb import SynthWebServer, build_synthweb, write_url_list
+
+    out = build_synthweb(Path(args.out), n=args.n, seed=args.seed)
+    if not args.serve:
+        print(f"built {args.n} items in {out} (truth.parquet, files/); --serve to serve them")
+        return 0
+    with SynthWebServer(out, port=args.port) as server:
+        urls = write_url_list(out, server.base_url)
+        print(f"serving {out} at {server.base_url}; URL list: {urls}; Ctrl-C stops", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dataengine.demo import run_demo
+
+    return run_demo(n=args.n, seed=args.seed, spec_path=Path(args.spec), output=args.output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dataengine", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check pipeline specs without running them")
+    p.add_argument("specs", nargs="+")
+    p.set_defaults(fn=_cmd_validate)
+
+    p = sub.add_parser("schema", help="print, write or check schemas/pipeline.schema.json")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--write", action="store_true")
+    group.add_argument("--check", action="store_true")
+    p.set_defaults(fn=_cmd_schema)
+
+    p = sub.add_parser("run", help="run (or resume) a pipeline")
+    p.add_argument("spec")
+    p.add_argument("--output", help="run directory (default: the spec's output)")
+    p.add_argument("--address", help="Ray cluster address (default: start an embedded Ray)")
+    p.set_defaults(fn=_cmd_run)
+
+    p = sub.add_parser("query", help="polars SQL over a run's tables `dataset` and `rejected`")
+    p.add_argument("run")
+    p.add_argument("sql")
+    p.add_argument("--limit", type=int, default=25, help="rows to print")
+    p.set_defaults(fn=_cmd_query)
+
+    p = sub.add_parser("synthweb", help="build (and serve) the synthetic web")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--serve", action="store_true")
+    p.add_argument("--port", type=int, default=0)
+    p.set_defaults(fn=_cmd_synthweb)
+
+    p = sub.add_parser("demo", help="run pipelines/demo.yaml against the synthetic web and score it")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spec", default="pipelines/demo.yaml")
+    p.add_argument("--output", default=None, help="run directory (default: the spec's output)")
+    p.set_defaults(fn=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from dataengine.inputs import InputError
+    from dataengine.runner import AccountingError, RunError
+
+    try:
+        return args.fn(args)
+    except (SpecError, InputError, RunError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except AccountingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

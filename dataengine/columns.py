@@ -1,0 +1,33 @@
+"""Column names: the one place they are spelled, matched by the schemas in `schemas/`."""
+
+# identity and source
+UID = "uid"  # our stable row id: "<input file index>-<row index>", unique per run
+SOURCE_ID = "source_id"  # the user's id column, when the spec names one
+URL = "url"
+CAPTION = "caption"
+
+# written by the download stage
+IMAGE = "image"  # encoded bytes after resize/re-encode
+IMAGE_FORMAT = "image_format"  # "jpeg" | "webp" | "png"
+WIDTH = "width"
+HEIGHT = "height"
+ORIGINAL_WIDTH = "original_width"
+ORIGINAL_HEIGHT = "original_height"
+ORIGINAL_BYTES = "original_bytes"  # size of the body as served, in bytes
+SHA256 = "sha256"  # of the original bytes as served
+FINAL_URL = "final_url"  # after redirects
+HTTP_STATUS = "http_status"
+DOWNLOAD_ATTEMPTS = "download_attempts"
+DOWNLOAD_ERROR = "download_error"  # human-readable detail behind a download reject reason
+
+# routing: set by a stage for the rows it rejects
+REJECT_STAGE = "reject_stage"
+REJECT_REASON = "reject_reason"
+
+# internal, never written to dataset/ or rejected/
+INTERNAL_PREFIX = "_"
+SHARD = "_shard"
+STAGE_SECONDS_PREFIX = "_seconds_"  # + stage index: per-row share of a batch's wall time
+
+#: columns a run reads from the input, before any stage
+INPUT_COLUMNS = (UID, SOURCE_ID, URL, CAPTION)

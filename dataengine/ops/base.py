@@ -1,0 +1,158 @@
+"""The operator contract and registry.
+
+An operator is a class registered by name with a typed pydantic config. It processes a batch (a
+`pyarrow.Table` of the rows still alive) and returns the columns it adds, one value per row, plus an
+optional `reject_reason` column (null = keep). It never drops rows: `apply_stage` routes rejected rows
+onward with their reason, so the runner can prove every input row ends kept or rejected.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field
+
+from dataengine import columns as C
+from dataengine.schemas import sample_schema
+
+
+class OpConfig(BaseModel):
+    """Fields every stage has. Subclasses add their own and set `op: Literal["<name>"]`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    op: str
+    name: str | None = Field(default=None, description="Stage name in outputs; defaults to the op name.")
+    batch_size: int = Field(default=64, gt=0, description="Rows per batch handed to the op.")
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per task or actor.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs reserved per actor (model ops).")
+    concurrency: int | None = Field(default=None, gt=0, description="Max parallel tasks/actors; default: as many as fit.")
+
+
+class Op(ABC):
+    """Base class of all operators.
+
+    Stateless ops run as Ray tasks; ops with `stateful = True` hold a model and run as a pool of
+    actors that build the op once in `__init__`.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[OpConfig]]
+    stateful: ClassVar[bool] = False
+
+    def __init__(self, config: OpConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def process(self, batch: pa.Table) -> pa.Table:
+        """Return the added columns for `batch` (same row count and order) and optionally `reject_reason`."""
+
+
+_REGISTRY: dict[str, type[Op]] = {}
+OpT = TypeVar("OpT", bound=type[Op])
+
+
+def register_op(name: str):
+    """Class decorator: register an op under `name` (its config's `op` literal must match)."""
+
+    def wrap(cls: OpT) -> OpT:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"op {name!r} is registered twice ({_REGISTRY[name].__qualname__}, {cls.__qualname__})")
+        literal = cls.Config.model_fields["op"].annotation
+        if getattr(literal, "__args__", None) != (name,):
+            raise TypeError(f"{cls.__qualname__}.Config.op must be Literal[{name!r}]")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_op(name: str) -> type[Op]:
+    """The op class registered as `name`; KeyError naming the known ops otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown op {name!r} (known: {', '.join(list_ops())})") from None
+
+
+def list_ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def stage_name(config: OpConfig) -> str:
+    return config.name or config.op
+
+
+def apply_stage(op: Op, batch: pa.Table, stage: str, stage_index: int) -> pa.Table:
+    """Run `op` on the rows of `batch` that are still alive and merge its output back in.
+
+    Rows rejected by an earlier stage pass through untouched (their new columns are null). Rows the
+    op rejects get `reject_stage = stage`. The time spent is spread over the batch's rows in
+    `_seconds_<stage_index>` so the runner can sum per-stage busy time across the cluster.
+    """
+    n = batch.num_rows
+    batch = _ensure_reject_columns(batch)
+    alive = pc.is_null(batch.column(C.REJECT_REASON)).to_numpy(zero_copy_only=False)
+    alive_idx = np.flatnonzero(alive)
+    started = time.perf_counter()
+    result = op.process(batch.take(alive_idx)) if len(alive_idx) else None
+    elapsed = time.perf_counter() - started
+    if result is not None and result.num_rows != len(alive_idx):
+        raise RuntimeError(
+            f"stage {stage!r} (op {op.name}) returned {result.num_rows} rows for {len(alive_idx)}: ops must not drop or add rows"
+        )
+    if result is not None:
+        batch = _merge_columns(batch, result, alive_idx, stage)
+    seconds = np.zeros(n, dtype=np.float64)
+    if len(alive_idx):
+        seconds[alive_idx] = elapsed / len(alive_idx)
+    return batch.append_column(f"{C.STAGE_SECONDS_PREFIX}{stage_index}", pa.array(seconds))
+
+
+def _ensure_reject_columns(batch: pa.Table) -> pa.Table:
+    for col in (C.REJECT_STAGE, C.REJECT_REASON):
+        if col not in batch.column_names:
+            batch = batch.append_column(col, pa.nulls(batch.num_rows, pa.string()))
+    return batch
+
+
+def _merge_columns(batch: pa.Table, result: pa.Table, alive_idx: np.ndarray, stage: str) -> pa.Table:
+    """Scatter `result` (rows = alive_idx) into `batch`; dead rows keep old values or get nulls."""
+    n = batch.num_rows
+    dead_idx = np.setdiff1d(np.arange(n), alive_idx, assume_unique=True)
+    # positions of [alive..., dead...] in the original order
+    restore = np.argsort(np.concatenate([alive_idx, dead_idx]), kind="stable")
+    known = sample_schema()
+    for name in result.column_names:
+        if name == C.REJECT_STAGE:
+            raise ValueError(f"stage {stage!r} set {C.REJECT_STAGE}; ops set only {C.REJECT_REASON}")
+        new = result.column(name)
+        if name in known.names:
+            new = new.cast(known.field(name).type)
+        elif name == C.REJECT_REASON:
+            new = new.cast(pa.string())
+        if name in batch.column_names:
+            old = batch.column(name).take(dead_idx).cast(new.type)
+        else:
+            old = pa.nulls(len(dead_idx), new.type)
+        old_chunks = old.chunks if isinstance(old, pa.ChunkedArray) else [old]
+        merged = pa.chunked_array([*new.chunks, *old_chunks], new.type).take(pa.array(restore))
+        batch = _set_column(batch, name, merged)
+    if C.REJECT_REASON in result.column_names:
+        newly = np.zeros(n, dtype=bool)
+        newly[alive_idx] = pc.is_valid(result.column(C.REJECT_REASON)).to_numpy(zero_copy_only=False)
+        stage_col = pc.if_else(pa.array(newly), pa.scalar(stage), batch.column(C.REJECT_STAGE))
+        batch = _set_column(batch, C.REJECT_STAGE, stage_col.cast(pa.string()))
+    return batch
+
+
+def _set_column(table: pa.Table, name: str, values: Any) -> pa.Table:
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, values)
+    return table.append_column(name, values)

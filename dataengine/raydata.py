@@ -1,0 +1,115 @@
+"""The one adapter between dataengine and Ray / Ray Data.
+
+Every `ray.init`, `map_batches` and compute-strategy knob lives here, so a Ray upgrade that renames
+one (as `concurrency` became `compute`) touches this file only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.data
+
+import dataengine
+from dataengine import columns as C
+from dataengine.atomic import write_parquet_atomic
+from dataengine.ops import OpConfig, apply_stage, get_op, stage_name
+from dataengine.spec import ResourcesSpec
+
+log = logging.getLogger(__name__)
+
+SUMMARY_SHARD, SUMMARY_PART, SUMMARY_ROWS = "shard", "part", "rows"
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, resources: ResourcesSpec) -> Iterator[None]:
+    """Use the Ray already initialised in this process, connect to `address`, or start an embedded one."""
+    if ray.is_initialized():
+        yield
+        return
+    common = {"log_to_driver": True, "logging_level": logging.WARNING}
+    if address:
+        # workers on other machines import dataengine from this checkout
+        package_dir = str(Path(dataengine.__file__).resolve().parent)
+        ray.init(address=address, runtime_env={"py_modules": [package_dir]}, **common)
+    else:
+        ray.init(
+            address="local", num_cpus=resources.num_cpus or os.cpu_count(), num_gpus=resources.num_gpus,
+            object_store_memory=resources.object_store_memory, include_dashboard=False, **common,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+_TASK_OPS: dict[tuple[int, str], object] = {}
+
+
+def _run_stage_task(batch: pa.Table, config: OpConfig, index: int) -> pa.Table:
+    """Task body for stateless ops; the op object is cached per worker process and reused."""
+    key = (index, config.model_dump_json())
+    op = _TASK_OPS.get(key)
+    if op is None:
+        op = _TASK_OPS[key] = get_op(config.op)(config)
+    return apply_stage(op, batch, stage_name(config), index)  # type: ignore[arg-type]
+
+
+class _StageActor:
+    """Actor body for stateful (model) ops: the op, and its model, are built once per actor."""
+
+    def __init__(self, config: OpConfig, index: int) -> None:
+        self.config, self.index = config, index
+        self.op = get_op(config.op)(config)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return apply_stage(self.op, batch, stage_name(self.config), self.index)
+
+
+def _write_parts(batch: pa.Table, parts_dir: str) -> pa.Table:
+    """Write a batch's rows as one Parquet part per shard; return a small summary for the driver.
+
+    A part's name is a hash of its uids, so a retried task that rewrites the same rows overwrites
+    its own part instead of duplicating it.
+    """
+    shards, parts, counts = [], [], []
+    shard_col = batch.column(C.SHARD)
+    for shard in pc.unique(shard_col).to_pylist():
+        rows = batch.filter(pc.equal(shard_col, shard))
+        rows = rows.sort_by(C.UID)
+        digest = hashlib.sha1("\n".join(rows.column(C.UID).to_pylist()).encode()).hexdigest()[:20]
+        write_parquet_atomic(rows, Path(parts_dir) / shard / f"{digest}.parquet")
+        shards.append(shard), parts.append(digest), counts.append(rows.num_rows)
+    return pa.table({SUMMARY_SHARD: pa.array(shards, pa.string()), SUMMARY_PART: pa.array(parts, pa.string()),
+                     SUMMARY_ROWS: pa.array(counts, pa.int64())})
+
+
+def stream_pipeline(shard_paths: list[Path], stages: list[OpConfig], parts_dir: Path) -> Iterator[dict]:
+    """Run the stages over the shards on Ray Data; yield one summary row per written part.
+
+    The rows themselves never come to the driver: workers write them under `parts_dir`.
+    """
+    ds = ray.data.read_parquet([str(p) for p in shard_paths])
+    for index, config in enumerate(stages):
+        common = dict(batch_size=config.batch_size, batch_format="pyarrow", num_cpus=config.num_cpus,
+                      udf_modifying_row_count=False)
+        if get_op(config.op).stateful:
+            size = config.concurrency or 1
+            ds = ds.map_batches(
+                _StageActor, fn_constructor_args=(config, index), num_gpus=config.num_gpus or None,
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size), **common,
+            )
+        else:
+            compute = ray.data.TaskPoolStrategy(size=config.concurrency) if config.concurrency else None
+            ds = ds.map_batches(_run_stage_task, fn_args=(config, index), compute=compute, **common)
+    ds = ds.map_batches(_write_parts, fn_args=(str(parts_dir),), batch_size=None, batch_format="pyarrow")
+    for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield from summary.to_pylist()

@@ -1,0 +1,306 @@
+"""Run a pipeline spec: plan shards, stream them through Ray Data, commit, resume, account.
+
+The run directory:
+    dataset/part-<shard>.parquet    kept rows (schemas/sample.schema.json)
+    rejected/part-<shard>.parquet   rejected rows with reject_stage, reject_reason
+    run.json                        spec, hash, versions, attempts, per-stage counts and times
+    _shards/                        the input cut into shards (written once, reused on rerun)
+    _parts/<shard>/                 rows written by workers, not yet committed
+    _state/committed/<shard>.json   commit marker with the shard's counts: the commit point
+
+A shard is committed when all its rows are back: the driver gathers its parts, checks that every
+input uid is there exactly once, writes the shard's dataset/ and rejected/ files atomically and then
+its marker. A rerun skips shards with a marker, commits shards whose parts are complete, and redoes
+the rest, so `kill -9` at any moment loses and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dataengine import columns as C
+from dataengine.atomic import remove_stale_temporaries, write_parquet_atomic, write_text_atomic
+from dataengine.inputs import INPUT_STAGE, Shard, plan_shards
+from dataengine.schemas import conform, rejected_schema, sample_schema
+from dataengine.spec import PipelineSpec
+
+log = logging.getLogger(__name__)
+
+DATASET_DIR, REJECTED_DIR, PARTS_DIR, COMMITTED_DIR = "dataset", "rejected", "_parts", "_state/committed"
+MANIFEST = "run.json"
+
+
+class RunError(RuntimeError):
+    """The run cannot start or continue (e.g. the output holds a different spec's run)."""
+
+
+class AccountingError(RuntimeError):
+    """Rows were lost or duplicated: in != kept + rejected somewhere. Never ignored."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    manifest: dict[str, Any]
+
+    @property
+    def stages(self) -> list[dict[str, Any]]:
+        return self.manifest["stages"]
+
+
+def run_pipeline(spec: PipelineSpec, output: str | Path | None = None, address: str | None = None) -> RunResult:
+    """Run (or resume) `spec`, writing into `output` (default: the spec's `output`)."""
+    from dataengine.raydata import ray_session, stream_pipeline  # Ray starts only when a run does
+
+    run_dir = Path(output or spec.output).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    previous = _read_manifest(run_dir)
+    if previous and previous.get("spec_hash") != spec.spec_hash():
+        raise RunError(
+            f"{run_dir} holds a run of another spec (hash {previous.get('spec_hash')}, this spec {spec.spec_hash()}); "
+            "use a new output directory to run it"
+        )
+    attempt = {"started_at": _now(), "shards_processed": 0, "shards_recovered": 0}
+    attempts = [*(previous or {}).get("attempts", []), attempt]
+    started = time.perf_counter()
+    shards = plan_shards(spec.input, run_dir)
+    stage_names = spec.stage_names()
+    for d in (DATASET_DIR, REJECTED_DIR, PARTS_DIR):
+        remove_stale_temporaries(run_dir / d)
+    attempt["shards_recovered"] = _recover(run_dir, shards, stage_names)
+    pending = [s for s in shards if not _marker(run_dir, s.id).exists()]
+    log.info("%s: %d shards, %d already committed, %d to run", spec.name, len(shards), len(shards) - len(pending), len(pending))
+    _write_manifest(run_dir, spec, attempts, shards, stage_names, status="running")
+
+    if pending:
+        by_id = {s.id: s for s in pending}
+        received: Counter[str] = Counter()
+        parts: dict[str, list[str]] = defaultdict(list)
+        committed = len(shards) - len(pending)
+        with ray_session(address, spec.resources):
+            for row in stream_pipeline([s.path for s in pending], list(spec.stages), run_dir / PARTS_DIR):
+                shard = by_id[row["shard"]]
+                received[shard.id] += row["rows"]
+                parts[shard.id].append(row["part"])
+                if received[shard.id] > shard.rows:
+                    raise AccountingError(f"shard {shard.id}: {received[shard.id]} rows came back for {shard.rows} in")
+                if received[shard.id] == shard.rows:
+                    commit_shard(run_dir, shard, parts.pop(shard.id), stage_names)
+                    committed += 1
+                    attempt["shards_processed"] += 1
+                    log.info("committed shard %s (%d rows): %d/%d shards", shard.id, shard.rows, committed, len(shards))
+        missing = {s.id: s.rows - received[s.id] for s in pending if not _marker(run_dir, s.id).exists()}
+        if missing:
+            raise AccountingError(f"rows never came back from the pipeline: {missing} (shard: missing rows)")
+
+    attempt["ended_at"], attempt["seconds"] = _now(), round(time.perf_counter() - started, 3)
+    counts = aggregate_counts(run_dir, shards, stage_names)
+    check_accounting(run_dir, shards, counts)
+    manifest = _write_manifest(run_dir, spec, attempts, shards, stage_names, status="complete", counts=counts)
+    return RunResult(run_dir, manifest)
+
+
+# ---- commit and recovery ---------------------------------------------------------------------
+
+def _marker(run_dir: Path, shard_id: str) -> Path:
+    return run_dir / COMMITTED_DIR / f"{shard_id}.json"
+
+
+def commit_shard(run_dir: Path, shard: Shard, part_names: list[str] | None, stage_names: list[str]) -> dict[str, Any]:
+    """Gather a shard's parts, verify every input uid is there once, write its outputs, then its marker."""
+    part_dir = run_dir / PARTS_DIR / shard.id
+    files = [part_dir / f"{p}.parquet" for p in part_names] if part_names is not None else sorted(part_dir.glob("*.parquet"))
+    rows = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
+    rows = _first_per_uid(rows)
+    expected = set(pq.read_table(shard.path, columns=[C.UID]).column(C.UID).to_pylist())
+    got = rows.column(C.UID).to_pylist()
+    if len(got) != len(expected) or set(got) != expected:
+        lost, extra = expected - set(got), set(got) - expected
+        raise AccountingError(f"shard {shard.id}: {len(lost)} uids lost (e.g. {sorted(lost)[:3]}), "
+                              f"{len(extra)} unexpected (e.g. {sorted(extra)[:3]})")
+    rows = rows.sort_by(C.UID)
+    is_kept = pc.is_null(rows.column(C.REJECT_REASON))
+    kept = rows.filter(is_kept).drop_columns([C.REJECT_STAGE, C.REJECT_REASON])
+    rejected = rows.filter(pc.invert(is_kept))
+    seconds = {
+        name: float(pc.sum(rows.column(col)).as_py() or 0.0)
+        for i, name in enumerate(stage_names)
+        if (col := f"{C.STAGE_SECONDS_PREFIX}{i}") in rows.column_names
+    }
+    reasons: dict[str, Counter[str]] = defaultdict(Counter)
+    for stage, reason in zip(rejected.column(C.REJECT_STAGE).to_pylist(), rejected.column(C.REJECT_REASON).to_pylist()):
+        reasons[stage][reason] += 1
+    for directory, table, schema in ((DATASET_DIR, kept, sample_schema()), (REJECTED_DIR, rejected, rejected_schema())):
+        path = run_dir / directory / f"part-{shard.id}.parquet"
+        if table.num_rows:
+            write_parquet_atomic(conform(table, schema), path)
+        else:
+            path.unlink(missing_ok=True)
+    marker = {"shard": shard.id, "rows": shard.rows, "kept": kept.num_rows, "rejected": rejected.num_rows,
+              "rejected_by_stage": {s: dict(c) for s, c in reasons.items()}, "seconds": seconds}
+    write_text_atomic(_marker(run_dir, shard.id), json.dumps(marker))
+    shutil.rmtree(part_dir, ignore_errors=True)
+    return marker
+
+
+def _first_per_uid(rows: pa.Table) -> pa.Table:
+    """Drop exact re-deliveries of a uid (a retried task's part) keeping the first."""
+    uids = rows.column(C.UID).to_pylist()
+    if len(set(uids)) == len(uids):
+        return rows
+    seen: set[str] = set()
+    keep = [not (u in seen or seen.add(u)) for u in uids]  # type: ignore[func-returns-value]
+    return rows.filter(pa.array(keep))
+
+
+def _recover(run_dir: Path, shards: list[Shard], stage_names: list[str]) -> int:
+    """Commit shards a killed attempt finished but did not commit; clear the partial ones."""
+    recovered = 0
+    for shard in shards:
+        part_dir = run_dir / PARTS_DIR / shard.id
+        if _marker(run_dir, shard.id).exists():
+            shutil.rmtree(part_dir, ignore_errors=True)  # killed between marker and cleanup
+            continue
+        if not part_dir.is_dir():
+            continue
+        files = sorted(part_dir.glob("*.parquet"))
+        uids: set[str] = set()
+        for f in files:
+            uids.update(pq.read_table(f, columns=[C.UID]).column(C.UID).to_pylist())
+        if len(uids) == shard.rows:
+            commit_shard(run_dir, shard, None, stage_names)
+            recovered += 1
+            log.info("recovered shard %s from a previous attempt without recomputing it", shard.id)
+        else:
+            shutil.rmtree(part_dir)
+            log.info("shard %s was half done (%d/%d rows); redoing it", shard.id, len(uids), shard.rows)
+    return recovered
+
+
+# ---- accounting ------------------------------------------------------------------------------
+
+def aggregate_counts(run_dir: Path, shards: list[Shard], stage_names: list[str]) -> dict[str, Any]:
+    """Per-stage in/kept/rejected-by-reason and busy seconds, summed over the committed shards."""
+    rejected_by: dict[str, Counter[str]] = defaultdict(Counter)
+    seconds: Counter[str] = Counter()
+    total_in = kept = rejected = 0
+    for shard in shards:
+        marker = json.loads(_marker(run_dir, shard.id).read_text())
+        total_in += marker["rows"]
+        kept += marker["kept"]
+        rejected += marker["rejected"]
+        for stage, reasons in marker["rejected_by_stage"].items():
+            rejected_by[stage].update(reasons)
+        seconds.update(marker["seconds"])
+    unknown = set(rejected_by) - {INPUT_STAGE, *stage_names}
+    if unknown:
+        raise AccountingError(f"rows rejected by stages not in the spec: {sorted(unknown)}")
+    stages = []
+    flowing = total_in
+    for name in [INPUT_STAGE, *stage_names]:
+        reasons = dict(sorted(rejected_by[name].items(), key=lambda kv: -kv[1]))
+        n_rejected = sum(reasons.values())
+        stages.append({"stage": name, "in": flowing, "kept": flowing - n_rejected, "rejected": n_rejected,
+                       "rejected_by_reason": reasons, "busy_seconds": round(seconds.get(name, 0.0), 3)})
+        flowing -= n_rejected
+    return {"in": total_in, "kept": kept, "rejected": rejected, "stages": stages}
+
+
+def check_accounting(run_dir: Path, shards: list[Shard], counts: dict[str, Any]) -> None:
+    """Fail loudly unless every input row is in dataset/ or rejected/ exactly once."""
+    problems = []
+    planned = sum(s.rows for s in shards)
+    if counts["in"] != planned:
+        problems.append(f"committed shards hold {counts['in']} input rows, the input has {planned}")
+    if counts["in"] != counts["kept"] + counts["rejected"]:
+        problems.append(f"in {counts['in']} != kept {counts['kept']} + rejected {counts['rejected']}")
+    for stage in counts["stages"]:
+        if stage["in"] != stage["kept"] + stage["rejected"] or stage["kept"] < 0:
+            problems.append(f"stage {stage['stage']}: in {stage['in']} != kept {stage['kept']} + rejected {stage['rejected']}")
+    if counts["stages"] and counts["stages"][-1]["kept"] != counts["kept"]:
+        problems.append(f"last stage kept {counts['stages'][-1]['kept']} but {counts['kept']} rows are kept")
+    uids: list[str] = []
+    for directory, expected in ((DATASET_DIR, counts["kept"]), (REJECTED_DIR, counts["rejected"])):
+        files = sorted((run_dir / directory).glob("part-*.parquet"))
+        on_disk = [pq.read_table(f, columns=[C.UID]).column(C.UID) for f in files]
+        n = sum(len(c) for c in on_disk)
+        if n != expected:
+            problems.append(f"{directory}/ holds {n} rows, the commit markers say {expected}")
+        for col in on_disk:
+            uids.extend(col.to_pylist())
+    if len(set(uids)) != len(uids):
+        problems.append(f"{len(uids) - len(set(uids))} uids appear more than once across dataset/ and rejected/")
+    if len(set(uids)) != planned:
+        problems.append(f"{len(set(uids))} distinct uids in the outputs for {planned} input rows")
+    if problems:
+        raise AccountingError(f"accounting failed for {run_dir}:\n  " + "\n  ".join(problems))
+
+
+# ---- manifest --------------------------------------------------------------------------------
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _read_manifest(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("dataengine", "ray", "pyarrow", "polars", "pydantic", "numpy", "pillow", "opencv-python-headless", "urllib3"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _write_manifest(run_dir: Path, spec: PipelineSpec, attempts: list[dict[str, Any]], shards: list[Shard],
+                    stage_names: list[str], *, status: str, counts: dict[str, Any] | None = None) -> dict[str, Any]:
+    manifest = {
+        "name": spec.name,
+        "status": status,
+        "spec_hash": spec.spec_hash(),
+        "spec": spec.model_dump(mode="json"),
+        "versions": package_versions(),
+        "command": sys.argv,
+        "started_at": attempts[0]["started_at"],
+        "ended_at": attempts[-1].get("ended_at"),
+        "attempts": attempts,
+        "input": {"rows": sum(s.rows for s in shards), "shards": len(shards)},
+        "stage_names": [INPUT_STAGE, *stage_names],
+        "totals": {k: counts[k] for k in ("in", "kept", "rejected")} if counts else None,
+        "stages": counts["stages"] if counts else [],
+    }
+    write_text_atomic(run_dir / MANIFEST, json.dumps(manifest, indent=2))
+    return manifest
+
+
+def format_summary(manifest: dict[str, Any]) -> str:
+    """A per-stage table: rows in, kept, rejected, top reasons, busy time."""
+    header = f"{'stage':<16}{'in':>10}{'kept':>10}{'rejected':>10}{'busy s':>9}  top reasons"
+    lines = [header, "-" * len(header)]
+    for s in manifest["stages"]:
+        reasons = ", ".join(f"{r}={n}" for r, n in list(s["rejected_by_reason"].items())[:4])
+        lines.append(f"{s['stage']:<16}{s['in']:>10}{s['kept']:>10}{s['rejected']:>10}{s['busy_seconds']:>9.1f}  {reasons}")
+    t = manifest["totals"] or {"in": 0, "kept": 0, "rejected": 0}
+    lines.append("-" * len(header))
+    lines.append(f"{'total':<16}{t['in']:>10}{t['kept']:>10}{t['rejected']:>10}")
+    return "\n".join(lines)
