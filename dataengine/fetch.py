@@ -166,6 +166,7 @@ class Fetcher:
                 if _is_timeout(e):
                     raise _Reject("timeout", f"timed out: {e}", retryable=True, final_url=current) from None
                 raise _Reject("connection_error", f"{type(e).__name__}: {e}", final_url=current) from None
+            consumed = False
             try:
                 if resp.status in REDIRECT_CODES:
                     location = resp.headers.get("Location")
@@ -177,9 +178,11 @@ class Fetcher:
                         raise _Reject("bad_url", f"redirect to {nxt!r}: {problem}", status=resp.status, final_url=current)
                     current = nxt
                     continue
-                return self._read_response(resp, current, deadline_at)
+                result = self._read_response(resp, current, deadline_at)
+                consumed = True
+                return result
             finally:
-                resp.release_conn()
+                _finish(resp, consumed)
         raise _Reject("too_many_redirects", f"more than {opts.max_redirects} redirects", final_url=current)
 
     def _read_response(self, resp: urllib3.BaseHTTPResponse, url: str, deadline_at: float) -> tuple[bytes, int, str, dict[str, str]]:
@@ -232,6 +235,18 @@ class Fetcher:
         if problem:
             reason = "dns_error" if problem.startswith("dns:") else "blocked_address"
             raise _Reject(reason, f"{host}: {problem}", final_url=url)
+
+
+def _finish(resp: urllib3.BaseHTTPResponse, consumed: bool) -> None:
+    """Return the connection to the pool only when its body was fully read.
+
+    A connection with an unread body (a redirect page, a rejected, slow or oversized body) would
+    hand its leftover bytes to the next request, and draining a slow body could take forever, so
+    such a connection is closed instead.
+    """
+    if not consumed:
+        resp.close()
+    resp.release_conn()
 
 
 def _resolve_blocked(host: str, port: int) -> str | None:

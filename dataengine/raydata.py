@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import ray.data
 
@@ -97,7 +98,9 @@ def stream_pipeline(shard_paths: list[Path], stages: list[OpConfig], parts_dir: 
 
     The rows themselves never come to the driver: workers write them under `parts_dir`.
     """
-    ds = ray.data.read_parquet([str(p) for p in shard_paths])
+    # Shards hold only uids, URLs and captions: small enough to hand over from the driver, one block
+    # per shard. (read_parquet's threaded file listing races on an optional fsspec import here.)
+    ds = ray.data.from_arrow([pq.read_table(p) for p in shard_paths])
     for index, config in enumerate(stages):
         common = dict(batch_size=config.batch_size, batch_format="pyarrow", num_cpus=config.num_cpus,
                       udf_modifying_row_count=False)

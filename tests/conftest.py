@@ -1,0 +1,61 @@
+"""Shared fixtures: one local Ray per test session, the synthetic web, spec helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for the whole session (a Ray start costs seconds here)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+                 object_store_memory=512 * 1024 * 1024)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthweb_dir(tmp_path_factory) -> Path:
+    """A small synthetic web (small images so tests stay fast), built once per session."""
+    from dataengine.synthweb import build_synthweb
+
+    return build_synthweb(tmp_path_factory.mktemp("synthweb"), n=120, seed=7, sizes=(320, 640), size_weights=(0.7, 0.3))
+
+
+@pytest.fixture(scope="session")
+def synthweb_server(synthweb_dir):
+    from dataengine.synthweb import SynthWebServer
+
+    with SynthWebServer(synthweb_dir) as server:
+        yield server
+
+
+def write_spec(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def download_stage(**overrides) -> dict:
+    """A download stage for tests: loopback allowed, short timeouts, small batches."""
+    stage = {"op": "download", "allow_private_networks": True, "timeout": 1.0, "deadline": 3.0,
+             "retries": 2, "backoff_base": 0.05, "backoff_max": 0.2, "threads": 8, "batch_size": 16,
+             "max_bytes": 8 * 1024 * 1024}
+    stage.update(overrides)
+    return stage
+
+
+def spec_dict(input_path: Path, output: Path, **input_overrides) -> dict:
+    return {"name": "test", "input": {"path": str(input_path), **input_overrides}, "output": str(output),
+            "stages": [download_stage()]}
+
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
