@@ -55,7 +55,11 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
     from dataengine.query import run_sql
 
-    frame = run_sql(args.run, args.sql)
+    try:
+        frame = run_sql(args.run, args.sql)
+    except (pl.exceptions.PolarsError, ValueError) as e:  # bad SQL: say so, no traceback
+        print(f"error: query failed: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     with pl.Config(tbl_rows=args.limit, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
         print(frame)
     return 0

@@ -160,9 +160,11 @@ class Fetcher:
                     timeout=urllib3.Timeout(connect=per_request, read=per_request),
                     headers={"User-Agent": opts.user_agent, "Accept": "image/*,*/*;q=0.8"},
                 )
+            except NewConnectionError as e:  # a subclass of urllib3's TimeoutError, but a refusal
+                raise _Reject("connection_error", f"cannot connect: {e}", final_url=current) from None
             except Urllib3Timeout as e:
                 raise _Reject("timeout", f"no response within {per_request:.1f}s: {e}", retryable=True, final_url=current) from None
-            except (NewConnectionError, ProtocolError, HTTPError, OSError) as e:
+            except (ProtocolError, HTTPError, OSError) as e:
                 if _is_timeout(e):
                     raise _Reject("timeout", f"timed out: {e}", retryable=True, final_url=current) from None
                 raise _Reject("connection_error", f"{type(e).__name__}: {e}", final_url=current) from None

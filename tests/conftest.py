@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import polars as pl
 import pytest
 import yaml
 
@@ -53,9 +54,20 @@ def download_stage(**overrides) -> dict:
     return stage
 
 
-def spec_dict(input_path: Path, output: Path, **input_overrides) -> dict:
-    return {"name": "test", "input": {"path": str(input_path), **input_overrides}, "output": str(output),
-            "stages": [download_stage()]}
+@pytest.fixture(scope="session")
+def synthweb_run(ray_local, synthweb_dir, synthweb_server, tmp_path_factory):
+    """One pipeline run over the session's synthetic web, shared by the tests that read its outputs."""
+    from dataengine.runner import run_pipeline
+    from dataengine.spec import parse_spec
+    from dataengine.synthweb import write_url_list
+
+    urls = write_url_list(synthweb_dir, synthweb_server.base_url)
+    out = tmp_path_factory.mktemp("run")
+    spec = parse_spec({"name": "t", "input": {"path": str(urls), "id_col": "id", "shard_rows": 40},
+                       "output": str(out / "run"), "stages": [download_stage()]})
+    result = run_pipeline(spec)
+    truth = pl.read_parquet(synthweb_dir / "truth.parquet")
+    return spec, result, truth
 
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -14,19 +14,7 @@ from dataengine.raydata import _write_parts
 from dataengine.runner import AccountingError, RunError, commit_shard, run_pipeline
 from dataengine.schemas import rejected_schema, sample_schema
 from dataengine.spec import parse_spec
-from dataengine.synthweb import write_url_list
 from tests.conftest import download_stage
-
-
-@pytest.fixture(scope="module")
-def demo_run(ray_local, synthweb_dir, synthweb_server, tmp_path_factory):
-    urls = write_url_list(synthweb_dir, synthweb_server.base_url)
-    out = tmp_path_factory.mktemp("run")
-    spec = parse_spec({"name": "t", "input": {"path": str(urls), "id_col": "id", "shard_rows": 40},
-                       "output": str(out / "run"), "stages": [download_stage()]})
-    result = run_pipeline(spec)
-    truth = pl.read_parquet(synthweb_dir / "truth.parquet")
-    return spec, result, truth
 
 
 def _outputs(run_dir):
@@ -35,8 +23,8 @@ def _outputs(run_dir):
     return kept, rejected
 
 
-def test_every_row_accounted_once(demo_run):
-    spec, result, truth = demo_run
+def test_every_row_accounted_once(synthweb_run):
+    spec, result, truth = synthweb_run
     kept, rejected = _outputs(result.run_dir)
     assert kept.height + rejected.height == truth.height == result.manifest["totals"]["in"]
     uids = kept["uid"].to_list() + rejected["uid"].to_list()
@@ -48,8 +36,8 @@ def test_every_row_accounted_once(demo_run):
     assert sum(download["rejected_by_reason"].values()) == rejected.height
 
 
-def test_rejections_match_the_truth(demo_run):
-    _, result, truth = demo_run
+def test_rejections_match_the_truth(synthweb_run):
+    _, result, truth = synthweb_run
     kept, rejected = _outputs(result.run_dir)
     got = pl.concat([kept.select("source_id").with_columns(reason=pl.lit(None, pl.String)),
                      rejected.select("source_id", reason="reject_reason")])
@@ -62,8 +50,8 @@ def test_rejections_match_the_truth(demo_run):
     assert joined.filter(~pl.col("broken"))["reason"].null_count() == joined.filter(~pl.col("broken")).height
 
 
-def test_kept_rows_carry_image_facts(demo_run, synthweb_dir):
-    _, result, truth = demo_run
+def test_kept_rows_carry_image_facts(synthweb_run, synthweb_dir):
+    _, result, truth = synthweb_run
     kept, _ = _outputs(result.run_dir)
     rows = kept.join(truth, left_on="source_id", right_on="id")
     for row in rows.head(10).iter_rows(named=True):
@@ -78,8 +66,8 @@ def test_kept_rows_carry_image_facts(demo_run, synthweb_dir):
     assert redirected.height and redirected["final_url"].str.contains("/img/").all()
 
 
-def test_written_parquet_matches_the_schema_files(demo_run):
-    _, result, _ = demo_run
+def test_written_parquet_matches_the_schema_files(synthweb_run):
+    _, result, _ = synthweb_run
     for directory, schema in (("dataset", sample_schema()), ("rejected", rejected_schema())):
         files = sorted((result.run_dir / directory).glob("part-*.parquet"))
         assert files
@@ -87,8 +75,8 @@ def test_written_parquet_matches_the_schema_files(demo_run):
             assert pq.read_schema(f).remove_metadata().equals(schema.remove_metadata(), check_metadata=False), f
 
 
-def test_manifest_records_spec_versions_and_counts(demo_run):
-    spec, result, _ = demo_run
+def test_manifest_records_spec_versions_and_counts(synthweb_run):
+    spec, result, _ = synthweb_run
     manifest = json.loads((result.run_dir / "run.json").read_text())
     assert manifest["status"] == "complete" and manifest["spec_hash"] == spec.spec_hash()
     assert manifest["spec"]["stages"][0]["op"] == "download"
@@ -99,8 +87,8 @@ def test_manifest_records_spec_versions_and_counts(demo_run):
     assert manifest["attempts"][0]["shards_processed"] == manifest["input"]["shards"] == 3
 
 
-def test_rerun_skips_committed_shards(demo_run):
-    spec, result, _ = demo_run
+def test_rerun_skips_committed_shards(synthweb_run):
+    spec, result, _ = synthweb_run
     before = {p: p.stat().st_mtime_ns for p in (result.run_dir / "dataset").glob("*.parquet")}
     again = run_pipeline(spec)
     assert again.manifest["attempts"][-1]["shards_processed"] == 0
@@ -108,8 +96,8 @@ def test_rerun_skips_committed_shards(demo_run):
     assert {p: p.stat().st_mtime_ns for p in (result.run_dir / "dataset").glob("*.parquet")} == before
 
 
-def test_another_spec_in_the_same_output_is_refused(demo_run):
-    spec, result, _ = demo_run
+def test_another_spec_in_the_same_output_is_refused(synthweb_run):
+    spec, result, _ = synthweb_run
     changed = spec.model_copy(update={"stages": [spec.stages[0].model_copy(update={"image_size": 128})]})
     with pytest.raises(RunError, match="holds a run of another spec"):
         run_pipeline(changed)
