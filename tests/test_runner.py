@@ -142,6 +142,32 @@ def test_commit_refuses_a_shard_with_a_lost_row(tmp_path):
         commit_shard(tmp_path / "run", shards[0], summary.column("part").to_pylist(), ["download"])
 
 
+def test_odd_captions_and_urls_reach_the_outputs_intact(ray_local, tmp_path):
+    huge = "long " * 200_000  # a 1 MB caption
+    csv = b"url,caption\n,\nftp://x/y.jpg,caf\xe9\n" + b"file:///etc/passwd," + huge.strip().encode() + b"\n"
+    (tmp_path / "in.csv").write_bytes(csv)
+    spec = parse_spec({"name": "odd", "input": {"path": str(tmp_path / "in.csv")}, "output": str(tmp_path / "run"),
+                       "stages": [download_stage()]})
+    result = run_pipeline(spec)
+    rejected = pl.read_parquet(tmp_path / "run" / "rejected" / "*.parquet").sort("uid")
+    assert rejected["reject_reason"].to_list() == ["bad_url"] * 3
+    assert rejected["caption"].to_list()[1:] == ["caf\ufffd", huge.strip()]
+    assert result.manifest["totals"] == {"in": 3, "kept": 0, "rejected": 3}
+
+
+def test_accounting_catches_rows_lost_after_commit(ray_local, tmp_path):
+    from dataengine.runner import check_accounting
+
+    spec = _offline_spec(tmp_path)
+    result = run_pipeline(spec)
+    shards = plan_shards(spec.input, result.run_dir)
+    counts = {k: result.manifest["totals"][k] for k in ("in", "kept", "rejected")} | {"stages": result.stages}
+    check_accounting(result.run_dir, shards, counts)  # the books balance
+    next((result.run_dir / "rejected").glob("part-*.parquet")).unlink()
+    with pytest.raises(AccountingError, match="rejected/ holds 20 rows, the commit markers say 30"):
+        check_accounting(result.run_dir, shards, counts)
+
+
 def test_empty_input_completes_with_zero_rows(tmp_path):
     (tmp_path / "in.jsonl").write_text("")
     spec = parse_spec({"name": "empty", "input": {"path": str(tmp_path / "in.jsonl")}, "output": str(tmp_path / "run"),
