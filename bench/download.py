@@ -73,6 +73,9 @@ http {{
 
 
 def ensure_img2dataset() -> Path:
+    """img2dataset in a venv of its own (its pins clash with ours); $IMG2DATASET names an existing one."""
+    if os.environ.get("IMG2DATASET"):
+        return Path(os.environ["IMG2DATASET"])
     exe = I2D_VENV / "bin" / "img2dataset"
     if not exe.exists():
         subprocess.run([sys.executable, "-m", "venv", str(I2D_VENV)], check=True)
