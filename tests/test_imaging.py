@@ -62,7 +62,10 @@ def zero_grey_png(width: int, height: int, rows_per_block: int = 250) -> bytes:
     stream = first + again * (height // rows_per_block - 1) + b"\x03\x00" + struct.pack(">I", adler)
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return (
-        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", stream) + png_chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", stream)
+        + png_chunk(b"IEND", b"")
     )
 
 
@@ -247,6 +250,14 @@ def test_animated_gives_first_frame(fmt: str) -> None:
     assert close(decode_rgb(out)[15, 20], RED)
 
 
+def test_gif_transparency_composites_on_white() -> None:
+    im = Image.new("P", (20, 10), 0)
+    im.putpalette([*GREEN, *BLUE] + [0] * 762)
+    im.paste(1, (10, 0, 20, 10))
+    got = decode_rgb(process_image(encode(im, "GIF", transparency=0), NO_RESIZE))
+    assert close(got[5, 2], WHITE, 0) and close(got[5, 15], BLUE, 0)
+
+
 def test_webp_input() -> None:
     arr = photo_like(300, 200)
     out = process_image(encode(Image.fromarray(arr), "WEBP", quality=90), ImageOptions(image_size=100))
@@ -263,8 +274,9 @@ def rejected(data: bytes, options: ImageOptions = ImageOptions()) -> ImageReject
     return info.value
 
 
-def test_truncated_jpeg_is_decode_error() -> None:
-    data = encode(Image.fromarray(photo_like(400, 300)), "JPEG", quality=90)
+@pytest.mark.parametrize("progressive", [False, True])
+def test_truncated_jpeg_is_decode_error(progressive: bool) -> None:
+    data = encode(Image.fromarray(photo_like(400, 300)), "JPEG", quality=90, progressive=progressive)
     assert process_image(data, ImageOptions()).width > 0
     assert rejected(data[: len(data) * 2 // 3]).reason == "decode_error"
 
@@ -305,9 +317,18 @@ def test_not_an_image(data: bytes) -> None:
     assert err.reason == "not_image" and err.detail
 
 
-def test_image_signature_with_garbage_is_decode_error() -> None:
-    assert rejected(b"\xff\xd8\xff" + b"\x00" * 50).reason == "decode_error"
-    assert rejected(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10).reason == "decode_error"
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xff\xd8\xff" + b"\x00" * 50,
+        b"\x89PNG\r\n\x1a\n" + b"garbage" * 10,
+        b"GIF89a" + b"\xff" * 3,
+        b"RIFF\x20\x00\x00\x00WEBPVP8 " + b"\x00" * 20,
+    ],
+    ids=["jpeg", "png", "gif", "webp"],
+)
+def test_image_signature_with_garbage_is_decode_error(data: bytes) -> None:
+    assert rejected(data).reason == "decode_error"
 
 
 def test_bomb_helper_builds_a_valid_png() -> None:
@@ -335,7 +356,21 @@ def test_max_pixels_is_ours_not_only_pillows() -> None:
     assert rejected(zero_grey_png(10000, 10000)).reason == "too_many_pixels"
     small = encode(Image.new("RGB", (100, 100)), "PNG")
     assert rejected(small, ImageOptions(max_pixels=9_999)).reason == "too_many_pixels"
-    assert process_image(small, ImageOptions(max_pixels=10_000)).width == 256
+    assert process_image(small, ImageOptions(max_pixels=65_536)).width == 256  # 256x256 output
+
+
+def test_extreme_aspect_ratio_upscale_is_refused_before_allocating() -> None:
+    line = encode(Image.new("L", (2, 5000), 0), "PNG")  # keep_ratio: 256x640000 = 164 Mpx
+    start = time.perf_counter()
+    assert rejected(line).reason == "too_many_pixels"
+    assert time.perf_counter() - start < 0.1
+    # the same line fits when only the larger side is bounded
+    out = process_image(line, ImageOptions(resize_mode="keep_ratio_largest"))
+    assert (out.width, out.height) == (1, 256)
+    # and a JPEG cannot be taller than 65535 even when the pixel budget allows it
+    tall = encode(Image.new("L", (4, 1100), 0), "PNG")  # keep_ratio: 256x70400 = 18 Mpx
+    err = rejected(tall)
+    assert err.reason == "too_many_pixels" and "jpeg can encode" in err.detail
 
 
 def test_rejection_pickles() -> None:
@@ -385,22 +420,42 @@ def test_resize_mode_dimensions(mode, only_if_bigger, src, expected) -> None:
     assert decode_rgb(out).shape[:2] == (expected[1], expected[0])
 
 
+@pytest.mark.parametrize("src", [(1024, 768), (1000, 700), (640, 480), (400, 300), (300, 290)])
+def test_downscale_matches_plain_inter_area(src) -> None:
+    # ratios >= 2 are one INTER_AREA; under 2 the fast path must stay within a grey level of it
+    rng = np.random.default_rng(3)
+    coarse = rng.integers(0, 256, (src[1] // 8, src[0] // 8, 3), dtype=np.uint8)
+    arr = cv2.resize(coarse, src, interpolation=cv2.INTER_CUBIC)  # smooth, photo-like content
+    options = ImageOptions(image_size=200, encode_format="png")
+    out = process_image(encode(Image.fromarray(arr), "PNG"), options)
+    reference = cv2.resize(arr, (out.width, out.height), interpolation=cv2.INTER_AREA)
+    diff = np.abs(decode_rgb(out).astype(int) - reference)
+    if min(src) >= 400:
+        assert not diff.any()
+    else:
+        assert diff.mean() < 1.0, diff.mean()
+
+
 def test_border_pads_with_white_and_center_crop_keeps_the_centre() -> None:
     arr = np.zeros((100, 400, 3), np.uint8)
     arr[:, 150:250] = BLUE  # a centred blue square
     data = encode(Image.fromarray(arr), "PNG")
-    bordered = decode_rgb(process_image(data, ImageOptions(image_size=200, resize_mode="border", encode_format="png")))
+    border = ImageOptions(image_size=200, resize_mode="border", encode_format="png")
+    bordered = decode_rgb(process_image(data, border))
     assert bordered.shape == (200, 200, 3)
     assert close(bordered[10, 100], WHITE, 0) and close(bordered[190, 100], WHITE, 0)  # pad rows
     assert close(bordered[100, 100], BLUE, 0)
-    cropped = decode_rgb(process_image(data, ImageOptions(image_size=100, resize_mode="center_crop", encode_format="png")))
+    crop = ImageOptions(image_size=100, resize_mode="center_crop", encode_format="png")
+    cropped = decode_rgb(process_image(data, crop))
     assert cropped.shape == (100, 100, 3) and close(cropped[50, 50], BLUE, 0)
 
 
 # ---------------------------------------------------------------------------------------- encode
 
 
-@pytest.mark.parametrize(("encode_format", "pillow_format"), [("jpeg", "JPEG"), ("webp", "WEBP"), ("png", "PNG")])
+@pytest.mark.parametrize(
+    ("encode_format", "pillow_format"), [("jpeg", "JPEG"), ("webp", "WEBP"), ("png", "PNG")]
+)
 def test_encode_formats_round_trip(encode_format: str, pillow_format: str) -> None:
     exif = Image.Exif()
     exif[0x010F] = "CameraMaker"
