@@ -100,10 +100,12 @@ def run_pipeline(spec: PipelineSpec, output: str | Path | None = None, address: 
                 if received[shard.id] > shard.rows:
                     raise AccountingError(f"shard {shard.id}: {received[shard.id]} rows came back for {shard.rows} in")
                 if received[shard.id] == shard.rows:
+                    commit_started = time.perf_counter()
                     commit_shard(run_dir, shard, parts.pop(shard.id), stage_names)
                     committed += 1
                     attempt["shards_processed"] += 1
-                    log.info("committed shard %s (%d rows): %d/%d shards", shard.id, shard.rows, committed, len(shards))
+                    log.info("committed shard %s (%d rows, %.2fs): %d/%d shards", shard.id, shard.rows,
+                             time.perf_counter() - commit_started, committed, len(shards))
         missing = {s.id: s.rows - received[s.id] for s in pending if not _marker(run_dir, s.id).exists()}
         if missing:
             raise AccountingError(f"rows never came back from the pipeline: {missing} (shard: missing rows)")
@@ -152,7 +154,8 @@ def commit_shard(run_dir: Path, shard: Shard, part_names: list[str] | None, stag
         else:
             path.unlink(missing_ok=True)
     marker = {"shard": shard.id, "rows": shard.rows, "kept": kept.num_rows, "rejected": rejected.num_rows,
-              "rejected_by_stage": {s: dict(c) for s, c in reasons.items()}, "seconds": seconds}
+              "rejected_by_stage": {s: dict(c) for s, c in reasons.items()}, "seconds": seconds,
+              "committed_at": time.time()}
     write_text_atomic(_marker(run_dir, shard.id), json.dumps(marker))
     shutil.rmtree(part_dir, ignore_errors=True)
     return marker
