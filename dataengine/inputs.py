@@ -16,7 +16,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -171,17 +170,14 @@ def plan_shards(spec: InputSpec, run_dir: Path) -> list[Shard]:
 
 
 def _mark_duplicate_ids(rows: pa.Table) -> pa.Table:
-    n = rows.num_rows
-    reason: list[str | None] = [None] * n
-    if n:
-        ids = rows.column(C.SOURCE_ID).to_pylist()
-        seen: set[str] = set()
-        for i, value in enumerate(ids):
-            if value is None:
-                continue
-            if value in seen:
-                reason[i] = "duplicate_id"
+    """Reject every repeat of an `id_col` value after its first occurrence, as stage `input`."""
+    seen: set[str] = set()
+    reasons: list[str | None] = []
+    for value in rows.column(C.SOURCE_ID).to_pylist():
+        repeated = value is not None and value in seen
+        reasons.append("duplicate_id" if repeated else None)
+        if value is not None:
             seen.add(value)
-    dup = np.array([r is not None for r in reason], dtype=bool)
-    stage = pa.array([INPUT_STAGE if d else None for d in dup], pa.string())
-    return rows.append_column(C.REJECT_STAGE, stage).append_column(C.REJECT_REASON, pa.array(reason, pa.string()))
+    stages = [INPUT_STAGE if r else None for r in reasons]
+    return rows.append_column(C.REJECT_STAGE, pa.array(stages, pa.string())).append_column(
+        C.REJECT_REASON, pa.array(reasons, pa.string()))

@@ -16,6 +16,7 @@ the rest, so `kill -9` at any moment loses and duplicates nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
@@ -23,6 +24,7 @@ import shutil
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -92,7 +94,7 @@ def run_pipeline(spec: PipelineSpec, output: str | Path | None = None, address: 
         received: Counter[str] = Counter()
         parts: dict[str, list[str]] = defaultdict(list)
         committed = len(shards) - len(pending)
-        with ray_session(address, spec.resources):
+        with ray_session(address, spec.resources), _marked_failed_on_error(run_dir, spec, attempts, shards, stage_names):
             for row in stream_pipeline([s.path for s in pending], list(spec.stages), run_dir / PARTS_DIR):
                 shard = by_id[row["shard"]]
                 received[shard.id] += row["rows"]
@@ -115,6 +117,18 @@ def run_pipeline(spec: PipelineSpec, output: str | Path | None = None, address: 
     check_accounting(run_dir, shards, counts)
     manifest = _write_manifest(run_dir, spec, attempts, shards, stage_names, status="complete", counts=counts)
     return RunResult(run_dir, manifest)
+
+
+@contextlib.contextmanager
+def _marked_failed_on_error(run_dir: Path, spec: PipelineSpec, attempts: list[dict[str, Any]], shards: list[Shard],
+                            stage_names: list[str]) -> Iterator[None]:
+    """Record a failed attempt in run.json (status and error) before the error propagates."""
+    try:
+        yield
+    except Exception as e:
+        attempts[-1].update(ended_at=_now(), error=f"{type(e).__name__}: {e}"[:2000])
+        _write_manifest(run_dir, spec, attempts, shards, stage_names, status="failed")
+        raise
 
 
 # ---- commit and recovery ---------------------------------------------------------------------

@@ -168,6 +168,30 @@ def test_accounting_catches_rows_lost_after_commit(ray_local, tmp_path):
         check_accounting(result.run_dir, shards, counts)
 
 
+def test_a_failing_run_is_recorded_as_failed_and_resumes(ray_local, tmp_path, monkeypatch):
+    import dataengine.runner as runner
+
+    spec = _offline_spec(tmp_path)
+    real_commit = runner.commit_shard
+    calls = []
+
+    def commit_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "commit_shard", commit_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        run_pipeline(spec)
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert manifest["status"] == "failed" and "disk full" in manifest["attempts"][-1]["error"]
+    monkeypatch.setattr(runner, "commit_shard", real_commit)
+    result = run_pipeline(spec)
+    assert result.manifest["status"] == "complete" and result.manifest["totals"]["in"] == 30
+    assert result.manifest["attempts"][-1]["shards_processed"] + result.manifest["attempts"][-1]["shards_recovered"] == 2
+
+
 def test_empty_input_completes_with_zero_rows(tmp_path):
     (tmp_path / "in.jsonl").write_text("")
     spec = parse_spec({"name": "empty", "input": {"path": str(tmp_path / "in.jsonl")}, "output": str(tmp_path / "run"),
