@@ -120,10 +120,14 @@ def _as_strings(frame: pl.DataFrame, col: str | None, n: int) -> pa.Array:
 
 
 def _fingerprint(files: list[Path], spec: InputSpec) -> str:
-    h = hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode())
+    """Hash of the input settings and the input files' bytes (not their mtimes: a rewrite of the same
+    list, as the demo does on every start, is the same input)."""
+    h = hashlib.sha256(json.dumps(spec.model_dump(mode="json", exclude={"path"}), sort_keys=True).encode())
     for f in files:
-        st = f.stat()
-        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{f.name}|{f.stat().st_size}\n".encode())
+        with open(f, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()[:16]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -55,19 +56,24 @@ def download_stage(**overrides) -> dict:
 
 
 @pytest.fixture(scope="session")
-def synthweb_run(ray_local, synthweb_dir, synthweb_server, tmp_path_factory):
-    """One pipeline run over the session's synthetic web, shared by the tests that read its outputs."""
+def synthweb_run(ray_local, synthweb_dir, tmp_path_factory):
+    """One pipeline run over the session's synthetic web, shared by the tests that read its outputs.
+
+    It has a server of its own, so `/flaky/` URLs fail exactly once whatever other tests fetched.
+    """
     from dataengine.runner import run_pipeline
     from dataengine.spec import parse_spec
-    from dataengine.synthweb import write_url_list
+    from dataengine.synthweb import SynthWebServer, write_url_list
 
-    urls = write_url_list(synthweb_dir, synthweb_server.base_url)
     out = tmp_path_factory.mktemp("run")
-    spec = parse_spec({"name": "t", "input": {"path": str(urls), "id_col": "id", "shard_rows": 40},
-                       "output": str(out / "run"), "stages": [download_stage()]})
-    result = run_pipeline(spec)
-    truth = pl.read_parquet(synthweb_dir / "truth.parquet")
-    return spec, result, truth
+    urls = out / "urls.parquet"  # a private copy: other tests rewrite the synthetic web's list
+    with SynthWebServer(synthweb_dir) as server:
+        shutil.copyfile(write_url_list(synthweb_dir, server.base_url), urls)
+        spec = parse_spec({"name": "t", "input": {"path": str(urls), "id_col": "id", "shard_rows": 40},
+                           "output": str(out / "run"), "stages": [download_stage()]})
+        result = run_pipeline(spec)
+        truth = pl.read_parquet(synthweb_dir / "truth.parquet")
+        yield spec, result, truth
 
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
