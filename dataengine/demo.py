@@ -15,6 +15,8 @@ from typing import Any
 
 import polars as pl
 
+from dataengine import columns as C
+from dataengine.query import scan
 from dataengine.runner import MANIFEST, RunError, format_summary, run_pipeline
 from dataengine.spec import load_spec
 from dataengine.synthweb import SynthWebServer, build_synthweb, write_url_list
@@ -25,14 +27,13 @@ SCORES_FILE = "demo_scores.json"
 
 def score_download(run_dir: Path, truth: pl.DataFrame, stage: str = "download") -> dict[str, Any]:
     """Precision/recall of "rejected at download" against the truth's `broken`, and reason agreement."""
-    kept = pl.read_parquet(run_dir / "dataset" / "*.parquet", columns=["source_id"]) \
-        if any((run_dir / "dataset").glob("*.parquet")) else pl.DataFrame({"source_id": []}, schema={"source_id": pl.String})
-    rejected = pl.read_parquet(run_dir / "rejected" / "*.parquet", columns=["source_id", "reject_stage", "reject_reason"])
+    frames = scan(run_dir, include_images=False)
     outcome = pl.concat([
-        kept.with_columns(reason=pl.lit(None, pl.String)),
-        rejected.filter(pl.col("reject_stage") == stage).select("source_id", reason="reject_reason"),
+        frames["dataset"].select(C.SOURCE_ID, reason=pl.lit(None, pl.String)).collect(),
+        frames["rejected"].filter(pl.col(C.REJECT_STAGE) == stage)
+        .select(C.SOURCE_ID, reason=pl.col(C.REJECT_REASON)).collect(),
     ])
-    joined = truth.join(outcome, left_on="id", right_on="source_id", how="inner")
+    joined = truth.join(outcome, left_on="id", right_on=C.SOURCE_ID, how="inner")
     predicted = joined["reason"].is_not_null()
     actual = joined["broken"]
     tp = int((predicted & actual).sum())

@@ -67,7 +67,7 @@ class RunResult:
 
 def run_pipeline(spec: PipelineSpec, output: str | Path | None = None, address: str | None = None) -> RunResult:
     """Run (or resume) `spec`, writing into `output` (default: the spec's `output`)."""
-    from dataengine.raydata import ray_session, stream_pipeline  # Ray starts only when a run does
+    from dataengine.raydata import SUMMARY_PART, SUMMARY_ROWS, SUMMARY_SHARD, ray_session, stream_pipeline
 
     run_dir = Path(output or spec.output).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -96,9 +96,9 @@ def run_pipeline(spec: PipelineSpec, output: str | Path | None = None, address: 
         committed = len(shards) - len(pending)
         with ray_session(address, spec.resources), _marked_failed_on_error(run_dir, spec, attempts, shards, stage_names):
             for row in stream_pipeline([s.path for s in pending], list(spec.stages), run_dir / PARTS_DIR):
-                shard = by_id[row["shard"]]
-                received[shard.id] += row["rows"]
-                parts[shard.id].append(row["part"])
+                shard = by_id[row[SUMMARY_SHARD]]
+                received[shard.id] += row[SUMMARY_ROWS]
+                parts[shard.id].append(row[SUMMARY_PART])
                 if received[shard.id] > shard.rows:
                     raise AccountingError(f"shard {shard.id}: {received[shard.id]} rows came back for {shard.rows} in")
                 if received[shard.id] == shard.rows:
