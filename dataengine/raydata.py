@@ -23,6 +23,7 @@ import dataengine
 from dataengine import columns as C
 from dataengine.atomic import write_parquet_atomic
 from dataengine.ops import OpConfig, apply_stage, get_op, stage_name
+from dataengine.schemas import sample_schema
 from dataengine.spec import ResourcesSpec
 
 log = logging.getLogger(__name__)
@@ -55,24 +56,24 @@ def ray_session(address: str | None, resources: ResourcesSpec) -> Iterator[None]
 _TASK_OPS: dict[tuple[int, str], object] = {}
 
 
-def _run_stage_task(batch: pa.Table, config: OpConfig, index: int) -> pa.Table:
+def _run_stage_task(batch: pa.Table, config: OpConfig, index: int, schema: pa.Schema) -> pa.Table:
     """Task body for stateless ops; the op object is cached per worker process and reused."""
     key = (index, config.model_dump_json())
     op = _TASK_OPS.get(key)
     if op is None:
         op = _TASK_OPS[key] = get_op(config.op)(config)
-    return apply_stage(op, batch, stage_name(config), index)  # type: ignore[arg-type]
+    return apply_stage(op, batch, stage_name(config), index, schema)  # type: ignore[arg-type]
 
 
 class _StageActor:
     """Actor body for stateful (model) ops: the op, and its model, are built once per actor."""
 
-    def __init__(self, config: OpConfig, index: int) -> None:
-        self.config, self.index = config, index
+    def __init__(self, config: OpConfig, index: int, schema: pa.Schema) -> None:
+        self.config, self.index, self.schema = config, index, schema
         self.op = get_op(config.op)(config)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return apply_stage(self.op, batch, stage_name(self.config), self.index)
+        return apply_stage(self.op, batch, stage_name(self.config), self.index, self.schema)
 
 
 def _write_parts(batch: pa.Table, parts_dir: str) -> pa.Table:
@@ -101,18 +102,19 @@ def stream_pipeline(shard_paths: list[Path], stages: list[OpConfig], parts_dir: 
     # Shards hold only uids, URLs and captions: small enough to hand over from the driver, one block
     # per shard. (read_parquet's threaded file listing races on an optional fsspec import here.)
     ds = ray.data.from_arrow([pq.read_table(p) for p in shard_paths])
+    schema = sample_schema()  # read here: workers on other nodes may not have schemas/
     for index, config in enumerate(stages):
         common = dict(batch_size=config.batch_size, batch_format="pyarrow", num_cpus=config.num_cpus,
                       udf_modifying_row_count=False)
         if get_op(config.op).stateful:
             size = config.concurrency or 1
             ds = ds.map_batches(
-                _StageActor, fn_constructor_args=(config, index), num_gpus=config.num_gpus or None,
+                _StageActor, fn_constructor_args=(config, index, schema), num_gpus=config.num_gpus or None,
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size), **common,
             )
         else:
             compute = ray.data.TaskPoolStrategy(size=config.concurrency) if config.concurrency else None
-            ds = ds.map_batches(_run_stage_task, fn_args=(config, index), compute=compute, **common)
+            ds = ds.map_batches(_run_stage_task, fn_args=(config, index, schema), compute=compute, **common)
     ds = ds.map_batches(_write_parts, fn_args=(str(parts_dir),), batch_size=None, batch_format="pyarrow")
     for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from summary.to_pylist()

@@ -9,6 +9,7 @@ not a silent extra.
 from __future__ import annotations
 
 import json
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -16,7 +17,10 @@ import pyarrow as pa
 
 from dataengine import columns as C
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+# In a checkout, `schemas/` beside the package; in a wheel install, `<prefix>/share/dataengine/schemas`
+# (pyproject's data-files).
+_CANDIDATE_DIRS = (Path(__file__).resolve().parent.parent / "schemas", Path(sys.prefix) / "share" / "dataengine" / "schemas")
+SCHEMA_DIR = next((d for d in _CANDIDATE_DIRS if d.is_dir()), _CANDIDATE_DIRS[0])
 
 _SCALAR_TYPES: dict[str, pa.DataType] = {
     "string": pa.string(),
@@ -49,8 +53,8 @@ def parse_type(spec: str) -> pa.DataType:
 
 
 def _schema_dir() -> Path:
-    if not SCHEMA_DIR.is_dir():  # installed without the repo: schemas ship next to the package
-        raise FileNotFoundError(f"schema directory not found: {SCHEMA_DIR}")
+    if not SCHEMA_DIR.is_dir():
+        raise FileNotFoundError(f"schema files not found; looked in {', '.join(map(str, _CANDIDATE_DIRS))}")
     return SCHEMA_DIR
 
 

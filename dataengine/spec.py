@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dataengine.ops import get_op, list_ops, stage_name
 from dataengine.ops.base import _REGISTRY
+from dataengine.schemas import SCHEMA_DIR
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "pipeline.schema.json"
+SCHEMA_PATH = SCHEMA_DIR / "pipeline.schema.json"
 InputFormat = Literal["parquet", "csv", "tsv", "jsonl"]
 
 

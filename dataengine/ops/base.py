@@ -89,12 +89,14 @@ def stage_name(config: OpConfig) -> str:
     return config.name or config.op
 
 
-def apply_stage(op: Op, batch: pa.Table, stage: str, stage_index: int) -> pa.Table:
+def apply_stage(op: Op, batch: pa.Table, stage: str, stage_index: int, schema: pa.Schema | None = None) -> pa.Table:
     """Run `op` on the rows of `batch` that are still alive and merge its output back in.
 
     Rows rejected by an earlier stage pass through untouched (their new columns are null). Rows the
     op rejects get `reject_stage = stage`. The time spent is spread over the batch's rows in
     `_seconds_<stage_index>` so the runner can sum per-stage busy time across the cluster.
+    Columns the sample `schema` knows are cast to its types; workers get the schema from the driver
+    (default: loaded here from `schemas/`), as a cluster worker may not have the schema files.
     """
     n = batch.num_rows
     batch = _ensure_reject_columns(batch)
@@ -108,7 +110,7 @@ def apply_stage(op: Op, batch: pa.Table, stage: str, stage_index: int) -> pa.Tab
             f"stage {stage!r} (op {op.name}) returned {result.num_rows} rows for {len(alive_idx)}: ops must not drop or add rows"
         )
     if result is not None:
-        batch = _merge_columns(batch, result, alive_idx, stage)
+        batch = _merge_columns(batch, result, alive_idx, stage, schema or sample_schema())
     seconds = np.zeros(n, dtype=np.float64)
     if len(alive_idx):
         seconds[alive_idx] = elapsed / len(alive_idx)
@@ -122,13 +124,12 @@ def _ensure_reject_columns(batch: pa.Table) -> pa.Table:
     return batch
 
 
-def _merge_columns(batch: pa.Table, result: pa.Table, alive_idx: np.ndarray, stage: str) -> pa.Table:
+def _merge_columns(batch: pa.Table, result: pa.Table, alive_idx: np.ndarray, stage: str, known: pa.Schema) -> pa.Table:
     """Scatter `result` (rows = alive_idx) into `batch`; dead rows keep old values or get nulls."""
     n = batch.num_rows
     dead_idx = np.setdiff1d(np.arange(n), alive_idx, assume_unique=True)
     # positions of [alive..., dead...] in the original order
     restore = np.argsort(np.concatenate([alive_idx, dead_idx]), kind="stable")
-    known = sample_schema()
     for name in result.column_names:
         if name == C.REJECT_STAGE:
             raise ValueError(f"stage {stage!r} set {C.REJECT_STAGE}; ops set only {C.REJECT_REASON}")
