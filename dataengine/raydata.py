@@ -22,7 +22,8 @@ import ray.data
 import dataengine
 from dataengine import columns as C
 from dataengine.atomic import write_parquet_atomic
-from dataengine.ops import OpConfig, apply_stage, get_op, stage_name
+from dataengine.ops import get_op
+from dataengine.ops.base import Op, Step, run_step
 from dataengine.schemas import sample_schema
 from dataengine.spec import ResourcesSpec
 
@@ -53,27 +54,29 @@ def ray_session(address: str | None, resources: ResourcesSpec) -> Iterator[None]
         ray.shutdown()
 
 
-_TASK_OPS: dict[tuple[int, str], object] = {}
+_TASK_OPS: dict[tuple[int, str], Op] = {}
 
 
-def _run_stage_task(batch: pa.Table, config: OpConfig, index: int, schema: pa.Schema) -> pa.Table:
-    """Task body for stateless ops; the op object is cached per worker process and reused."""
-    key = (index, config.model_dump_json())
-    op = _TASK_OPS.get(key)
-    if op is None:
-        op = _TASK_OPS[key] = get_op(config.op)(config)
-    return apply_stage(op, batch, stage_name(config), index, schema)  # type: ignore[arg-type]
+def _run_task_step(batch: pa.Table, step: Step, schema: pa.Schema) -> pa.Table:
+    """Task body for stateless ops and for decisions; an op object is cached per worker process."""
+    op = None
+    if step.decision is None:
+        key = (step.index, step.config.model_dump_json())
+        op = _TASK_OPS.get(key)
+        if op is None:
+            op = _TASK_OPS[key] = get_op(step.config.op)(step.config)
+    return run_step(step, op, batch, schema)
 
 
 class _StageActor:
     """Actor body for stateful (model) ops: the op, and its model, are built once per actor."""
 
-    def __init__(self, config: OpConfig, index: int, schema: pa.Schema) -> None:
-        self.config, self.index, self.schema = config, index, schema
-        self.op = get_op(config.op)(config)
+    def __init__(self, step: Step, schema: pa.Schema) -> None:
+        self.step, self.schema = step, schema
+        self.op = get_op(step.config.op)(step.config)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return apply_stage(self.op, batch, stage_name(self.config), self.index, self.schema)
+        return run_step(self.step, self.op, batch, self.schema)
 
 
 def _write_parts(batch: pa.Table, parts_dir: str) -> pa.Table:
@@ -94,27 +97,30 @@ def _write_parts(batch: pa.Table, parts_dir: str) -> pa.Table:
                      SUMMARY_ROWS: pa.array(counts, pa.int64())})
 
 
-def stream_pipeline(shard_paths: list[Path], stages: list[OpConfig], parts_dir: Path) -> Iterator[dict]:
-    """Run the stages over the shards on Ray Data; yield one summary row per written part.
+def stream_pipeline(shard_paths: list[Path], steps: list[Step], parts_dir: Path) -> Iterator[dict]:
+    """Run the steps over the shards on Ray Data; yield one summary row per written part.
 
     The rows themselves never come to the driver: workers write them under `parts_dir`.
     """
-    # Shards hold only uids, URLs and captions: small enough to hand over from the driver, one block
-    # per shard. (read_parquet's threaded file listing races on an optional fsspec import here.)
+    # Shard files are read here and handed over, one block per shard: `read_parquet`'s threaded file
+    # listing races on an optional fsspec import in Ray 2.60. Before a barrier, shards carry images,
+    # so this is the place to move to a datasource when inputs outgrow the driver.
     ds = ray.data.from_arrow([pq.read_table(p) for p in shard_paths])
     schema = sample_schema()  # read here: workers on other nodes may not have schemas/
-    for index, config in enumerate(stages):
-        common = dict(batch_size=config.batch_size, batch_format="pyarrow", num_cpus=config.num_cpus,
-                      udf_modifying_row_count=False)
-        if get_op(config.op).stateful:
+    for step in steps:
+        config = step.config
+        common = dict(batch_size=config.batch_size, batch_format="pyarrow", udf_modifying_row_count=False)
+        if step.decision is None and get_op(config.op).stateful:
             size = config.concurrency or 1
             ds = ds.map_batches(
-                _StageActor, fn_constructor_args=(config, index, schema), num_gpus=config.num_gpus or None,
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size), **common,
+                _StageActor, fn_constructor_args=(step, schema), num_cpus=config.num_cpus,
+                num_gpus=config.num_gpus or None, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
+                **common,
             )
         else:
+            cpus = config.num_cpus if step.decision is None else 1
             compute = ray.data.TaskPoolStrategy(size=config.concurrency) if config.concurrency else None
-            ds = ds.map_batches(_run_stage_task, fn_args=(config, index, schema), compute=compute, **common)
+            ds = ds.map_batches(_run_task_step, fn_args=(step, schema), num_cpus=cpus, compute=compute, **common)
     ds = ds.map_batches(_write_parts, fn_args=(str(parts_dir),), batch_size=None, batch_format="pyarrow")
     for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from summary.to_pylist()

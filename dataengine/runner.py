@@ -5,13 +5,19 @@ The run directory:
     rejected/part-<shard>.parquet   rejected rows with reject_stage, reject_reason
     run.json                        spec, hash, versions, attempts, per-stage counts and times
     _shards/                        the input cut into shards (written once, reused on rerun)
-    _parts/<shard>/                 rows written by workers, not yet committed
+    _parts/segment-<k>/<shard>/     rows written by workers, not yet committed
+    _segments/<k>/<shard>.parquet   a shard's rows at a barrier (kept until the run completes)
     _state/committed/<shard>.json   commit marker with the shard's counts: the commit point
+    _state/decision-<stage>.json    a barrier stage's decision (a quantile threshold, dedup groups)
 
 A shard is committed when all its rows are back: the driver gathers its parts, checks that every
 input uid is there exactly once, writes the shard's dataset/ and rejected/ files atomically and then
 its marker. A rerun skips shards with a marker, commits shards whose parts are complete, and redoes
 the rest, so `kill -9` at any moment loses and duplicates nothing.
+
+Stages that must see every row before deciding (quantile thresholds, dedup) are barriers: the plan
+is cut into segments after them, each shard is committed per segment, and the decision, made once
+over the whole segment's output, is saved before the next segment applies it.
 """
 
 from __future__ import annotations
@@ -38,12 +44,16 @@ import pyarrow.parquet as pq
 from dataengine import columns as C
 from dataengine.atomic import remove_stale_temporaries, write_parquet_atomic, write_text_atomic
 from dataengine.inputs import INPUT_STAGE, Shard, plan_shards
+from dataengine.ops import OpConfig, get_op, stage_name
+from dataengine.ops.base import Step
 from dataengine.schemas import conform, rejected_schema, sample_schema
 from dataengine.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
 
-DATASET_DIR, REJECTED_DIR, PARTS_DIR, COMMITTED_DIR = "dataset", "rejected", "_parts", "_state/committed"
+DATASET_DIR, REJECTED_DIR, PARTS_DIR, SEGMENTS_DIR = "dataset", "rejected", "_parts", "_segments"
+STATE_DIR = "_state"
+COMMITTED_DIR = f"{STATE_DIR}/committed"
 MANIFEST = "run.json"
 
 
@@ -67,7 +77,7 @@ class RunResult:
 
 def run_pipeline(spec: PipelineSpec, output: str | Path | None = None, address: str | None = None) -> RunResult:
     """Run (or resume) `spec`, writing into `output` (default: the spec's `output`)."""
-    from dataengine.raydata import SUMMARY_PART, SUMMARY_ROWS, SUMMARY_SHARD, ray_session, stream_pipeline
+    from dataengine.raydata import ray_session  # Ray starts only when there is work for it
 
     run_dir = Path(output or spec.output).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -82,41 +92,137 @@ def run_pipeline(spec: PipelineSpec, output: str | Path | None = None, address: 
     started = time.perf_counter()
     shards = plan_shards(spec.input, run_dir)
     stage_names = spec.stage_names()
-    for d in (DATASET_DIR, REJECTED_DIR, PARTS_DIR):
+    for d in (DATASET_DIR, REJECTED_DIR, PARTS_DIR, SEGMENTS_DIR):
         remove_stale_temporaries(run_dir / d)
-    attempt["shards_recovered"] = _recover(run_dir, shards, stage_names)
-    pending = [s for s in shards if not _marker(run_dir, s.id).exists()]
-    log.info("%s: %d shards, %d already committed, %d to run", spec.name, len(shards), len(shards) - len(pending), len(pending))
     _write_manifest(run_dir, spec, attempts, shards, stage_names, status="running")
 
-    if pending:
-        by_id = {s.id: s for s in pending}
-        received: Counter[str] = Counter()
-        parts: dict[str, list[str]] = defaultdict(list)
-        committed = len(shards) - len(pending)
-        with ray_session(address, spec.resources), _marked_failed_on_error(run_dir, spec, attempts, shards, stage_names):
-            for row in stream_pipeline([s.path for s in pending], list(spec.stages), run_dir / PARTS_DIR):
-                shard = by_id[row[SUMMARY_SHARD]]
-                received[shard.id] += row[SUMMARY_ROWS]
-                parts[shard.id].append(row[SUMMARY_PART])
-                if received[shard.id] > shard.rows:
-                    raise AccountingError(f"shard {shard.id}: {received[shard.id]} rows came back for {shard.rows} in")
-                if received[shard.id] == shard.rows:
-                    commit_started = time.perf_counter()
-                    commit_shard(run_dir, shard, parts.pop(shard.id), stage_names)
-                    committed += 1
-                    attempt["shards_processed"] += 1
-                    log.info("committed shard %s (%d rows, %.2fs): %d/%d shards", shard.id, shard.rows,
-                             time.perf_counter() - commit_started, committed, len(shards))
-        missing = {s.id: s.rows - received[s.id] for s in pending if not _marker(run_dir, s.id).exists()}
-        if missing:
-            raise AccountingError(f"rows never came back from the pipeline: {missing} (shard: missing rows)")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_marked_failed_on_error(run_dir, spec, attempts, shards, stage_names))
+        ray_started = False
+        for segment in plan_segments(list(spec.stages)):
+            pending = _prepare_segment(run_dir, segment, shards, stage_names, attempt)
+            if not pending:
+                continue
+            if not ray_started:
+                stack.enter_context(ray_session(address, spec.resources))
+                ray_started = True
+            steps = _segment_steps(run_dir, segment, list(spec.stages), shards)
+            _run_segment(run_dir, segment, steps, shards, pending, stage_names, attempt)
+    for scratch in (SEGMENTS_DIR, PARTS_DIR):  # intermediate rows are only needed until the end
+        shutil.rmtree(run_dir / scratch, ignore_errors=True)
 
     attempt["ended_at"], attempt["seconds"] = _now(), round(time.perf_counter() - started, 3)
     counts = aggregate_counts(run_dir, shards, stage_names)
     check_accounting(run_dir, shards, counts)
     manifest = _write_manifest(run_dir, spec, attempts, shards, stage_names, status="complete", counts=counts)
     return RunResult(run_dir, manifest)
+
+
+# ---- segments: the stages between barriers ---------------------------------------------------
+
+@dataclass(frozen=True)
+class Segment:
+    """Stages that stream together. A barrier stage (a decision that needs every row's score, such
+    as a quantile threshold or dedup) ends a segment; the next segment starts by applying the
+    decision made over the whole previous segment's output."""
+
+    index: int
+    stages: tuple[int, ...]
+    decision_of: int | None  # the barrier stage whose decision this segment applies first
+    final: bool
+
+    def marker(self, run_dir: Path, shard_id: str) -> Path:
+        return _marker(run_dir, shard_id) if self.final else run_dir / STATE_DIR / f"segment-{self.index}" / f"{shard_id}.json"
+
+    def parts_dir(self, run_dir: Path) -> Path:
+        return run_dir / PARTS_DIR / f"segment-{self.index}"
+
+    def input_path(self, run_dir: Path, shard: Shard) -> Path:
+        return shard.path if self.index == 0 else run_dir / SEGMENTS_DIR / f"{self.index - 1}" / f"{shard.id}.parquet"
+
+    def output_path(self, run_dir: Path, shard: Shard) -> Path:
+        return run_dir / SEGMENTS_DIR / f"{self.index}" / f"{shard.id}.parquet"
+
+
+def plan_segments(stages: list[OpConfig]) -> list[Segment]:
+    """Cut the stages after every barrier stage."""
+    groups: list[list[int]] = [[]]
+    for index, config in enumerate(stages):
+        groups[-1].append(index)
+        if get_op(config.op).is_barrier(config):
+            groups.append([])
+    segments = []
+    for k, group in enumerate(groups):
+        decision_of = groups[k - 1][-1] if k else None
+        segments.append(Segment(k, tuple(group), decision_of, final=k == len(groups) - 1))
+    return segments
+
+
+def _segment_steps(run_dir: Path, segment: Segment, stages: list[OpConfig], shards: list[Shard]) -> list[Step]:
+    steps = []
+    if segment.decision_of is not None:
+        steps.append(Step(segment.decision_of, stages[segment.decision_of],
+                          _barrier_decision(run_dir, segment, stages[segment.decision_of], shards)))
+    steps += [Step(i, stages[i]) for i in segment.stages]
+    return steps
+
+
+def _barrier_decision(run_dir: Path, segment: Segment, config: OpConfig, shards: list[Shard]) -> dict[str, Any]:
+    """Decide a barrier stage over every row still alive after it scored them; saved, so a resumed
+    run applies the very same decision."""
+    path = run_dir / STATE_DIR / f"decision-{segment.decision_of}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    op = get_op(config.op)
+    columns = [C.UID, C.REJECT_REASON, *op.decision_columns(config)]
+    previous = [segment.input_path(run_dir, s) for s in shards]
+    table = pa.concat_tables([pq.read_table(p, columns=columns) for p in previous]) if previous else None
+    alive = table.filter(pc.is_null(table.column(C.REJECT_REASON))).drop_columns([C.REJECT_REASON]) if table else None
+    started = time.perf_counter()
+    decision = op.decide(config, alive) if alive is not None else op.decide(config, pa.table({c: [] for c in columns[2:]} | {C.UID: []}))
+    log.info("stage %s decided over %d rows in %.2fs", stage_name(config), alive.num_rows if alive else 0,
+             time.perf_counter() - started)
+    write_text_atomic(path, json.dumps(decision))
+    return decision
+
+
+def _prepare_segment(run_dir: Path, segment: Segment, shards: list[Shard], stage_names: list[str],
+                     attempt: dict[str, Any]) -> list[Shard]:
+    """Recover what a killed attempt finished in this segment; return the shards still to run."""
+    recovered = _recover(run_dir, segment, shards, stage_names)
+    attempt["shards_recovered"] += recovered
+    pending = [s for s in shards if not segment.marker(run_dir, s.id).exists()]
+    log.info("segment %d (stages %s): %d shards, %d done, %d to run", segment.index, list(segment.stages),
+             len(shards), len(shards) - len(pending), len(pending))
+    return pending
+
+
+def _run_segment(run_dir: Path, segment: Segment, steps: list[Step], shards: list[Shard], pending: list[Shard],
+                 stage_names: list[str], attempt: dict[str, Any]) -> None:
+    """Stream the pending shards through the segment's steps, committing each shard when complete."""
+    from dataengine.raydata import SUMMARY_PART, SUMMARY_ROWS, SUMMARY_SHARD, stream_pipeline
+
+    by_id = {s.id: s for s in pending}
+    received: Counter[str] = Counter()
+    parts: dict[str, list[str]] = defaultdict(list)
+    done = len(shards) - len(pending)
+    inputs = [segment.input_path(run_dir, s) for s in pending]
+    for row in stream_pipeline(inputs, steps, segment.parts_dir(run_dir)):
+        shard = by_id[row[SUMMARY_SHARD]]
+        received[shard.id] += row[SUMMARY_ROWS]
+        parts[shard.id].append(row[SUMMARY_PART])
+        if received[shard.id] > shard.rows:
+            raise AccountingError(f"shard {shard.id}: {received[shard.id]} rows came back for {shard.rows} in")
+        if received[shard.id] == shard.rows:
+            commit_started = time.perf_counter()
+            commit_shard(run_dir, shard, parts.pop(shard.id), stage_names, segment)
+            done += 1
+            attempt["shards_processed"] += 1
+            log.info("committed shard %s of segment %d (%d rows, %.2fs): %d/%d shards", shard.id, segment.index,
+                     shard.rows, time.perf_counter() - commit_started, done, len(shards))
+    missing = {s.id: s.rows - received[s.id] for s in pending if not segment.marker(run_dir, s.id).exists()}
+    if missing:
+        raise AccountingError(f"rows never came back from the pipeline: {missing} (shard: missing rows)")
 
 
 @contextlib.contextmanager
@@ -137,9 +243,15 @@ def _marker(run_dir: Path, shard_id: str) -> Path:
     return run_dir / COMMITTED_DIR / f"{shard_id}.json"
 
 
-def commit_shard(run_dir: Path, shard: Shard, part_names: list[str] | None, stage_names: list[str]) -> dict[str, Any]:
-    """Gather a shard's parts, verify every input uid is there once, write its outputs, then its marker."""
-    part_dir = run_dir / PARTS_DIR / shard.id
+def commit_shard(run_dir: Path, shard: Shard, part_names: list[str] | None, stage_names: list[str],
+                 segment: Segment | None = None) -> dict[str, Any]:
+    """Gather a shard's parts, verify every input uid is there once, write its outputs, then its marker.
+
+    In the final segment the outputs are `dataset/` and `rejected/`; before a barrier they are the
+    shard's rows as the next segment will read them.
+    """
+    segment = segment or Segment(0, (), None, final=True)
+    part_dir = segment.parts_dir(run_dir) / shard.id
     files = [part_dir / f"{p}.parquet" for p in part_names] if part_names is not None else sorted(part_dir.glob("*.parquet"))
     rows = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
     rows = _first_per_uid(rows)
@@ -150,6 +262,12 @@ def commit_shard(run_dir: Path, shard: Shard, part_names: list[str] | None, stag
         raise AccountingError(f"shard {shard.id}: {len(lost)} uids lost (e.g. {sorted(lost)[:3]}), "
                               f"{len(extra)} unexpected (e.g. {sorted(extra)[:3]})")
     rows = rows.sort_by(C.UID)
+    if not segment.final:
+        write_parquet_atomic(rows, segment.output_path(run_dir, shard))
+        marker: dict[str, Any] = {"shard": shard.id, "rows": shard.rows, "committed_at": time.time()}
+        write_text_atomic(segment.marker(run_dir, shard.id), json.dumps(marker))
+        shutil.rmtree(part_dir, ignore_errors=True)
+        return marker
     is_kept = pc.is_null(rows.column(C.REJECT_REASON))
     kept = rows.filter(is_kept).drop_columns([C.REJECT_STAGE, C.REJECT_REASON])
     rejected = rows.filter(pc.invert(is_kept))
@@ -185,24 +303,23 @@ def _first_per_uid(rows: pa.Table) -> pa.Table:
     return rows.filter(pa.array(keep))
 
 
-def _recover(run_dir: Path, shards: list[Shard], stage_names: list[str]) -> int:
+def _recover(run_dir: Path, segment: Segment, shards: list[Shard], stage_names: list[str]) -> int:
     """Commit shards a killed attempt finished but did not commit; clear the partial ones."""
     recovered = 0
     for shard in shards:
-        part_dir = run_dir / PARTS_DIR / shard.id
-        if _marker(run_dir, shard.id).exists():
+        part_dir = segment.parts_dir(run_dir) / shard.id
+        if segment.marker(run_dir, shard.id).exists():
             shutil.rmtree(part_dir, ignore_errors=True)  # killed between marker and cleanup
             continue
         if not part_dir.is_dir():
             continue
-        files = sorted(part_dir.glob("*.parquet"))
         uids: set[str] = set()
-        for f in files:
+        for f in sorted(part_dir.glob("*.parquet")):
             uids.update(pq.read_table(f, columns=[C.UID]).column(C.UID).to_pylist())
         if len(uids) == shard.rows:
-            commit_shard(run_dir, shard, None, stage_names)
+            commit_shard(run_dir, shard, None, stage_names, segment)
             recovered += 1
-            log.info("recovered shard %s from a previous attempt without recomputing it", shard.id)
+            log.info("recovered shard %s of segment %d without recomputing it", shard.id, segment.index)
         else:
             shutil.rmtree(part_dir)
             log.info("shard %s was half done (%d/%d rows); redoing it", shard.id, len(uids), shard.rows)

@@ -123,8 +123,8 @@ def test_recovery_commits_finished_parts_and_redoes_half_done_shards(ray_local, 
     run_dir = tmp_path / "run"
     shards = plan_shards(spec.input, run_dir)
     # a killed attempt left shard 0 fully written but uncommitted, and shard 1 half written
-    _write_parts(_process_offline(spec, shards[0]), str(run_dir / "_parts"))
-    _write_parts(_process_offline(spec, shards[1]).slice(0, 4), str(run_dir / "_parts"))
+    _write_parts(_process_offline(spec, shards[0]), str(run_dir / "_parts" / "segment-0"))
+    _write_parts(_process_offline(spec, shards[1]).slice(0, 4), str(run_dir / "_parts" / "segment-0"))
     result = run_pipeline(spec)
     attempt = result.manifest["attempts"][-1]
     assert attempt["shards_recovered"] == 1 and attempt["shards_processed"] == 2
@@ -137,7 +137,7 @@ def test_commit_refuses_a_shard_with_a_lost_row(tmp_path):
     spec = _offline_spec(tmp_path, n=10, shard_rows=10)
     shards = plan_shards(spec.input, tmp_path / "run")
     processed = _process_offline(spec, shards[0])
-    summary = _write_parts(processed.slice(1), str(tmp_path / "run" / "_parts"))
+    summary = _write_parts(processed.slice(1), str(tmp_path / "run" / "_parts" / "segment-0"))
     with pytest.raises(AccountingError, match="1 uids lost"):
         commit_shard(tmp_path / "run", shards[0], summary.column("part").to_pylist(), ["download"])
 

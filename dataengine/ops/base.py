@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +53,48 @@ class Op(ABC):
     def process(self, batch: pa.Table) -> pa.Table:
         """Return the added columns for `batch` (same row count and order) and optionally `reject_reason`."""
 
+    # A barrier op scores in the stream (`process`) and decides after every row is scored: the runner
+    # ends the segment after it, calls `decide` once over the alive rows' `decision_columns`, saves the
+    # decision, and starts the next segment with `apply_decision`. Both are classmethods: deciding must
+    # not load the op's model.
+
+    @classmethod
+    def is_barrier(cls, config: OpConfig) -> bool:
+        return False
+
+    @classmethod
+    def decision_columns(cls, config: OpConfig) -> list[str]:
+        return []
+
+    @classmethod
+    def decide(cls, config: OpConfig, scores: pa.Table) -> dict[str, Any]:
+        """A JSON-serialisable decision from `uid` + `decision_columns` of every alive row."""
+        raise NotImplementedError(f"{cls.__qualname__} is not a barrier op")
+
+    @classmethod
+    def apply_decision(cls, config: OpConfig, batch: pa.Table, decision: dict[str, Any]) -> pa.Table:
+        """The `reject_reason` column (and any other added columns) for `batch` under `decision`."""
+        raise NotImplementedError(f"{cls.__qualname__} is not a barrier op")
+
+
+class Step(NamedTuple):
+    """One step of a segment: run stage `index`'s op, or, with a `decision`, apply its decision."""
+
+    index: int
+    config: OpConfig
+    decision: dict[str, Any] | None = None
+
+
+def run_step(step: Step, op: Op | None, batch: pa.Table, schema: pa.Schema | None = None) -> pa.Table:
+    """Run a step on a batch: the op's `process`, or its class's `apply_decision`."""
+    name = stage_name(step.config)
+    if step.decision is None:
+        assert op is not None
+        return _apply(op.process, op.name, batch, name, step.index, schema)
+    op_class = get_op(step.config.op)
+    return _apply(lambda rows: op_class.apply_decision(step.config, rows, step.decision), op_class.name,
+                  batch, name, step.index, schema)
+
 
 _REGISTRY: dict[str, type[Op]] = {}
 OpT = TypeVar("OpT", bound=type[Op])
@@ -90,7 +133,7 @@ def stage_name(config: OpConfig) -> str:
 
 
 def apply_stage(op: Op, batch: pa.Table, stage: str, stage_index: int, schema: pa.Schema | None = None) -> pa.Table:
-    """Run `op` on the rows of `batch` that are still alive and merge its output back in.
+    """Run `op.process` on the rows of `batch` that are still alive and merge its output back in.
 
     Rows rejected by an earlier stage pass through untouched (their new columns are null). Rows the
     op rejects get `reject_stage = stage`. The time spent is spread over the batch's rows in
@@ -98,23 +141,31 @@ def apply_stage(op: Op, batch: pa.Table, stage: str, stage_index: int, schema: p
     Columns the sample `schema` knows are cast to its types; workers get the schema from the driver
     (default: loaded here from `schemas/`), as a cluster worker may not have the schema files.
     """
+    return _apply(op.process, op.name, batch, stage, stage_index, schema)
+
+
+def _apply(fn: Callable[[pa.Table], pa.Table], op_name: str, batch: pa.Table, stage: str, stage_index: int,
+           schema: pa.Schema | None) -> pa.Table:
     n = batch.num_rows
     batch = _ensure_reject_columns(batch)
     alive = pc.is_null(batch.column(C.REJECT_REASON)).to_numpy(zero_copy_only=False)
     alive_idx = np.flatnonzero(alive)
     started = time.perf_counter()
-    result = op.process(batch.take(alive_idx)) if len(alive_idx) else None
+    result = fn(batch.take(alive_idx)) if len(alive_idx) else None
     elapsed = time.perf_counter() - started
     if result is not None and result.num_rows != len(alive_idx):
         raise RuntimeError(
-            f"stage {stage!r} (op {op.name}) returned {result.num_rows} rows for {len(alive_idx)}: ops must not drop or add rows"
+            f"stage {stage!r} (op {op_name}) returned {result.num_rows} rows for {len(alive_idx)}: ops must not drop or add rows"
         )
     if result is not None:
         batch = _merge_columns(batch, result, alive_idx, stage, schema or sample_schema())
     seconds = np.zeros(n, dtype=np.float64)
     if len(alive_idx):
         seconds[alive_idx] = elapsed / len(alive_idx)
-    return batch.append_column(f"{C.STAGE_SECONDS_PREFIX}{stage_index}", pa.array(seconds))
+    column = f"{C.STAGE_SECONDS_PREFIX}{stage_index}"
+    if column in batch.column_names:  # a barrier stage's decision adds to the time it spent scoring
+        seconds += batch.column(column).to_numpy(zero_copy_only=False)
+    return _set_column(batch, column, pa.array(seconds))
 
 
 def _ensure_reject_columns(batch: pa.Table) -> pa.Table:
