@@ -20,6 +20,10 @@ HTTP_STATUS = "http_status"
 DOWNLOAD_ATTEMPTS = "download_attempts"
 DOWNLOAD_ERROR = "download_error"  # human-readable detail behind a download reject reason
 
+# written by filters
+CLIP_SCORE = "clip_score"  # cosine similarity of CLIP image and caption embeddings
+CLIP_IMAGE_EMBEDDING = "clip_image_embedding"  # L2-normalised, when clip_score_filter is asked to keep it
+
 # routing: set by a stage for the rows it rejects
 REJECT_STAGE = "reject_stage"
 REJECT_REASON = "reject_reason"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,16 @@ class OpConfig(BaseModel):
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per task or actor.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs reserved per actor (model ops).")
     concurrency: int | None = Field(default=None, gt=0, description="Max parallel tasks/actors; default: as many as fit.")
+
+
+class ModelOpConfig(OpConfig):
+    """Fields of ops that hold a model: where it runs and in what precision."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: the GPU when the actor has one (num_gpus > 0), else the CPU.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto: bfloat16 on GPU, float32 on CPU.")
+    concurrency: int | None = Field(default=1, gt=0, description="Actors in the pool (each loads the model once).")
 
 
 class Op(ABC):

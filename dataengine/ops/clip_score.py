@@ -1,0 +1,123 @@
+"""`clip_score_filter`: CLIP image-text cosine similarity, kept by an absolute or a quantile threshold.
+
+The score is always written (`clip_score`), so thresholds can be tuned later without recomputing.
+`min_score` decides in the stream (LAION-400M used 0.28 with ViT-B/32); `keep_top_fraction` needs
+every score first (DataComp keeps the top 30% by ViT-L/14), so the op is then a barrier and the
+runner decides after all rows are scored. With `write_embedding` the L2-normalised image embedding
+is kept for dedup at no extra cost.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from dataengine import columns as C
+from dataengine.ops.base import ModelOpConfig, Op, register_op
+from dataengine.ops.thresholds import rank_fraction_decision, within_fraction
+
+
+class ClipScoreConfig(ModelOpConfig):
+    """CLIP score filter settings."""
+
+    op: Literal["clip_score_filter"] = "clip_score_filter"
+    model: str = Field(default="ViT-B-32", description="open_clip architecture, hf-hub:org/repo, or a local directory.")
+    pretrained: str | None = Field(default="laion2b_s34b_b79k", description="open_clip tag or checkpoint file.")
+    min_score: float | None = Field(default=None, ge=-1, le=1, description="Keep rows scoring at least this.")
+    keep_top_fraction: float | None = Field(default=None, gt=0, le=1, description="Keep this fraction, best first.")
+    write_embedding: bool = Field(default=False, description="Also write clip_image_embedding (L2-normalised).")
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> "ClipScoreConfig":
+        if self.min_score is not None and self.keep_top_fraction is not None:
+            raise ValueError("set min_score or keep_top_fraction, not both")
+        return self
+
+
+@register_op("clip_score_filter")
+class ClipScoreFilter(Op):
+    """Score image-caption agreement with an open_clip model; reject below the threshold."""
+
+    Config = ClipScoreConfig
+    stateful = True
+
+    def __init__(self, config: ClipScoreConfig) -> None:
+        super().__init__(config)
+        import torch
+
+        from dataengine.models import load_open_clip
+
+        self.torch = torch
+        self.model, self.preprocess, self.tokenizer = load_open_clip(config.model, config.pretrained,
+                                                                     config.device, config.dtype)
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        from PIL import Image
+
+        config: ClipScoreConfig = self.config  # type: ignore[assignment]
+        n = batch.num_rows
+        images = batch.column(C.IMAGE).to_pylist() if C.IMAGE in batch.column_names else [None] * n
+        captions = batch.column(C.CAPTION).to_pylist() if C.CAPTION in batch.column_names else [None] * n
+        reasons: list[str | None] = [None] * n
+        scores: list[float | None] = [None] * n
+        embeddings: list[list[float] | None] = [None] * n
+        pixels, texts, rows = [], [], []
+        for i, (image, caption) in enumerate(zip(images, captions)):
+            if image is None:
+                reasons[i] = "no_image"
+            elif not caption or not caption.strip():
+                reasons[i] = "no_caption"
+            else:
+                try:
+                    pixels.append(self.preprocess(Image.open(io.BytesIO(image)).convert("RGB")))
+                except (OSError, ValueError) as e:
+                    reasons[i] = "decode_error"
+                    continue
+                texts.append(caption)
+                rows.append(i)
+        if rows:
+            image_emb, text_emb = self._embed(pixels, texts)
+            similarity = (image_emb * text_emb).sum(axis=1)
+            for j, i in enumerate(rows):
+                scores[i] = float(similarity[j])
+                if config.write_embedding:
+                    embeddings[i] = image_emb[j].tolist()
+                if config.min_score is not None and similarity[j] < config.min_score:
+                    reasons[i] = f"clip_score<{config.min_score:g}"
+        columns: dict[str, Any] = {C.CLIP_SCORE: pa.array(scores, pa.float32()), C.REJECT_REASON: pa.array(reasons, pa.string())}
+        if config.write_embedding:
+            columns[C.CLIP_IMAGE_EMBEDDING] = pa.array(embeddings, pa.list_(pa.float32()))
+        return pa.table(columns)
+
+    def _embed(self, pixels: list[Any], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        with torch.inference_mode():
+            images = torch.stack(pixels).to(self.device, self.dtype)
+            tokens = self.tokenizer(texts).to(self.device)
+            image_emb = torch.nn.functional.normalize(self.model.encode_image(images).float(), dim=-1)
+            text_emb = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        return image_emb.cpu().numpy(), text_emb.cpu().numpy()
+
+    @classmethod
+    def is_barrier(cls, config: ClipScoreConfig) -> bool:  # type: ignore[override]
+        return config.keep_top_fraction is not None
+
+    @classmethod
+    def decision_columns(cls, config: ClipScoreConfig) -> list[str]:  # type: ignore[override]
+        return [C.CLIP_SCORE]
+
+    @classmethod
+    def decide(cls, config: ClipScoreConfig, scores: pa.Table) -> dict[str, Any]:  # type: ignore[override]
+        return rank_fraction_decision(scores, C.CLIP_SCORE, config.keep_top_fraction or 1.0, highest=True)
+
+    @classmethod
+    def apply_decision(cls, config: ClipScoreConfig, batch: pa.Table, decision: dict[str, Any]) -> pa.Table:  # type: ignore[override]
+        keep = within_fraction(batch, decision)
+        reason = f"clip_score_not_top_{config.keep_top_fraction:g}"
+        return pa.table({C.REJECT_REASON: pa.array([None if k else reason for k in keep], pa.string())})

@@ -1,0 +1,54 @@
+"""Tiny models in the standard on-disk formats, for the demo and the tests.
+
+No real weights can be downloaded here, so the demo trains tiny models on the synthetic web and the
+tests build random ones; both are saved exactly as real models are published (open_clip's
+`open_clip_config.json` + `open_clip_model.safetensors`), so the filters load them through the same
+code path as `ViT-L-14` from the hub.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+
+
+def tiny_open_clip_config(image_size: int = 64, width: int = 64, embed_dim: int = 32) -> dict[str, Any]:
+    """A CLIP with a 2-layer ViT and a 2-layer text transformer over CLIP's BPE vocabulary."""
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": 2, "width": width, "head_width": 32,
+                       "patch_size": max(4, image_size // 8)},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": width, "heads": 2, "layers": 2},
+    }
+
+
+def save_open_clip(model: Any, model_cfg: dict[str, Any], out_dir: str | Path) -> Path:
+    """Save an open_clip model as a `local-dir:` / hf-hub style directory."""
+    import safetensors.torch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    size = model_cfg["vision_cfg"]["image_size"]
+    config = {"model_cfg": model_cfg,
+              "preprocess_cfg": {"size": size, "mean": [0.48145466, 0.4578275, 0.40821073],
+                                 "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic",
+                                 "resize_mode": "shortest"}}
+    (out / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(state, str(out / OPEN_CLIP_WEIGHTS))
+    return out
+
+
+def build_random_open_clip(out_dir: str | Path, seed: int = 0, **config: Any) -> Path:
+    """A randomly initialised tiny open_clip model, saved: what tests load through the real path."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(seed)
+    model_cfg = tiny_open_clip_config(**config)
+    model = open_clip.CLIP(**model_cfg)
+    return save_open_clip(model, model_cfg, out_dir)
