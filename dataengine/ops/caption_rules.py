@@ -1,0 +1,91 @@
+"""`caption_rules_filter`: cheap caption rules that run before any model.
+
+DataComp's "basic" filter keeps captions with more than 2 words and more than 5 characters; the rest
+catch what web captions are full of: file names (`IMG_0231.JPG`), URLs, boilerplate ("stock photo",
+"click here to download"), random characters and runs of one character. Each rejection names its
+rule (`caption_rule:filename`), so `rejected/` shows which rule fired how often.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from dataengine import columns as C
+from dataengine.ops.base import Op, OpConfig, register_op
+
+DEFAULT_BOILERPLATE = (
+    "click here", "stock photo", "photo by", "download", "wallpaper", "thumbnail", "screenshot", "untitled",
+    "image may contain", "no description", "placeholder", "all rights reserved", "royalty free",
+)
+_FILENAME = re.compile(r"^\s*[\w\-. ()]+\.(jpe?g|png|gif|webp|bmp|tiff?|heic|avif)\s*$", re.IGNORECASE)
+_CAMERA_NAME = re.compile(r"^\s*(img|dsc|dscn|dcim|pxl|gopr|mvimg|p)[_\-]?\d{3,}\b", re.IGNORECASE)
+_URL = re.compile(r"(https?://|www\.)\S+|\b\S+\.(com|net|org|io)\b", re.IGNORECASE)
+
+
+class CaptionRulesConfig(OpConfig):
+    """Caption rules; set a rule to null to switch it off."""
+
+    op: Literal["caption_rules_filter"] = "caption_rules_filter"
+    batch_size: int = Field(default=1024, gt=0)
+    min_words: int | None = Field(default=3, ge=0, description="DataComp basic: more than 2 words.")
+    max_words: int | None = Field(default=200, gt=0)
+    min_chars: int | None = Field(default=6, ge=0, description="DataComp basic: more than 5 characters.")
+    max_chars: int | None = Field(default=2000, gt=0)
+    min_alpha_ratio: float | None = Field(default=0.7, ge=0, le=1, description="Letters among non-space characters.")
+    max_char_run: int | None = Field(default=5, gt=0, description="Longest run of one repeated character.")
+    max_word_chars: int | None = Field(default=25, gt=0, description="Longest word (random strings have no spaces).")
+    reject_filenames: bool = Field(default=True, description="`IMG_0231.JPG`, `photo.png`, camera file names.")
+    reject_urls: bool = True
+    boilerplate: list[str] = Field(default=list(DEFAULT_BOILERPLATE), description="Phrases, matched as whole words.")
+
+
+@register_op("caption_rules_filter")
+class CaptionRulesFilter(Op):
+    """Reject captions that break a rule; the reason names the rule."""
+
+    Config = CaptionRulesConfig
+
+    def __init__(self, config: CaptionRulesConfig) -> None:
+        super().__init__(config)
+        phrases = [re.escape(p.strip()) for p in config.boilerplate if p.strip()]
+        self.boilerplate = re.compile(r"\b(" + "|".join(phrases) + r")\b", re.IGNORECASE) if phrases else None
+        self.char_run = re.compile(r"(.)\1{%d,}" % config.max_char_run) if config.max_char_run else None
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        captions = batch.column(C.CAPTION).to_pylist() if C.CAPTION in batch.column_names else [None] * batch.num_rows
+        reasons = [None if (rule := self.broken_rule(c)) is None else f"caption_rule:{rule}" for c in captions]
+        return pa.table({C.REJECT_REASON: pa.array(reasons, pa.string())})
+
+    def broken_rule(self, caption: str | None) -> str | None:
+        """The first rule `caption` breaks, or None."""
+        cfg: CaptionRulesConfig = self.config  # type: ignore[assignment]
+        if caption is None or not caption.strip():
+            return "empty"
+        text = caption.strip()
+        if cfg.reject_filenames and (_FILENAME.match(text) or _CAMERA_NAME.match(text)):
+            return "filename"
+        if cfg.reject_urls and _URL.search(text):
+            return "url"
+        if self.boilerplate and self.boilerplate.search(text):
+            return "boilerplate"
+        words = text.split()
+        if cfg.min_words is not None and len(words) < cfg.min_words:
+            return "min_words"
+        if cfg.max_words is not None and len(words) > cfg.max_words:
+            return "max_words"
+        if cfg.min_chars is not None and len(text) < cfg.min_chars:
+            return "min_chars"
+        if cfg.max_chars is not None and len(text) > cfg.max_chars:
+            return "max_chars"
+        if cfg.max_word_chars is not None and max(len(w) for w in words) > cfg.max_word_chars:
+            return "max_word_chars"
+        if self.char_run and self.char_run.search(text):
+            return "char_run"
+        visible = [ch for ch in text if not ch.isspace()]
+        if cfg.min_alpha_ratio is not None and sum(ch.isalpha() for ch in visible) < cfg.min_alpha_ratio * len(visible):
+            return "alpha_ratio"
+        return None
