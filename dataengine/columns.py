@@ -23,6 +23,7 @@ DOWNLOAD_ERROR = "download_error"  # human-readable detail behind a download rej
 # written by filters
 CLIP_SCORE = "clip_score"  # cosine similarity of CLIP image and caption embeddings
 CLIP_IMAGE_EMBEDDING = "clip_image_embedding"  # L2-normalised, when clip_score_filter is asked to keep it
+TEXT_PPL = "text_ppl"  # caption perplexity under a causal LM
 
 # routing: set by a stage for the rows it rejects
 REJECT_STAGE = "reject_stage"

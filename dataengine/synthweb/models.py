@@ -52,3 +52,36 @@ def build_random_open_clip(out_dir: str | Path, seed: int = 0, **config: Any) ->
     model_cfg = tiny_open_clip_config(**config)
     model = open_clip.CLIP(**model_cfg)
     return save_open_clip(model, model_cfg, out_dir)
+
+
+def build_caption_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 600) -> Any:
+    """A byte-level BPE tokenizer trained on `texts`, saved with `save_pretrained` (GPT-2's family)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>",
+                                      eos_token="<|endoftext|>", pad_token="<pad>")
+    wrapped.save_pretrained(str(out_dir))
+    return wrapped
+
+
+def build_random_causal_lm(out_dir: str | Path, texts: list[str], seed: int = 0, n_embd: int = 32) -> Path:
+    """A randomly initialised 2-layer GPT-2 with a tokenizer trained on `texts`, saved as transformers does."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_caption_tokenizer(texts, out)
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=n_embd, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    GPT2LMHeadModel(config).save_pretrained(str(out))
+    return out
