@@ -10,7 +10,8 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,6 +31,7 @@ from dataengine.spec import ResourcesSpec
 log = logging.getLogger(__name__)
 
 SUMMARY_SHARD, SUMMARY_PART, SUMMARY_ROWS = "shard", "part", "rows"
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -124,3 +126,11 @@ def stream_pipeline(shard_paths: list[Path], steps: list[Step], parts_dir: Path)
     ds = ds.map_batches(_write_parts, fn_args=(str(parts_dir),), batch_size=None, batch_format="pyarrow")
     for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from summary.to_pylist()
+
+
+def parallel_map(fn: Callable[..., T], args: list[tuple]) -> list[T]:
+    """`fn(*a)` for each `a`, as Ray tasks when Ray is running (in this process), else in a loop."""
+    if not ray.is_initialized() or len(args) < 2:
+        return [fn(*a) for a in args]
+    remote = ray.remote(num_cpus=1)(fn)
+    return ray.get([remote.remote(*a) for a in args])

@@ -174,13 +174,18 @@ def _barrier_decision(run_dir: Path, segment: Segment, config: OpConfig, shards:
     if path.exists():
         return json.loads(path.read_text())
     op = get_op(config.op)
-    columns = [C.UID, C.REJECT_REASON, *op.decision_columns(config)]
+    wanted = [C.UID, C.REJECT_REASON, *op.decision_columns(config)]
     previous = [segment.input_path(run_dir, s) for s in shards]
-    table = pa.concat_tables([pq.read_table(p, columns=columns) for p in previous]) if previous else None
+    present = set(pq.read_schema(previous[0]).names) if previous else set()
+    columns = [c for c in wanted if c in present]  # optional ones (e.g. clip_score for dedup) may be absent
+    table = pa.concat_tables([pq.read_table(p, columns=columns) for p in previous], promote_options="permissive") \
+        if previous else None
     alive = table.filter(pc.is_null(table.column(C.REJECT_REASON))).drop_columns([C.REJECT_REASON]) if table else None
     started = time.perf_counter()
-    decision = op.decide(config, alive) if alive is not None else op.decide(config, pa.table({c: [] for c in columns[2:]} | {C.UID: []}))
-    log.info("stage %s decided over %d rows in %.2fs", stage_name(config), alive.num_rows if alive else 0,
+    if alive is None:
+        alive = pa.table({C.UID: pa.array([], pa.string())})
+    decision = op.decide(config, alive)
+    log.info("stage %s decided over %d rows in %.2fs", stage_name(config), alive.num_rows,
              time.perf_counter() - started)
     write_text_atomic(path, json.dumps(decision))
     return decision

@@ -85,3 +85,41 @@ def build_random_causal_lm(out_dir: str | Path, texts: list[str], seed: int = 0,
                         pad_token_id=tokenizer.pad_token_id)
     GPT2LMHeadModel(config).save_pretrained(str(out))
     return out
+
+
+def build_tiny_sscd(path: str | Path, dim: int = 64, seed: int = 0) -> Path:
+    """A tiny SSCD-shaped network (conv trunk, GeM pooling, linear projection) scripted to TorchScript.
+
+    Same contract as facebookresearch/sscd-copy-detection's files: ImageNet-normalised NCHW float in,
+    one descriptor per image out; load with `torch.jit.load`.
+    """
+    import torch
+    from torch import nn
+
+    class GeM(nn.Module):
+        def __init__(self, p: float = 3.0) -> None:
+            super().__init__()
+            self.p = p
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.clamp(min=1e-6).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+
+    class TinySscd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = nn.Sequential(
+                nn.Conv2d(3, 16, 5, stride=4, padding=2), nn.ReLU(),
+                nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+                nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+            )
+            self.pool = GeM()
+            self.project = nn.Linear(64, dim)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.project(self.pool(self.trunk(x)))
+
+    torch.manual_seed(seed)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(TinySscd().eval()).save(str(out))
+    return out

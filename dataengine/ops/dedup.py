@@ -1,0 +1,177 @@
+"""`dedup`: near-duplicate removal and benchmark decontamination.
+
+Descriptors: `sscd` (a TorchScript SSCD file; cosine > 0.75 is SSCD's documented operating point,
+~90% precision on DISC), `clip` (the `clip_image_embedding` column clip_score_filter writes with
+`write_embedding: true`, reused at no cost), or `phash` (no model; Hamming distance). The op is a
+barrier: descriptors are computed in the stream, then the runner calls `decide` once over all rows:
+exact FAISS search below `exact_max_rows`, k-means partitions searched in parallel above it (see
+`dataengine.dedup_index`). One row per group is kept (highest `clip_score` when present, else the
+smallest uid); the others are rejected as `duplicate_of:<kept uid>`. With `against`, rows that are
+near-duplicates of a reference image (e.g. an evaluation benchmark) are rejected as
+`contaminates:<reference>` first. Thresholds are plain cosine similarities.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, model_validator
+
+from dataengine import columns as C
+from dataengine.ops.base import ModelOpConfig, Op, register_op
+
+DEFAULT_COSINE = {"sscd": 0.75, "clip": 0.95}
+
+
+class DedupConfig(ModelOpConfig):
+    """Near-duplicate removal settings."""
+
+    op: Literal["dedup"] = "dedup"
+    descriptor: Literal["sscd", "clip", "phash"] = "sscd"
+    model: str | None = Field(default="sscd_disc_mixup.torchscript.pt", description="SSCD TorchScript file (sscd only).")
+    image_size: int = Field(default=320, gt=0, description="SSCD input size (square, for batching).")
+    threshold: float | None = Field(default=None, ge=-1, le=1,
+                                    description="Cosine similarity; default 0.75 for sscd, 0.95 for clip.")
+    max_hamming: int = Field(default=4, ge=0, le=64, description="pHash: max differing bits of a duplicate.")
+    flip_invariant: bool = Field(default=True, description="A mirrored copy gets the same descriptor.")
+    exact_max_rows: int = Field(default=50_000, gt=1, description="Above this, search within k-means partitions.")
+    partitions: int | None = Field(default=None, gt=1, description="k-means partitions; default about sqrt(rows).")
+    assign: int = Field(default=3, ge=1, description="Partitions each vector is placed in.")
+    use_gpu_index: bool = Field(default=False, description="Move FAISS indexes to the GPU (faiss-gpu) when one is present.")
+    against: str | None = Field(default=None, description="Folder of images or Parquet with `image`: reject copies of them.")
+    against_threshold: float | None = Field(default=None, description="Default: threshold (or max_hamming for phash).")
+
+    @model_validator(mode="after")
+    def _model_for_sscd(self) -> "DedupConfig":
+        if self.descriptor == "sscd" and not self.model:
+            raise ValueError("descriptor sscd needs model: the path of an SSCD .torchscript.pt file")
+        if self.descriptor == "clip" and self.against:
+            raise ValueError("against needs descriptor sscd or phash (reference images need a model of their own)")
+        return self
+
+    def cosine(self) -> float:
+        return self.threshold if self.threshold is not None else DEFAULT_COSINE.get(self.descriptor, 0.75)
+
+
+def descriptor_column(config: DedupConfig) -> str:
+    return {"sscd": C.SSCD_EMBEDDING, "clip": C.CLIP_IMAGE_EMBEDDING, "phash": C.PHASH}[config.descriptor]
+
+
+@register_op("dedup")
+class Dedup(Op):
+    """Compute descriptors in the stream; group near-duplicates after the barrier."""
+
+    Config = DedupConfig
+    stateful = True
+
+    def __init__(self, config: DedupConfig) -> None:
+        super().__init__(config)
+        self.sscd = None
+        if config.descriptor == "sscd":
+            from dataengine.descriptors import SscdModel
+
+            self.sscd = SscdModel(config.model or "", config.device, config.image_size)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        from dataengine.descriptors import decode_rgb, phash
+
+        config: DedupConfig = self.config  # type: ignore[assignment]
+        n = batch.num_rows
+        if config.descriptor == "clip":
+            if C.CLIP_IMAGE_EMBEDDING not in batch.column_names:
+                raise ValueError("dedup with descriptor: clip needs clip_score_filter with write_embedding: true before it")
+            missing = pc.is_null(batch.column(C.CLIP_IMAGE_EMBEDDING)).to_pylist()
+            return pa.table({C.REJECT_REASON: pa.array(["no_descriptor" if m else None for m in missing], pa.string())})
+        images = batch.column(C.IMAGE).to_pylist() if C.IMAGE in batch.column_names else [None] * n
+        reasons: list[str | None] = [None if im else "no_image" for im in images]
+        rows = [i for i, im in enumerate(images) if im]
+        decoded = [decode_rgb(images[i]) for i in rows]
+        if config.descriptor == "phash":
+            hashes: list[int | None] = [None] * n
+            for i, rgb in zip(rows, decoded):
+                hashes[i] = phash(rgb, config.flip_invariant)
+            return pa.table({C.PHASH: pa.array(hashes, pa.int64()), C.REJECT_REASON: pa.array(reasons, pa.string())})
+        vectors: list[list[float] | None] = [None] * n
+        if rows:
+            assert self.sscd is not None
+            for i, v in zip(rows, self.sscd.embed(decoded, config.flip_invariant)):
+                vectors[i] = v.tolist()
+        return pa.table({C.SSCD_EMBEDDING: pa.array(vectors, pa.list_(pa.float32())),
+                         C.REJECT_REASON: pa.array(reasons, pa.string())})
+
+    @classmethod
+    def is_barrier(cls, config: DedupConfig) -> bool:  # type: ignore[override]
+        return True
+
+    @classmethod
+    def decision_columns(cls, config: DedupConfig) -> list[str]:  # type: ignore[override]
+        return [descriptor_column(config), C.CLIP_SCORE]
+
+    @classmethod
+    def decide(cls, config: DedupConfig, scores: pa.Table) -> dict[str, Any]:  # type: ignore[override]
+        from dataengine.dedup_index import SearchConfig, greedy_keep, hamming_pairs, near_duplicate_pairs
+
+        uids = scores.column(C.UID).to_pylist()
+        if not uids:
+            return {"rows": 0, "pairs": 0, "method": "exact", "rejected": {}, "contaminated": 0}
+        column = scores.column(descriptor_column(config))
+        rejected: dict[str, str] = {}
+        if config.descriptor == "phash":
+            data = np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.int64).view(np.uint64)
+        else:
+            data = np.asarray(column.to_pylist(), dtype=np.float32).reshape(len(uids), -1)
+        if config.against:
+            rejected.update(_contamination(config, uids, data))
+        alive = np.array([u not in rejected for u in uids], dtype=bool)
+        idx = np.flatnonzero(alive)
+        method = "exact"
+        if config.descriptor == "phash":
+            pairs = hamming_pairs(data[idx], config.max_hamming)
+        else:
+            search = SearchConfig(threshold=config.cosine(), exact_max_rows=config.exact_max_rows,
+                                  partitions=config.partitions, assign=config.assign, use_gpu=config.use_gpu_index)
+            pairs, method = near_duplicate_pairs(data[idx], search)
+        if C.CLIP_SCORE in scores.column_names:
+            priority = np.nan_to_num(np.asarray(scores.column(C.CLIP_SCORE).to_numpy(zero_copy_only=False), dtype=np.float64),
+                                     nan=-np.inf)[idx]
+        else:
+            priority = np.zeros(len(idx))
+        duplicate_of = greedy_keep(len(idx), pairs, priority, [uids[i] for i in idx])
+        for local, target in enumerate(duplicate_of):
+            if target >= 0:
+                rejected[uids[idx[local]]] = f"duplicate_of:{uids[idx[target]]}"
+        return {"rows": len(uids), "pairs": int(len(pairs)), "method": method, "rejected": rejected,
+                "contaminated": sum(r.startswith("contaminates:") for r in rejected.values())}
+
+    @classmethod
+    def apply_decision(cls, config: DedupConfig, batch: pa.Table, decision: dict[str, Any]) -> pa.Table:  # type: ignore[override]
+        rejected = decision["rejected"]
+        return pa.table({C.REJECT_REASON: pa.array([rejected.get(u) for u in batch.column(C.UID).to_pylist()], pa.string())})
+
+
+def _contamination(config: DedupConfig, uids: list[str], data: np.ndarray) -> dict[str, str]:
+    """uid -> `contaminates:<reference>` for rows that copy a reference image."""
+    import faiss
+
+    from dataengine.descriptors import SscdModel, load_reference_images, phash
+
+    references = load_reference_images(config.against or "")
+    names = [name for name, _ in references]
+    if config.descriptor == "phash":
+        ref = np.array([phash(rgb, config.flip_invariant) for _, rgb in references], dtype=np.int64).view(np.uint64)
+        limit = int(config.against_threshold if config.against_threshold is not None else config.max_hamming)
+        distance = np.unpackbits((data[:, None] ^ ref[None, :]).view(np.uint8).reshape(len(data), len(ref), 8), axis=2).sum(axis=2)
+        best = distance.argmin(axis=1)
+        hit = distance[np.arange(len(data)), best] <= limit
+    else:
+        ref = SscdModel(config.model or "", config.device, config.image_size).embed([rgb for _, rgb in references],
+                                                                                   config.flip_invariant)
+        index = faiss.IndexFlatIP(ref.shape[1])
+        index.add(np.ascontiguousarray(ref, dtype=np.float32))
+        sims, best_ids = index.search(np.ascontiguousarray(data, dtype=np.float32), 1)
+        limit_cos = config.against_threshold if config.against_threshold is not None else config.cosine()
+        best, hit = best_ids[:, 0], sims[:, 0] >= limit_cos
+    return {uids[i]: f"contaminates:{names[best[i]]}" for i in np.flatnonzero(hit)}
