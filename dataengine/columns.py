@@ -25,7 +25,7 @@ CLIP_SCORE = "clip_score"  # cosine similarity of CLIP image and caption embeddi
 CLIP_IMAGE_EMBEDDING = "clip_image_embedding"  # L2-normalised, when clip_score_filter is asked to keep it
 TEXT_PPL = "text_ppl"  # caption perplexity under a causal LM
 SSCD_EMBEDDING = "sscd_embedding"  # dedup descriptor: L2-normalised SSCD copy-detection embedding
-PHASH = "phash"  # dedup descriptor: 64-bit perceptual hash (as int64)
+PHASH = "phash"  # dedup descriptor: perceptual hash bits, packed bytes
 
 # routing: set by a stage for the rows it rejects
 REJECT_STAGE = "reject_stage"

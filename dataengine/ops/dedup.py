@@ -35,7 +35,8 @@ class DedupConfig(ModelOpConfig):
     image_size: int = Field(default=320, gt=0, description="SSCD input size (square, for batching).")
     threshold: float | None = Field(default=None, ge=-1, le=1,
                                     description="Cosine similarity; default 0.75 for sscd, 0.95 for clip.")
-    max_hamming: int = Field(default=4, ge=0, le=64, description="pHash: max differing bits of a duplicate.")
+    hash_size: Literal[8, 16] = Field(default=16, description="pHash side: 8 (64 bits, classic) or 16 (256 bits).")
+    max_hamming: int = Field(default=10, ge=0, le=256, description="pHash: max differing bits of a duplicate.")
     flip_invariant: bool = Field(default=True, description="A mirrored copy gets the same descriptor.")
     exact_max_rows: int = Field(default=50_000, gt=1, description="Above this, search within k-means partitions.")
     partitions: int | None = Field(default=None, gt=1, description="k-means partitions; default about sqrt(rows).")
@@ -90,10 +91,10 @@ class Dedup(Op):
         rows = [i for i, im in enumerate(images) if im]
         decoded = [decode_rgb(images[i]) for i in rows]
         if config.descriptor == "phash":
-            hashes: list[int | None] = [None] * n
+            hashes: list[bytes | None] = [None] * n
             for i, rgb in zip(rows, decoded):
-                hashes[i] = phash(rgb, config.flip_invariant)
-            return pa.table({C.PHASH: pa.array(hashes, pa.int64()), C.REJECT_REASON: pa.array(reasons, pa.string())})
+                hashes[i] = phash(rgb, config.hash_size, config.flip_invariant)
+            return pa.table({C.PHASH: pa.array(hashes, pa.binary()), C.REJECT_REASON: pa.array(reasons, pa.string())})
         vectors: list[list[float] | None] = [None] * n
         if rows:
             assert self.sscd is not None
@@ -120,7 +121,7 @@ class Dedup(Op):
         column = scores.column(descriptor_column(config))
         rejected: dict[str, str] = {}
         if config.descriptor == "phash":
-            data = np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.int64).view(np.uint64)
+            data = np.frombuffer(b"".join(column.to_pylist()), dtype=np.uint8).reshape(len(uids), -1)
         else:
             data = np.asarray(column.to_pylist(), dtype=np.float32).reshape(len(uids), -1)
         if config.against:
@@ -156,14 +157,15 @@ def _contamination(config: DedupConfig, uids: list[str], data: np.ndarray) -> di
     """uid -> `contaminates:<reference>` for rows that copy a reference image."""
     import faiss
 
-    from dataengine.descriptors import SscdModel, load_reference_images, phash
+    from dataengine.descriptors import SscdModel, hamming, load_reference_images, phash
 
     references = load_reference_images(config.against or "")
     names = [name for name, _ in references]
     if config.descriptor == "phash":
-        ref = np.array([phash(rgb, config.flip_invariant) for _, rgb in references], dtype=np.int64).view(np.uint64)
+        ref = np.stack([np.frombuffer(phash(rgb, config.hash_size, config.flip_invariant), np.uint8)
+                        for _, rgb in references])
         limit = int(config.against_threshold if config.against_threshold is not None else config.max_hamming)
-        distance = np.unpackbits((data[:, None] ^ ref[None, :]).view(np.uint8).reshape(len(data), len(ref), 8), axis=2).sum(axis=2)
+        distance = hamming(data, ref)
         best = distance.argmin(axis=1)
         hit = distance[np.arange(len(data)), best] <= limit
     else:

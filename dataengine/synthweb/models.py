@@ -123,3 +123,130 @@ def build_tiny_sscd(path: str | Path, dim: int = 64, seed: int = 0) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.jit.script(TinySscd().eval()).save(str(out))
     return out
+
+
+# ---- demo models trained on the synthetic web -------------------------------------------------
+
+DEMO_RECIPE = {
+    "version": 1, "pairs": 4000, "image_size": 64, "clip_width": 96, "clip_embed_dim": 64, "clip_epochs": 12,
+    "clip_batch": 128, "clip_lr": 2e-3, "lm_embd": 64, "lm_layers": 2, "lm_epochs": 6, "lm_lr": 3e-3, "seed": 1234,
+}
+
+
+def demo_model_dir(cache_dir: str | Path | None = None) -> Path:
+    """Where the demo models for the current recipe live: the user's cache dir, keyed by recipe hash."""
+    import hashlib
+    import os
+
+    base = Path(cache_dir or os.environ.get("DATAENGINE_CACHE") or Path.home() / ".cache" / "dataengine")
+    digest = hashlib.sha256(json.dumps(DEMO_RECIPE, sort_keys=True).encode()).hexdigest()[:12]
+    return base / "demo-models" / digest
+
+
+def _clean_pairs(n: int, size: int, seed: int) -> tuple[list[Any], list[str]]:
+    import numpy as np
+
+    from dataengine.synthweb.render import render_scene
+    from dataengine.synthweb.scenes import caption_scene, generate_scene
+
+    images, captions = [], []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        scene = generate_scene(rng)
+        images.append(render_scene(scene, size, size, rng))
+        captions.append(caption_scene(scene, rng))
+    return images, captions
+
+
+def train_demo_clip(out_dir: Path, images: list[Any], captions: list[str], recipe: dict[str, Any]) -> Path:
+    """Train a tiny open_clip contrastively (open_clip.loss.ClipLoss) on clean synthetic pairs."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(recipe["seed"])
+    model_cfg = tiny_open_clip_config(image_size=recipe["image_size"], width=recipe["clip_width"],
+                                      embed_dim=recipe["clip_embed_dim"])
+    model = open_clip.CLIP(**model_cfg)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=model_cfg["text_cfg"]["context_length"])
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    import numpy as np
+
+    pixels = torch.stack([(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1) - mean) / std
+                          for im in images])
+    tokens = tokenizer(captions)
+    loss_fn = open_clip.loss.ClipLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["clip_lr"], weight_decay=0.1)
+    steps = recipe["clip_epochs"] * (len(images) // recipe["clip_batch"])
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe["clip_lr"], total_steps=steps, pct_start=0.1)
+    model.train()
+    for epoch in range(recipe["clip_epochs"]):
+        order = torch.randperm(len(images))
+        for start in range(0, len(images) - recipe["clip_batch"] + 1, recipe["clip_batch"]):
+            idx = order[start:start + recipe["clip_batch"]]
+            image_features, text_features, scale = model(pixels[idx], tokens[idx])
+            loss = loss_fn(image_features, text_features, scale)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return save_open_clip(model.eval(), model_cfg, out_dir)
+
+
+def train_demo_lm(out_dir: Path, captions: list[str], recipe: dict[str, Any]) -> Path:
+    """Train a tiny GPT-2 on true captions with a BPE tokenizer built from them."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_caption_tokenizer(captions, out_dir)
+    torch.manual_seed(recipe["seed"])
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=recipe["lm_embd"], n_layer=recipe["lm_layers"],
+                        n_head=2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    model = GPT2LMHeadModel(config)
+    bos = tokenizer.bos_token_id
+    encoded = [[bos, *tokenizer(c, add_special_tokens=False)["input_ids"][:62], bos] for c in captions]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lm_lr"])
+    model.train()
+    batch = 64
+    for epoch in range(recipe["lm_epochs"]):
+        order = torch.randperm(len(encoded)).tolist()
+        for start in range(0, len(order), batch):
+            rows = [encoded[i] for i in order[start:start + batch]]
+            width = max(map(len, rows))
+            ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+            labels = ids.masked_fill(mask == 0, -100)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval().save_pretrained(str(out_dir))
+    return out_dir
+
+
+def ensure_demo_models(cache_dir: str | Path | None = None, force: bool = False) -> dict[str, Path]:
+    """The demo's CLIP and LM, trained once per recipe on clean synthetic pairs and cached."""
+    import logging
+    import shutil
+    import time
+
+    log = logging.getLogger(__name__)
+    root = demo_model_dir(cache_dir)
+    paths = {"clip": root / "clip", "lm": root / "lm"}
+    if not force and (root / "recipe.json").exists():
+        return paths
+    started = time.perf_counter()
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    images, captions = _clean_pairs(DEMO_RECIPE["pairs"], DEMO_RECIPE["image_size"], DEMO_RECIPE["seed"])
+    log.info("training the demo CLIP on %d clean synthetic pairs ...", len(images))
+    train_demo_clip(tmp / "clip", images, captions, DEMO_RECIPE)
+    log.info("training the demo LM on %d true captions ...", len(captions))
+    train_demo_lm(tmp / "lm", captions, DEMO_RECIPE)
+    (tmp / "recipe.json").write_text(json.dumps(DEMO_RECIPE, indent=2))
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    log.info("demo models ready in %s (%.0fs)", root, time.perf_counter() - started)
+    return paths
