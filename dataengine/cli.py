@@ -88,6 +88,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(n=args.n, seed=args.seed, spec_path=Path(args.spec), output=args.output)
 
 
+def _cmd_demo_models(args: argparse.Namespace) -> int:
+    from dataengine.synthweb.models import ensure_demo_models
+
+    paths = ensure_demo_models(force=args.force)
+    print("\n".join(f"synthweb-demo:{name} -> {path}" for name, path in paths.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dataengine", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -122,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve", action="store_true")
     p.add_argument("--port", type=int, default=0)
     p.set_defaults(fn=_cmd_synthweb)
+
+    p = sub.add_parser("demo-models", help="train (or show) the demo's tiny CLIP and LM on the synthetic web")
+    p.add_argument("--force", action="store_true", help="retrain even if cached")
+    p.set_defaults(fn=_cmd_demo_models)
 
     p = sub.add_parser("demo", help="run pipelines/demo.yaml against the synthetic web and score it")
     p.add_argument("--n", type=int, default=1000)

@@ -1,8 +1,10 @@
 """`dataengine demo`: the whole engine on the synthetic web, scored against its truth.
 
 Builds (or reuses) the synthetic web next to the demo spec's input path, serves it on 127.0.0.1,
-writes the URL list where the spec reads it, runs the spec, and scores the run: did the download
-stage reject exactly the broken URLs, and with the right reason?
+writes the URL list where the spec reads it, trains (once, cached) the demo's tiny CLIP and LM,
+runs the spec, and scores every stage against the truth: did the download stage reject exactly
+the broken URLs, the caption filters the gibberish and boilerplate, CLIP the mismatched captions,
+dedup the planted copies?
 """
 
 from __future__ import annotations
@@ -18,46 +20,91 @@ import polars as pl
 from dataengine import columns as C
 from dataengine.query import scan
 from dataengine.runner import MANIFEST, RunError, format_summary, run_pipeline
+from dataengine.models import DEMO_PREFIX
 from dataengine.spec import load_spec
 from dataengine.synthweb import SynthWebServer, build_synthweb, write_url_list
+from dataengine.synthweb.models import ensure_demo_models
 
 log = logging.getLogger(__name__)
 SCORES_FILE = "demo_scores.json"
 
 
-def score_download(run_dir: Path, truth: pl.DataFrame, stage: str = "download") -> dict[str, Any]:
-    """Precision/recall of "rejected at download" against the truth's `broken`, and reason agreement."""
+# What each stage should reject, by the synthetic web's truth (rows that reach the stage only).
+NOISY_TEXT = ["gibberish", "boilerplate"]
+STAGE_TRUTH = {
+    "download": ("broken URLs", pl.col("broken")),
+    "caption_rules_filter": ("gibberish + boilerplate captions", pl.col("caption_noise").is_in(NOISY_TEXT)),
+    "perplexity_filter": ("gibberish + boilerplate captions", pl.col("caption_noise").is_in(NOISY_TEXT)),
+    "clip_score_filter": ("mismatched captions", pl.col("caption_noise") == "mismatched"),
+}
+
+
+def _outcomes(run_dir: Path, truth: pl.DataFrame) -> pl.DataFrame:
     frames = scan(run_dir, include_images=False)
     outcome = pl.concat([
-        frames["dataset"].select(C.SOURCE_ID, reason=pl.lit(None, pl.String)).collect(),
-        frames["rejected"].filter(pl.col(C.REJECT_STAGE) == stage)
-        .select(C.SOURCE_ID, reason=pl.col(C.REJECT_REASON)).collect(),
+        frames["dataset"].select(C.SOURCE_ID, stage=pl.lit(None, pl.String), reason=pl.lit(None, pl.String)).collect(),
+        frames["rejected"].select(C.SOURCE_ID, stage=pl.col(C.REJECT_STAGE), reason=pl.col(C.REJECT_REASON)).collect(),
     ])
-    joined = truth.join(outcome, left_on="id", right_on=C.SOURCE_ID, how="inner")
-    predicted = joined["reason"].is_not_null()
-    actual = joined["broken"]
-    tp = int((predicted & actual).sum())
-    fp = int((predicted & ~actual).sum())
-    fn = int((~predicted & actual).sum())
-    same_reason = int((joined.filter(actual & predicted)["reason"] == joined.filter(actual & predicted)["expected_reason"]).sum())
-    by_kind = (joined.group_by("url_kind")
-               .agg(n=pl.len(), rejected=pl.col("reason").is_not_null().sum(),
-                    reasons=pl.col("reason").drop_nulls().unique().sort())
-               .sort("url_kind"))
-    return {
-        "stage": stage, "rows": joined.height, "true_positives": tp, "false_positives": fp, "false_negatives": fn,
-        "precision": tp / (tp + fp) if tp + fp else 1.0, "recall": tp / (tp + fn) if tp + fn else 1.0,
-        "reason_agreement": same_reason / tp if tp else 1.0,
-        "by_url_kind": [{**r, "reasons": list(r["reasons"])} for r in by_kind.to_dicts()],
-    }
+    return truth.join(outcome, left_on="id", right_on=C.SOURCE_ID, how="inner")
 
 
-def format_scores(scores: dict[str, Any]) -> str:
-    lines = [f"download stage vs truth ({scores['rows']} rows): precision {scores['precision']:.3f}, "
-             f"recall {scores['recall']:.3f}, right reason {scores['reason_agreement']:.1%} of true rejections",
-             f"  {'url kind':<12}{'rows':>6}{'rejected':>10}  reasons"]
-    for row in scores["by_url_kind"]:
-        lines.append(f"  {row['url_kind']:<12}{row['n']:>6}{row['rejected']:>10}  {', '.join(row['reasons'])}")
+def _precision_recall(tp: int, fp: int, fn: int) -> dict[str, Any]:
+    return {"true_positives": tp, "false_positives": fp, "false_negatives": fn,
+            "precision": tp / (tp + fp) if tp + fp else 1.0, "recall": tp / (tp + fn) if tp + fn else 1.0}
+
+
+def score_stages(run_dir: Path, truth: pl.DataFrame, stage_names: list[str]) -> list[dict[str, Any]]:
+    """For every stage the truth can judge: precision and recall of its rejections among the rows it saw."""
+    joined = _outcomes(run_dir, truth)
+    order = {name: i for i, name in enumerate(stage_names)}
+    joined = joined.with_columns(rejected_at=pl.col("stage").replace_strict(order, default=len(order), return_dtype=pl.Int64))
+    scores = []
+    for name in stage_names:
+        seen = joined.filter(pl.col("rejected_at") >= order[name])
+        predicted = seen["stage"] == name
+        if name == "dedup":
+            scores.append({"stage": name, "rows": seen.height, "truth": "planted copies", **_dedup_scores(seen, predicted)})
+            continue
+        if name not in STAGE_TRUTH:
+            continue
+        label, expression = STAGE_TRUTH[name]
+        actual = seen.select(expression).to_series()
+        entry = {"stage": name, "rows": seen.height, "truth": label,
+                 **_precision_recall(int((predicted & actual).sum()), int((predicted & ~actual).sum()),
+                                     int((~predicted & actual).sum()))}
+        if name == "download":
+            hits = seen.filter(predicted & actual)
+            entry["reason_agreement"] = float((hits["reason"] == hits["expected_reason"]).mean()) if hits.height else 1.0
+            entry["by_url_kind"] = [
+                {**r, "reasons": list(r["reasons"])} for r in
+                seen.group_by("url_kind").agg(n=pl.len(), rejected=(pl.col("stage") == name).sum(),
+                                              reasons=pl.col("reason").filter(pl.col("stage") == name).unique().sort())
+                .sort("url_kind").to_dicts()]
+        scores.append(entry)
+    return scores
+
+
+def _dedup_scores(seen: pl.DataFrame, predicted: pl.Series) -> dict[str, Any]:
+    """A planted family (a source and its copies) with k members at dedup should lose k - 1 of them."""
+    family = pl.coalesce(pl.col("duplicate_of"), pl.col("id"))
+    seen = seen.with_columns(family=family, predicted=predicted)
+    sizes = seen.group_by("family").agg(size=pl.len())
+    seen = seen.join(sizes, on="family")
+    expected = int(sizes.select((pl.col("size") - 1).clip(lower_bound=0).sum()).item())
+    tp = int(seen.filter(pl.col("predicted") & (pl.col("size") > 1)).height)
+    fp = int(seen.filter(pl.col("predicted") & (pl.col("size") == 1)).height)
+    return _precision_recall(tp, fp, max(0, expected - tp))
+
+
+def format_scores(scores: list[dict[str, Any]]) -> str:
+    lines = [f"  {'stage':<22}{'rows seen':>10}{'rejected':>10}{'precision':>11}{'recall':>8}  judged against"]
+    for entry in scores:
+        rejected = entry["true_positives"] + entry["false_positives"]
+        lines.append(f"  {entry['stage']:<22}{entry['rows']:>10}{rejected:>10}{entry['precision']:>11.3f}"
+                     f"{entry['recall']:>8.3f}  {entry['truth']}")
+    download = next((e for e in scores if e["stage"] == "download"), None)
+    if download:
+        lines.append(f"  download: right reason for {download['reason_agreement']:.1%} of true rejections")
     return "\n".join(lines)
 
 
@@ -72,6 +119,9 @@ def run_demo(n: int = 1000, seed: int = 0, spec_path: Path = Path("pipelines/dem
         shutil.rmtree(run_dir)  # the synthetic web's port changes every time, so each demo is a new run
     print(f"building the synthetic web ({n} items, seed {seed}) in {web_dir} ...", flush=True)
     build_synthweb(web_dir, n=n, seed=seed)
+    if any(str(getattr(stage, "model", "")).startswith(DEMO_PREFIX) for stage in spec.stages):
+        print("demo models (trained once on clean synthetic pairs, then cached) ...", flush=True)
+        ensure_demo_models()
     with SynthWebServer(web_dir) as server:
         urls = write_url_list(web_dir, server.base_url)
         if urls.resolve() != input_path.resolve():
@@ -79,11 +129,11 @@ def run_demo(n: int = 1000, seed: int = 0, spec_path: Path = Path("pipelines/dem
         print(f"serving it at {server.base_url}; running {spec_path} ...", flush=True)
         result = run_pipeline(spec, output=run_dir)
     truth = pl.read_parquet(web_dir / "truth.parquet")
-    scores = score_download(result.run_dir, truth)
+    scores = score_stages(result.run_dir, truth, result.manifest["stage_names"])
     (result.run_dir / SCORES_FILE).write_text(json.dumps(scores, indent=2))
     print()
     print(format_summary(result.manifest))
-    print()
+    print("\nevery stage against the synthetic web's truth:")
     print(format_scores(scores))
     print(f"\noutputs in {result.run_dir}: dataset/ (kept), rejected/ (with reasons), run.json, {SCORES_FILE}")
     print(f'try: dataengine query {run_dir} "SELECT reject_reason, COUNT(*) AS n FROM rejected GROUP BY 1 ORDER BY n DESC"')

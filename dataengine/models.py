@@ -5,7 +5,9 @@ One place knows how a spec names a model:
   architecture and a checkpoint file (`ViT-B-32` + `/models/clip.pt`);
 - `hf-hub:org/repo` (open_clip) or a Hugging Face hub id (`Qwen/Qwen2.5-0.5B`) for transformers;
 - a local directory in the standard layout (`open_clip_config.json` + weights for open_clip,
-  `config.json` + weights + tokenizer files for transformers).
+  `config.json` + weights + tokenizer files for transformers);
+- `synthweb-demo:clip` / `synthweb-demo:lm`: the demo's tiny models trained on the synthetic web
+  (`dataengine demo-models`), cached under the user's cache dir.
 
 Hub models are looked up in the local cache first, so a machine without network (or with
 `HF_HUB_OFFLINE=1`) loads whatever is cached. A model that cannot be found raises `ModelNotFound`
@@ -67,10 +69,28 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
+DEMO_PREFIX = "synthweb-demo:"
+
+
+def demo_model_path(model: str) -> str:
+    """`synthweb-demo:clip` / `synthweb-demo:lm`: the demo's models trained on the synthetic web."""
+    if not model.startswith(DEMO_PREFIX):
+        return model
+    from dataengine.synthweb.models import demo_model_dir
+
+    name = model.removeprefix(DEMO_PREFIX)
+    path = demo_model_dir() / name
+    if name not in ("clip", "lm") or not path.is_dir():
+        raise ModelNotFound(f"{model}: no demo model at {path}; `dataengine demo-models` trains them "
+                            "(synthweb-demo:clip and synthweb-demo:lm exist)")
+    return str(path)
+
+
 def open_clip_name(model: str, pretrained: str | None) -> tuple[str, str | None]:
     """The (model_name, pretrained) open_clip understands for a spec's reference, or ModelNotFound."""
     import open_clip
 
+    model = demo_model_path(model)
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / OPEN_CLIP_CONFIG).is_file():
@@ -120,7 +140,7 @@ def load_causal_lm(model: str, device: DeviceName = "auto", dtype: DtypeName = "
 
     torch_device = select_device(device)
     torch_dtype = select_dtype(dtype, torch_device)
-    path = Path(model).expanduser()
+    path = Path(demo_model_path(model)).expanduser()
     if path.exists() and not (path / "config.json").is_file():
         raise ModelNotFound(f"{path} exists but holds no config.json (a transformers model directory is what "
                             "save_pretrained writes)")

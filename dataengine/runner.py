@@ -434,12 +434,22 @@ def _write_manifest(run_dir: Path, spec: PipelineSpec, attempts: list[dict[str, 
 
 def format_summary(manifest: dict[str, Any]) -> str:
     """A per-stage table: rows in, kept, rejected, top reasons, busy time."""
-    header = f"{'stage':<16}{'in':>10}{'kept':>10}{'rejected':>10}{'busy s':>9}  top reasons"
+    width = max([16, *(len(s["stage"]) + 2 for s in manifest["stages"])])
+    header = f"{'stage':<{width}}{'in':>10}{'kept':>10}{'rejected':>10}{'busy s':>9}  top reasons"
     lines = [header, "-" * len(header)]
     for s in manifest["stages"]:
-        reasons = ", ".join(f"{r}={n}" for r, n in list(s["rejected_by_reason"].items())[:4])
-        lines.append(f"{s['stage']:<16}{s['in']:>10}{s['kept']:>10}{s['rejected']:>10}{s['busy_seconds']:>9.1f}  {reasons}")
+        reasons = ", ".join(f"{r}={n}" for r, n in _reason_families(s["rejected_by_reason"])[:4])
+        lines.append(f"{s['stage']:<{width}}{s['in']:>10}{s['kept']:>10}{s['rejected']:>10}{s['busy_seconds']:>9.1f}  {reasons}")
     t = manifest["totals"] or {"in": 0, "kept": 0, "rejected": 0}
     lines.append("-" * len(header))
-    lines.append(f"{'total':<16}{t['in']:>10}{t['kept']:>10}{t['rejected']:>10}")
+    lines.append(f"{'total':<{width}}{t['in']:>10}{t['kept']:>10}{t['rejected']:>10}")
     return "\n".join(lines)
+
+
+def _reason_families(reasons: dict[str, int]) -> list[tuple[str, int]]:
+    """Reasons that name a row (`duplicate_of:<uid>`, `contaminates:<ref>`) counted as one family."""
+    families: Counter[str] = Counter()
+    for reason, n in reasons.items():
+        head, sep, _ = reason.partition(":")
+        families[f"{head}:*" if sep and head in ("duplicate_of", "contaminates") else reason] += n
+    return families.most_common()
