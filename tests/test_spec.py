@@ -141,3 +141,14 @@ def test_spec_hash_ignores_output_but_not_stages():
     b = parse_spec({**GOOD, "output": "elsewhere"})
     c = parse_spec({**GOOD, "stages": [{"op": "download", "image_size": 512}]})
     assert a.spec_hash() == b.spec_hash() != c.spec_hash()
+
+
+def test_every_registered_op_config_builds_from_its_defaults_and_is_in_the_schema():
+    from dataengine.ops import get_op, list_ops
+
+    assert {"download", "caption_rules_filter", "perplexity_filter", "clip_score_filter", "dedup"} <= set(list_ops())
+    defs = json_schema()["$defs"]
+    for name in list_ops():
+        config = get_op(name).Config()
+        assert config.op == name and config.batch_size > 0
+        assert any(d.get("properties", {}).get("op", {}).get("const") == name for d in defs.values()), name
