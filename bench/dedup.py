@@ -46,7 +46,7 @@ def _run(method: str, n: int, queue: mp.Queue) -> None:
     if method == "exact":
         pairs = exact_pairs(vectors, THRESHOLD)
     else:
-        pairs = partitioned_pairs(vectors, SearchConfig(threshold=THRESHOLD, assign=3))
+        pairs = partitioned_pairs(vectors, SearchConfig(threshold=THRESHOLD))
     seconds = time.perf_counter() - started
     found = {tuple(p) for p in pairs.tolist()}
     queue.put({"method": method, "n": n, "seconds": seconds, "recall": len(truth & found) / len(truth),

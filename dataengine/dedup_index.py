@@ -2,7 +2,7 @@
 
 Exact: one flat inner-product index and a range search at the cosine threshold; O(n^2) work, so
 only below `exact_max_rows`. Partitioned (SemDeDup-style, made to scale): spherical k-means on a
-sample, every vector assigned to its `assign` nearest centroids (three by default, so a pair that
+sample, every vector assigned to its `assign` nearest centroids (four by default, so a pair that
 straddles a border is still compared), then an exact range search inside each partition, the
 partitions searched in parallel Ray tasks when Ray is up. Memory per task is one partition.
 
@@ -27,7 +27,7 @@ class SearchConfig:
     threshold: float  # cosine similarity for vectors; for binary hashes: max Hamming distance
     exact_max_rows: int = 50_000
     partitions: int | None = None  # default: about sqrt(n)
-    assign: int = 3  # partitions per vector: 3 gave recall 0.99 on random 64-d planted pairs, 2 gave 0.93
+    assign: int = 4  # partitions per vector; random 512-d, 100k: 3 -> recall 0.98, 4 -> 0.99, 6 -> 1.0
     use_gpu: bool = False
 
 
@@ -83,7 +83,11 @@ def partitioned_pairs(vectors: np.ndarray, config: SearchConfig, seed: int = 0) 
     kmeans = faiss.Kmeans(d, k, niter=20, spherical=True, seed=seed, gpu=bool(config.use_gpu))
     kmeans.train(np.ascontiguousarray(sample, dtype=np.float32))
     _, assigned = kmeans.index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(config.assign, k))
-    groups = [np.flatnonzero((assigned == c).any(axis=1)) for c in range(k)]
+    flat = assigned.ravel()
+    order = np.argsort(flat, kind="stable")
+    bounds = np.searchsorted(flat[order], np.arange(k + 1))
+    members = order // assigned.shape[1]  # row of each (row, partition) assignment
+    groups = [np.sort(members[bounds[c]:bounds[c + 1]]) for c in range(k)]
     groups = [g for g in groups if len(g) > 1]
     log.info("dedup: %d vectors in %d partitions (largest %d)", n, len(groups), max((len(g) for g in groups), default=0))
     results = _search_partitions(vectors, groups, config.threshold)

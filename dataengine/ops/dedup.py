@@ -40,7 +40,7 @@ class DedupConfig(ModelOpConfig):
     flip_invariant: bool = Field(default=True, description="A mirrored copy gets the same descriptor.")
     exact_max_rows: int = Field(default=50_000, gt=1, description="Above this, search within k-means partitions.")
     partitions: int | None = Field(default=None, gt=1, description="k-means partitions; default about sqrt(rows).")
-    assign: int = Field(default=3, ge=1, description="Partitions each vector is placed in.")
+    assign: int = Field(default=4, ge=1, description="Partitions each vector is placed in (recall vs time).")
     use_gpu_index: bool = Field(default=False, description="Move FAISS indexes to the GPU (faiss-gpu) when one is present.")
     against: str | None = Field(default=None, description="Folder of images or Parquet with `image`: reject copies of them.")
     against_threshold: float | None = Field(default=None, description="Default: threshold (or max_hamming for phash).")
