@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,8 @@ from PIL import Image, ImageDraw
 
 from dataengine import columns as C
 
-ROOT = Path(__file__).resolve().parent
+from _record import append_result  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 
 
 def jpegs(n: int, seed: int = 0) -> list[bytes]:
@@ -99,9 +98,7 @@ def main() -> None:
     report = "\n".join(lines)
     print(report)
     if not args.no_record:
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(ROOT / "RESULTS.md", "a") as f:
-            f.write(f"\n### clip_score_filter overhead, {os.cpu_count()} cores, {stamp}\n\n```\n{report}\n```\n")
+        append_result("clip_score_filter overhead", report)
 
 
 if __name__ == "__main__":

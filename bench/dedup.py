@@ -15,12 +15,11 @@ import multiprocessing as mp
 import os
 import resource
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent
+from _record import append_result  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 DIM, THRESHOLD, NOISE = 512, 0.9, 0.014  # noise 0.014 per dim on 512-d -> cosine ~0.95
 
 
@@ -89,9 +88,7 @@ def main() -> None:
     report = "\n".join(lines)
     print(report)
     if not args.no_record:
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(ROOT / "RESULTS.md", "a") as f:
-            f.write(f"\n### dedup, {DIM}-d, threshold {THRESHOLD}, {os.cpu_count()} cores, {stamp}\n\n```\n{report}\n```\n")
+        append_result(f"dedup, {DIM}-d, threshold {THRESHOLD}", report)
 
 
 if __name__ == "__main__":

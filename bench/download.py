@@ -21,13 +21,14 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from dataengine.imaging import ImageOptions, process_image
 from dataengine.synthweb import NoiseMix, build_synthweb, write_url_list
+
+from _record import append_result  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "_work"
@@ -183,9 +184,7 @@ def main() -> None:
     report = "\n".join(lines)
     print(report)
     if not args.no_record:
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(ROOT / "RESULTS.md", "a") as f:
-            f.write(f"\n### download, n={n}, {os.cpu_count()} cores, {stamp}\n\n```\n{report}\n```\n")
+        append_result(f"download, n={n}", report)
 
 
 if __name__ == "__main__":

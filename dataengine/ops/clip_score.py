@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 
 from dataengine import columns as C
 from dataengine.ops.base import ModelOpConfig, Op, register_op
-from dataengine.ops.thresholds import rank_fraction_decision, within_fraction
+from dataengine.ops.thresholds import KeepFractionBarrier
 
 
 class ClipScoreConfig(ModelOpConfig):
@@ -39,11 +39,15 @@ class ClipScoreConfig(ModelOpConfig):
 
 
 @register_op("clip_score_filter")
-class ClipScoreFilter(Op):
+class ClipScoreFilter(KeepFractionBarrier, Op):
     """Score image-caption agreement with an open_clip model; reject below the threshold."""
 
     Config = ClipScoreConfig
     stateful = True
+    score_column = C.CLIP_SCORE
+    fraction_field = "keep_top_fraction"
+    highest = True
+    not_kept_reason = "clip_score_not_top_{:g}"
 
     def __init__(self, config: ClipScoreConfig) -> None:
         super().__init__(config)
@@ -103,21 +107,3 @@ class ClipScoreFilter(Op):
             image_emb = torch.nn.functional.normalize(self.model.encode_image(images).float(), dim=-1)
             text_emb = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
         return image_emb.cpu().numpy(), text_emb.cpu().numpy()
-
-    @classmethod
-    def is_barrier(cls, config: ClipScoreConfig) -> bool:  # type: ignore[override]
-        return config.keep_top_fraction is not None
-
-    @classmethod
-    def decision_columns(cls, config: ClipScoreConfig) -> list[str]:  # type: ignore[override]
-        return [C.CLIP_SCORE]
-
-    @classmethod
-    def decide(cls, config: ClipScoreConfig, scores: pa.Table) -> dict[str, Any]:  # type: ignore[override]
-        return rank_fraction_decision(scores, C.CLIP_SCORE, config.keep_top_fraction or 1.0, highest=True)
-
-    @classmethod
-    def apply_decision(cls, config: ClipScoreConfig, batch: pa.Table, decision: dict[str, Any]) -> pa.Table:  # type: ignore[override]
-        keep = within_fraction(batch, decision)
-        reason = f"clip_score_not_top_{config.keep_top_fraction:g}"
-        return pa.table({C.REJECT_REASON: pa.array([None if k else reason for k in keep], pa.string())})

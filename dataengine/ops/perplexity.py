@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 
 from dataengine import columns as C
 from dataengine.ops.base import ModelOpConfig, Op, register_op
-from dataengine.ops.thresholds import rank_fraction_decision, within_fraction
+from dataengine.ops.thresholds import KeepFractionBarrier
 
 
 class PerplexityConfig(ModelOpConfig):
@@ -37,11 +37,15 @@ class PerplexityConfig(ModelOpConfig):
 
 
 @register_op("perplexity_filter")
-class PerplexityFilter(Op):
+class PerplexityFilter(KeepFractionBarrier, Op):
     """Score captions with a causal LM; reject above the threshold."""
 
     Config = PerplexityConfig
     stateful = True
+    score_column = C.TEXT_PPL
+    fraction_field = "keep_lowest_fraction"
+    highest = False
+    not_kept_reason = "text_ppl_not_lowest_{:g}"
 
     def __init__(self, config: PerplexityConfig) -> None:
         super().__init__(config)
@@ -90,21 +94,3 @@ class PerplexityFilter(Op):
         counts = target_mask.sum(dim=1).clamp(min=1)
         mean_nll = (nll * target_mask).sum(dim=1) / counts
         return [math.exp(min(v, 80.0)) for v in mean_nll.tolist()]  # exp(80) ~ 5e34: keeps float32 finite
-
-    @classmethod
-    def is_barrier(cls, config: PerplexityConfig) -> bool:  # type: ignore[override]
-        return config.keep_lowest_fraction is not None
-
-    @classmethod
-    def decision_columns(cls, config: PerplexityConfig) -> list[str]:  # type: ignore[override]
-        return [C.TEXT_PPL]
-
-    @classmethod
-    def decide(cls, config: PerplexityConfig, scores: pa.Table) -> dict[str, Any]:  # type: ignore[override]
-        return rank_fraction_decision(scores, C.TEXT_PPL, config.keep_lowest_fraction or 1.0, highest=False)
-
-    @classmethod
-    def apply_decision(cls, config: PerplexityConfig, batch: pa.Table, decision: dict[str, Any]) -> pa.Table:  # type: ignore[override]
-        keep = within_fraction(batch, decision)
-        reason = f"text_ppl_not_lowest_{config.keep_lowest_fraction:g}"
-        return pa.table({C.REJECT_REASON: pa.array([None if k else reason for k in keep], pa.string())})

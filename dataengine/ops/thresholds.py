@@ -7,7 +7,7 @@ every rerun: rows are ranked by score, then by uid, and the decision stores the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -41,3 +41,34 @@ def within_fraction(batch: pa.Table, decision: dict[str, Any]) -> np.ndarray:
     cut, cut_uid = decision["score"], decision["uid"]
     better = values > cut if decision["highest"] else values < cut
     return better | ((values == cut) & (uids <= cut_uid))
+
+
+class KeepFractionBarrier:
+    """Barrier half of a score filter that can keep a fraction of rows (mix into an `Op`).
+
+    The filter names its score column, the config field holding the fraction, the direction, and
+    the reason for rows outside the kept fraction (formatted with the fraction).
+    """
+
+    score_column: ClassVar[str]
+    fraction_field: ClassVar[str]
+    highest: ClassVar[bool]
+    not_kept_reason: ClassVar[str]
+
+    @classmethod
+    def is_barrier(cls, config: Any) -> bool:
+        return getattr(config, cls.fraction_field) is not None
+
+    @classmethod
+    def decision_columns(cls, config: Any) -> list[str]:
+        return [cls.score_column]
+
+    @classmethod
+    def decide(cls, config: Any, scores: pa.Table) -> dict[str, Any]:
+        return rank_fraction_decision(scores, cls.score_column, getattr(config, cls.fraction_field), cls.highest)
+
+    @classmethod
+    def apply_decision(cls, config: Any, batch: pa.Table, decision: dict[str, Any]) -> pa.Table:
+        reason = cls.not_kept_reason.format(getattr(config, cls.fraction_field))
+        keep = within_fraction(batch, decision)
+        return pa.table({C.REJECT_REASON: pa.array([None if k else reason for k in keep], pa.string())})
