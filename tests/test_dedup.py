@@ -153,3 +153,10 @@ def test_phash_dedup_on_the_synthetic_web_finds_planted_copies(ray_local, synthw
     decision = json.loads((result.run_dir / "_state" / "decision-1.json").read_text())
     assert decision["contaminated"] == len(contaminated) and decision["method"] == "exact"
     assert result.stages[-1]["rejected"] == dedup.height
+
+
+def test_gpu_index_switch_falls_back_to_the_cpu_index_without_a_gpu():
+    vectors, planted = _planted(n=500, copies=10, seed=2)
+    assert {tuple(p) for p in exact_pairs(vectors, 0.9, use_gpu=True).tolist()} == planted
+    parted = partitioned_pairs(vectors, SearchConfig(threshold=0.9, partitions=5, use_gpu=True))
+    assert {tuple(p) for p in parted.tolist()} == planted
