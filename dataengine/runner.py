@@ -176,10 +176,13 @@ def _barrier_decision(run_dir: Path, segment: Segment, config: OpConfig, shards:
     op = get_op(config.op)
     wanted = [C.UID, C.REJECT_REASON, *op.decision_columns(config)]
     previous = [segment.input_path(run_dir, s) for s in shards]
-    present = set(pq.read_schema(previous[0]).names) if previous else set()
-    columns = [c for c in wanted if c in present]  # optional ones (e.g. clip_score for dedup) may be absent
-    table = pa.concat_tables([pq.read_table(p, columns=columns) for p in previous], promote_options="permissive") \
-        if previous else None
+    # A shard whose rows all died before this stage never got its columns; optional ones (clip_score
+    # for dedup) may be absent everywhere: read what each file has and let concat fill the gaps.
+    tables = []
+    for segment_file in previous:
+        names = set(pq.read_schema(segment_file).names)
+        tables.append(pq.read_table(segment_file, columns=[c for c in wanted if c in names]))
+    table = pa.concat_tables(tables, promote_options="permissive") if tables else None
     alive = table.filter(pc.is_null(table.column(C.REJECT_REASON))).drop_columns([C.REJECT_REASON]) if table else None
     started = time.perf_counter()
     if alive is None:

@@ -199,3 +199,22 @@ def test_empty_input_completes_with_zero_rows(tmp_path):
     result = run_pipeline(spec)
     assert result.manifest["totals"] == {"in": 0, "kept": 0, "rejected": 0}
     assert result.manifest["status"] == "complete"
+
+
+def test_barrier_decision_reads_shards_that_never_reached_the_stage(tmp_path):
+    from dataengine import columns as C
+    from dataengine.inputs import Shard
+    from dataengine.runner import Segment, _barrier_decision
+
+    spec = parse_spec({"name": "b", "input": {"path": "x"}, "output": str(tmp_path),
+                       "stages": [download_stage(), {"op": "clip_score_filter", "keep_top_fraction": 0.5}]})
+    segments = tmp_path / "_segments" / "0"
+    segments.mkdir(parents=True)
+    # shard a: every row died at download, so it has no clip_score column at all
+    pq.write_table(pa.table({C.UID: ["a1", "a2"], C.REJECT_REASON: ["http_404", "timeout"]}), segments / "a.parquet")
+    pq.write_table(pa.table({C.UID: ["b1", "b2", "b3", "b4"], C.REJECT_REASON: [None, None, None, None],
+                             C.CLIP_SCORE: pa.array([0.1, 0.9, 0.5, 0.7], pa.float32())}), segments / "b.parquet")
+    shards = [Shard("a", 2, tmp_path / "a.parquet"), Shard("b", 4, tmp_path / "b.parquet")]
+    decision = _barrier_decision(tmp_path, Segment(1, (), 1, final=True), spec.stages[1], shards)
+    assert decision["rows"] == 4 and decision["keep"] == 2 and decision["uid"] == "b4"
+    assert json.loads((tmp_path / "_state" / "decision-1.json").read_text()) == decision
