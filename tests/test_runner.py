@@ -218,3 +218,36 @@ def test_barrier_decision_reads_shards_that_never_reached_the_stage(tmp_path):
     decision = _barrier_decision(tmp_path, Segment(1, (), 1, final=True), spec.stages[1], shards)
     assert decision["rows"] == 4 and decision["keep"] == 2 and decision["uid"] == "b4"
     assert json.loads((tmp_path / "_state" / "decision-1.json").read_text()) == decision
+
+
+def test_resume_after_a_failure_past_a_barrier_keeps_segment_work_and_the_decision(ray_local, tmp_path, monkeypatch):
+    import dataengine.runner as runner
+    from dataengine.synthweb.models import build_random_open_clip
+
+    clip = build_random_open_clip(tmp_path / "clip")
+    base = _offline_spec(tmp_path)
+    spec = parse_spec({**base.model_dump(mode="json"), "stages": [
+        download_stage(), {"op": "clip_score_filter", "model": str(clip), "pretrained": None, "keep_top_fraction": 0.5}]})
+    real_commit = runner.commit_shard
+
+    def fail_in_the_last_segment(run_dir, shard, parts, stage_names, segment=None):
+        if segment is not None and segment.final:
+            raise OSError("disk full")
+        return real_commit(run_dir, shard, parts, stage_names, segment)
+
+    monkeypatch.setattr(runner, "commit_shard", fail_in_the_last_segment)
+    with pytest.raises(OSError, match="disk full"):
+        run_pipeline(spec)
+    state = tmp_path / "run" / "_state"
+    segment0 = {p.name: p.stat().st_mtime_ns for p in (state / "segment-0").glob("*.json")}
+    decision = (state / "decision-1.json").stat().st_mtime_ns
+    assert len(segment0) == 3
+    monkeypatch.setattr(runner, "commit_shard", real_commit)
+    result = run_pipeline(spec)
+    attempt = result.manifest["attempts"][-1]
+    # the final segment only: its shards are recomputed, or committed from the parts the failed attempt wrote
+    assert attempt["shards_processed"] + attempt["shards_recovered"] == 3
+    assert {p.name: p.stat().st_mtime_ns for p in (state / "segment-0").glob("*.json")} == segment0
+    assert (state / "decision-1.json").stat().st_mtime_ns == decision
+    assert result.manifest["totals"] == {"in": 30, "kept": 0, "rejected": 30}
+    assert not (tmp_path / "run" / "_segments").exists()
