@@ -23,6 +23,7 @@ from dataengine.runner import MANIFEST, RunError, format_summary, run_pipeline
 from dataengine.models import DEMO_PREFIX
 from dataengine.spec import load_spec
 from dataengine.synthweb import SynthWebServer, build_synthweb, write_url_list
+from dataengine.synthweb import build as T  # the truth table's column names
 from dataengine.synthweb.models import ensure_demo_models
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,10 @@ SCORES_FILE = "demo_scores.json"
 # What each stage should reject, by the synthetic web's truth (rows that reach the stage only).
 NOISY_TEXT = ["gibberish", "boilerplate"]
 STAGE_TRUTH = {
-    "download": ("broken URLs", pl.col("broken")),
-    "caption_rules_filter": ("gibberish + boilerplate captions", pl.col("caption_noise").is_in(NOISY_TEXT)),
-    "perplexity_filter": ("gibberish + boilerplate captions", pl.col("caption_noise").is_in(NOISY_TEXT)),
-    "clip_score_filter": ("mismatched captions", pl.col("caption_noise") == "mismatched"),
+    "download": ("broken URLs", pl.col(T.BROKEN)),
+    "caption_rules_filter": ("gibberish + boilerplate captions", pl.col(T.CAPTION_NOISE).is_in(NOISY_TEXT)),
+    "perplexity_filter": ("gibberish + boilerplate captions", pl.col(T.CAPTION_NOISE).is_in(NOISY_TEXT)),
+    "clip_score_filter": ("mismatched captions", pl.col(T.CAPTION_NOISE) == "mismatched"),
 }
 
 
@@ -45,7 +46,7 @@ def _outcomes(run_dir: Path, truth: pl.DataFrame) -> pl.DataFrame:
         frames["dataset"].select(C.SOURCE_ID, stage=pl.lit(None, pl.String), reason=pl.lit(None, pl.String)).collect(),
         frames["rejected"].select(C.SOURCE_ID, stage=pl.col(C.REJECT_STAGE), reason=pl.col(C.REJECT_REASON)).collect(),
     ])
-    return truth.join(outcome, left_on="id", right_on=C.SOURCE_ID, how="inner")
+    return truth.join(outcome, left_on=T.ID, right_on=C.SOURCE_ID, how="inner")
 
 
 def _precision_recall(tp: int, fp: int, fn: int) -> dict[str, Any]:
@@ -74,19 +75,19 @@ def score_stages(run_dir: Path, truth: pl.DataFrame, stage_names: list[str]) -> 
                                      int((~predicted & actual).sum()))}
         if name == "download":
             hits = seen.filter(predicted & actual)
-            entry["reason_agreement"] = float((hits["reason"] == hits["expected_reason"]).mean()) if hits.height else 1.0
+            entry["reason_agreement"] = float((hits["reason"] == hits[T.EXPECTED_REASON_COL]).mean()) if hits.height else 1.0
             entry["by_url_kind"] = [
                 {**r, "reasons": list(r["reasons"])} for r in
-                seen.group_by("url_kind").agg(n=pl.len(), rejected=(pl.col("stage") == name).sum(),
+                seen.group_by(T.URL_KIND).agg(n=pl.len(), rejected=(pl.col("stage") == name).sum(),
                                               reasons=pl.col("reason").filter(pl.col("stage") == name).unique().sort())
-                .sort("url_kind").to_dicts()]
+                .sort(T.URL_KIND).to_dicts()]
         scores.append(entry)
     return scores
 
 
 def _dedup_scores(seen: pl.DataFrame, predicted: pl.Series) -> dict[str, Any]:
     """A planted family (a source and its copies) with k members at dedup should lose k - 1 of them."""
-    family = pl.coalesce(pl.col("duplicate_of"), pl.col("id"))
+    family = pl.coalesce(pl.col(T.DUPLICATE_OF), pl.col(T.ID))
     seen = seen.with_columns(family=family, predicted=predicted)
     sizes = seen.group_by("family").agg(size=pl.len())
     seen = seen.join(sizes, on="family")
@@ -128,7 +129,7 @@ def run_demo(n: int = 1000, seed: int = 0, spec_path: Path = Path("pipelines/dem
             shutil.copyfile(urls, input_path)
         print(f"serving it at {server.base_url}; running {spec_path} ...", flush=True)
         result = run_pipeline(spec, output=run_dir)
-    truth = pl.read_parquet(web_dir / "truth.parquet")
+    truth = pl.read_parquet(web_dir / T.TRUTH_FILE)
     scores = score_stages(result.run_dir, truth, result.manifest["stage_names"])
     (result.run_dir / SCORES_FILE).write_text(json.dumps(scores, indent=2))
     print()

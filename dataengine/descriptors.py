@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+import pyarrow.parquet as pq
+
+from dataengine import columns as C
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -92,12 +96,6 @@ class SscdModel:
 
 def load_reference_images(path: str) -> list[tuple[str, np.ndarray]]:
     """(name, RGB) for every image under a folder, or every row of a Parquet file with an `image` column."""
-    from pathlib import Path
-
-    import pyarrow.parquet as pq
-
-    from dataengine import columns as C
-
     root = Path(path).expanduser()
     if root.is_file() and root.suffix == ".parquet":
         table = pq.read_table(root)

@@ -11,8 +11,8 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator
-from typing import TypeVar
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -119,10 +119,12 @@ def stream_pipeline(shard_paths: list[Path], steps: list[Step], parts_dir: Path)
                 num_gpus=config.num_gpus or None, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
                 **common,
             )
-        else:
-            cpus = config.num_cpus if step.decision is None else 1
+        elif step.decision is None:
             compute = ray.data.TaskPoolStrategy(size=config.concurrency) if config.concurrency else None
-            ds = ds.map_batches(_run_task_step, fn_args=(step, schema), num_cpus=cpus, compute=compute, **common)
+            ds = ds.map_batches(_run_task_step, fn_args=(step, schema), num_cpus=config.num_cpus, compute=compute,
+                                **common)
+        else:  # applying a decision is cheap and needs no model: not the op's actor-pool size or GPUs
+            ds = ds.map_batches(_run_task_step, fn_args=(step, schema), num_cpus=1, **common)
     ds = ds.map_batches(_write_parts, fn_args=(str(parts_dir),), batch_size=None, batch_format="pyarrow")
     for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from summary.to_pylist()

@@ -182,11 +182,10 @@ def _barrier_decision(run_dir: Path, segment: Segment, config: OpConfig, shards:
     for segment_file in previous:
         names = set(pq.read_schema(segment_file).names)
         tables.append(pq.read_table(segment_file, columns=[c for c in wanted if c in names]))
-    table = pa.concat_tables(tables, promote_options="permissive") if tables else None
-    alive = table.filter(pc.is_null(table.column(C.REJECT_REASON))).drop_columns([C.REJECT_REASON]) if table else None
+    table = pa.concat_tables(tables, promote_options="permissive") if tables else \
+        pa.table({C.UID: pa.array([], pa.string()), C.REJECT_REASON: pa.array([], pa.string())})
+    alive = table.filter(pc.is_null(table.column(C.REJECT_REASON))).drop_columns([C.REJECT_REASON])
     started = time.perf_counter()
-    if alive is None:
-        alive = pa.table({C.UID: pa.array([], pa.string())})
     decision = op.decide(config, alive)
     log.info("stage %s decided over %d rows in %.2fs", stage_name(config), alive.num_rows,
              time.perf_counter() - started)
@@ -307,7 +306,10 @@ def _first_per_uid(rows: pa.Table) -> pa.Table:
     if len(set(uids)) == len(uids):
         return rows
     seen: set[str] = set()
-    keep = [not (u in seen or seen.add(u)) for u in uids]  # type: ignore[func-returns-value]
+    keep = []
+    for uid in uids:
+        keep.append(uid not in seen)
+        seen.add(uid)
     return rows.filter(pa.array(keep))
 
 

@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 
 from dataengine import columns as C
 from dataengine.ops.base import ModelOpConfig, Op, register_op
-from dataengine.ops.thresholds import KeepFractionBarrier
+from dataengine.ops.thresholds import KeepFractionBarrier, at_most_one
 
 
 class ClipScoreConfig(ModelOpConfig):
@@ -33,8 +33,7 @@ class ClipScoreConfig(ModelOpConfig):
 
     @model_validator(mode="after")
     def _one_threshold(self) -> "ClipScoreConfig":
-        if self.min_score is not None and self.keep_top_fraction is not None:
-            raise ValueError("set min_score or keep_top_fraction, not both")
+        at_most_one(self, "min_score", "keep_top_fraction")
         return self
 
 
@@ -80,7 +79,7 @@ class ClipScoreFilter(KeepFractionBarrier, Op):
             else:
                 try:
                     pixels.append(self.preprocess(Image.open(io.BytesIO(image)).convert("RGB")))
-                except (OSError, ValueError) as e:
+                except (OSError, ValueError):
                     reasons[i] = "decode_error"
                     continue
                 texts.append(caption)

@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 
 from dataengine import columns as C
 from dataengine.ops.base import ModelOpConfig, Op, register_op
-from dataengine.ops.thresholds import KeepFractionBarrier
+from dataengine.ops.thresholds import KeepFractionBarrier, at_most_one
 
 
 class PerplexityConfig(ModelOpConfig):
@@ -31,8 +31,7 @@ class PerplexityConfig(ModelOpConfig):
 
     @model_validator(mode="after")
     def _one_threshold(self) -> "PerplexityConfig":
-        if self.max_ppl is not None and self.keep_lowest_fraction is not None:
-            raise ValueError("set max_ppl or keep_lowest_fraction, not both")
+        at_most_one(self, "max_ppl", "keep_lowest_fraction")
         return self
 
 

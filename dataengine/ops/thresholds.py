@@ -15,6 +15,13 @@ import pyarrow as pa
 from dataengine import columns as C
 
 
+def at_most_one(config: Any, *fields: str) -> None:
+    """Raise unless at most one of `fields` is set on `config` (an absolute or a quantile threshold)."""
+    chosen = [f for f in fields if getattr(config, f) is not None]
+    if len(chosen) > 1:
+        raise ValueError(f"set {' or '.join(fields)}, not both")
+
+
 def rank_fraction_decision(scores: pa.Table, column: str, fraction: float, highest: bool) -> dict[str, Any]:
     """Decide the cut that keeps round(fraction * n) of the rows in `scores` (uid + `column`)."""
     n = scores.num_rows
