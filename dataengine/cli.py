@@ -50,6 +50,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dataengine.export import FORMATS, ExportOptions, export_run
+
+    options = ExportOptions(tuple(args.format or FORMATS), args.caption_data, args.short_answer_prompt,
+                            not args.no_images)
+    result = export_run(args.run, args.out, options)
+    skipped = ", ".join(f"{k}={v}" for k, v in result.skipped.items()) or "none"
+    print(f"exported {result.samples} samples to {result.out_dir} ({', '.join(result.files)}); skipped: {skipped}")
+    return 0
+
+
 def _cmd_query(args: argparse.Namespace) -> int:
     import polars as pl
 
@@ -117,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: start an embedded Ray)")
     p.set_defaults(fn=_cmd_run)
 
+    p = sub.add_parser("export", help="write a finished run's kept rows as LLaVA JSON + images and/or Parquet")
+    p.add_argument("run")
+    p.add_argument("--format", action="append", choices=["llava_json", "parquet"],
+                   help="repeat for several (default: both)")
+    p.add_argument("--out", help="export directory (default: RUN/export)")
+    p.add_argument("--caption-data", action="store_true", help="stage-1 caption samples instead of conversations")
+    p.add_argument("--short-answer-prompt", action="store_true",
+                   help="append 'Answer the question using a single word or phrase.' to short-answer questions")
+    p.add_argument("--no-images", action="store_true", help="do not copy image files")
+    p.set_defaults(fn=_cmd_export)
+
     p = sub.add_parser("query", help="polars SQL over a run's tables `dataset` and `rejected`")
     p.add_argument("run")
     p.add_argument("sql")
@@ -153,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (SpecError, InputError, RunError, FileNotFoundError) as e:
+    except (SpecError, InputError, RunError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except AccountingError as e:

@@ -5,6 +5,7 @@ UID = "uid"  # our stable row id: "<input file index>-<row index>", unique per r
 SOURCE_ID = "source_id"  # the user's id column, when the spec names one
 URL = "url"
 CAPTION = "caption"
+BOXES = "boxes"  # JSON list of {label, box [x1, y1, x2, y2] in [0, 1], attributes}, when the input has them
 
 # written by the download stage
 IMAGE = "image"  # encoded bytes after resize/re-encode
@@ -27,6 +28,26 @@ TEXT_PPL = "text_ppl"  # caption perplexity under a causal LM
 SSCD_EMBEDDING = "sscd_embedding"  # dedup descriptor: L2-normalised SSCD copy-detection embedding
 PHASH = "phash"  # dedup descriptor: perceptual hash bits, packed bytes
 
+# written by CapFilt (blip_caption_mapper, capfilt_filter)
+SYNTHETIC_CAPTIONS = "synthetic_captions"
+WEB_CAPTION_ITM = "web_caption_itm"
+SYNTHETIC_CAPTION_ITM = "synthetic_caption_itm"
+CAPTIONS_KEPT = "captions_kept"  # best first
+CAPTION_BEST = "caption_best"
+CAPTION_BEST_SOURCE = "caption_best_source"  # "web" | "synthetic"
+
+# written by llava_synthesis_mapper and export
+INSTRUCTION_TYPE = "instruction_type"
+CONVERSATIONS = "conversations"  # LLaVA turns as JSON text
+LLM_MODEL = "llm_model"
+LLM_PROMPT_TOKENS = "llm_prompt_tokens"
+LLM_COMPLETION_TOKENS = "llm_completion_tokens"
+LLM_COST_USD = "llm_cost_usd"
+LLM_CACHED = "llm_cached"
+LLM_RAW_RESPONSE = "llm_raw_response"
+UNGROUNDED_OBJECTS = "ungrounded_objects"
+CONVERSATION_TOKENS = "conversation_tokens"
+
 # routing: set by a stage for the rows it rejects
 REJECT_STAGE = "reject_stage"
 REJECT_REASON = "reject_reason"
@@ -37,4 +58,4 @@ SHARD = "_shard"
 STAGE_SECONDS_PREFIX = "_seconds_"  # + stage index: per-row share of a batch's wall time
 
 #: columns a run reads from the input, before any stage
-INPUT_COLUMNS = (UID, SOURCE_ID, URL, CAPTION)
+INPUT_COLUMNS = (UID, SOURCE_ID, URL, CAPTION, BOXES)

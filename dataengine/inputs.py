@@ -72,7 +72,7 @@ def file_format(path: Path, spec: InputSpec) -> str:
 def read_input_file(path: Path, spec: InputSpec) -> pa.Table:
     """Read one file into columns url, caption, source_id (all strings, invalid UTF-8 replaced)."""
     fmt = file_format(path, spec)
-    wanted = [c for c in (spec.url_col, spec.caption_col, spec.id_col) if c]
+    wanted = [c for c in (spec.url_col, spec.caption_col, spec.id_col, spec.boxes_col) if c]
     try:
         if fmt == "parquet":
             names = pq.read_schema(path).names
@@ -97,11 +97,13 @@ def read_input_file(path: Path, spec: InputSpec) -> pa.Table:
         C.URL: _as_strings(frame, spec.url_col, n),
         C.CAPTION: _as_strings(frame, spec.caption_col, n),
         C.SOURCE_ID: _as_strings(frame, spec.id_col, n),
+        C.BOXES: _as_json_strings(frame, spec.boxes_col, n),
     })
 
 
 def _check_columns(path: Path, names: list[str], spec: InputSpec) -> None:
-    for field, col in (("url_col", spec.url_col), ("caption_col", spec.caption_col), ("id_col", spec.id_col)):
+    for field, col in (("url_col", spec.url_col), ("caption_col", spec.caption_col), ("id_col", spec.id_col),
+                       ("boxes_col", spec.boxes_col)):
         if col and col not in names:
             hint = " (set input.caption_col: null if the input has no captions)" if field == "caption_col" else ""
             raise InputError(f"input.{field}: column {col!r} not found in {path} (columns: {names}){hint}")
@@ -117,6 +119,16 @@ def _as_strings(frame: pl.DataFrame, col: str | None, n: int) -> pa.Array:
     if series.dtype != pl.String:
         series = series.cast(pl.String, strict=False)
     return series.to_arrow().cast(pa.string())
+
+
+def _as_json_strings(frame: pl.DataFrame, col: str | None, n: int) -> pa.Array:
+    """Nested values (a list of box structs) as JSON text; strings are taken as JSON already."""
+    if not col or col not in frame.columns:
+        return pa.nulls(n, pa.string())
+    series = frame.get_column(col)
+    if series.dtype in (pl.String, pl.Binary):
+        return _as_strings(frame, col, n)
+    return pa.array([None if v is None else json.dumps(v) for v in series.to_list()], pa.string())
 
 
 def _fingerprint(files: list[Path], spec: InputSpec) -> str:

@@ -162,3 +162,18 @@ def load_causal_lm(model: str, device: DeviceName = "auto", dtype: DtypeName = "
     lm.to(torch_device).eval()
     log.info("loaded causal LM %s on %s as %s", model, torch_device, torch_dtype)
     return lm, tokenizer
+
+
+def load_tokenizer(model: str) -> Any:
+    """A transformers tokenizer by local directory or hub id (cache first; the hub only when online)."""
+    from transformers import AutoTokenizer
+
+    path = Path(demo_model_path(model)).expanduser()
+    source = str(path) if path.exists() else model
+    errors = []
+    for local_only in ((True,) if path.exists() or _offline() else (True, False)):
+        try:
+            return AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        except (OSError, ValueError) as e:
+            errors.append(f"{'cache' if local_only else 'hub'}: {e}")
+    raise ModelNotFound(f"cannot load tokenizer {model!r}: " + " | ".join(errors))

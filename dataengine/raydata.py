@@ -7,12 +7,13 @@ one (as `concurrency` became `compute`) touches this file only.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -63,7 +64,7 @@ def _run_task_step(batch: pa.Table, step: Step, schema: pa.Schema) -> pa.Table:
     """Task body for stateless ops and for decisions; an op object is cached per worker process."""
     op = None
     if step.decision is None:
-        key = (step.index, step.config.model_dump_json())
+        key = (step.index, step.config.model_dump_json(), repr(step.config.__pydantic_private__))
         op = _TASK_OPS.get(key)
         if op is None:
             op = _TASK_OPS[key] = get_op(step.config.op)(step.config)
@@ -112,7 +113,10 @@ def stream_pipeline(shard_paths: list[Path], steps: list[Step], parts_dir: Path)
     for step in steps:
         config = step.config
         common = dict(batch_size=config.batch_size, batch_format="pyarrow", udf_modifying_row_count=False)
-        if step.decision is None and get_op(config.op).stateful:
+        llm = get_op(config.op).ray_llm_config(config) if step.decision is None else None
+        if llm is not None:
+            ds = _ray_llm_stage(ds, step, schema, llm, common)
+        elif step.decision is None and get_op(config.op).stateful:
             size = config.concurrency or 1
             ds = ds.map_batches(
                 _StageActor, fn_constructor_args=(step, schema), num_cpus=config.num_cpus,
@@ -128,6 +132,21 @@ def stream_pipeline(shard_paths: list[Path], steps: list[Step], parts_dir: Path)
     ds = ds.map_batches(_write_parts, fn_args=(str(parts_dir),), batch_size=None, batch_format="pyarrow")
     for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from summary.to_pylist()
+
+
+def _ray_llm_stage(ds: ray.data.Dataset, step: Step, schema: pa.Schema, llm: Any, common: dict) -> ray.data.Dataset:
+    """Prepare (op writes chat messages) -> Ray Data LLM's vLLM processor -> finish (op parses replies)."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from dataengine.llm.vllm_backend import postprocess_row, preprocess_row
+
+    prepare = Step(step.index, step.config.with_phase("prepare"))  # type: ignore[attr-defined]
+    ds = ds.map_batches(_run_task_step, fn_args=(prepare, schema), num_cpus=1, **common)
+    processor = build_processor(vLLMEngineProcessorConfig(**llm.processor_kwargs()),
+                                preprocess=functools.partial(preprocess_row, config=llm),
+                                postprocess=functools.partial(postprocess_row, config=llm))
+    ds = processor(ds)
+    return ds.map_batches(_run_task_step, fn_args=(step, schema), num_cpus=1, **common)
 
 
 def parallel_map(fn: Callable[..., T], args: list[tuple]) -> list[T]:

@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import platform
+import re
 import shutil
 import sys
 import time
@@ -99,14 +100,15 @@ def run_pipeline(spec: PipelineSpec, output: str | Path | None = None, address: 
     with contextlib.ExitStack() as stack:
         stack.enter_context(_marked_failed_on_error(run_dir, spec, attempts, shards, stage_names))
         ray_started = False
-        for segment in plan_segments(list(spec.stages)):
+        stages = [get_op(c.op).bind_run(c, run_dir) for c in spec.stages]
+        for segment in plan_segments(stages):
             pending = _prepare_segment(run_dir, segment, shards, stage_names, attempt)
             if not pending:
                 continue
             if not ray_started:
                 stack.enter_context(ray_session(address, spec.resources))
                 ray_started = True
-            steps = _segment_steps(run_dir, segment, list(spec.stages), shards)
+            steps = _segment_steps(run_dir, segment, stages, shards)
             _run_segment(run_dir, segment, steps, shards, pending, stage_names, attempt)
     for scratch in (SEGMENTS_DIR, PARTS_DIR):  # intermediate rows are only needed until the end
         shutil.rmtree(run_dir / scratch, ignore_errors=True)
@@ -115,6 +117,8 @@ def run_pipeline(spec: PipelineSpec, output: str | Path | None = None, address: 
     counts = aggregate_counts(run_dir, shards, stage_names)
     check_accounting(run_dir, shards, counts)
     manifest = _write_manifest(run_dir, spec, attempts, shards, stage_names, status="complete", counts=counts)
+    for config in spec.stages:
+        get_op(config.op).after_run(config, run_dir)
     return RunResult(run_dir, manifest)
 
 
@@ -240,8 +244,33 @@ def _marked_failed_on_error(run_dir: Path, spec: PipelineSpec, attempts: list[di
         yield
     except Exception as e:
         attempts[-1].update(ended_at=_now(), error=f"{type(e).__name__}: {e}"[:2000])
-        _write_manifest(run_dir, spec, attempts, shards, stage_names, status="failed")
+        budget = _budget_stop(e)
+        if budget:  # a clean stop, not a failure: every committed shard stands, a rerun continues
+            attempts[-1]["stopped"] = budget
+        _write_manifest(run_dir, spec, attempts, shards, stage_names, status="stopped" if budget else "failed")
+        if budget:
+            raise BudgetStop(f"{budget}. Committed shards are kept; raise the budget and rerun to continue "
+                             "(replies already paid for come from the cache).") from None
         raise
+
+
+class BudgetStop(RunError):
+    """The run stopped because its LLM budget is spent (run.json status `stopped`)."""
+
+
+def _budget_stop(error: BaseException) -> str | None:
+    """The budget message when `error` (possibly wrapped by Ray) is a `BudgetExhausted`."""
+    from dataengine.llm.usage import BudgetExhausted
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, BudgetExhausted):
+            return str(current).splitlines()[0]
+        current = current.__cause__ or current.__context__
+    match = re.search(r"BudgetExhausted: (LLM budget reached[^\n]*)", str(error))
+    return match.group(1) if match else None
 
 
 # ---- commit and recovery ---------------------------------------------------------------------
@@ -432,9 +461,19 @@ def _write_manifest(run_dir: Path, spec: PipelineSpec, attempts: list[dict[str, 
         "stage_names": [INPUT_STAGE, *stage_names],
         "totals": {k: counts[k] for k in ("in", "kept", "rejected")} if counts else None,
         "stages": counts["stages"] if counts else [],
+        "llm_usage": _llm_usage(run_dir),
     }
     write_text_atomic(run_dir / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
+
+
+def _llm_usage(run_dir: Path) -> dict[str, Any] | None:
+    """Tokens and estimated cost of every LLM request this run paid for (all attempts), if any."""
+    from dataengine.llm.usage import read_usage
+    from dataengine.ops.llava_synthesis import USAGE_DIR
+
+    directory = run_dir / USAGE_DIR
+    return read_usage(directory).as_dict() if directory.is_dir() else None
 
 
 def format_summary(manifest: dict[str, Any]) -> str:

@@ -47,6 +47,9 @@ class InputSpec(_Strict):
     url_col: str = Field(default="url", min_length=1)
     caption_col: str | None = Field(default="caption", description="Null: the input has no captions.")
     id_col: str | None = Field(default=None, description="The input's own id, kept as `source_id`.")
+    boxes_col: str | None = Field(
+        default=None, description="Object boxes per image, kept as `boxes` (JSON): a list of "
+        "{label, box: [x1, y1, x2, y2] normalised to [0, 1], attributes: {name: value}}.")
     shard_rows: int = Field(default=1000, gt=0, description="Rows per shard, the unit of commit and resume.")
 
 
@@ -88,6 +91,9 @@ class PipelineSpec(_Strict):
                     "give repeated ops distinct `name`s"
                 )
             seen[name] = i
+        for i, stage in enumerate(self.stages[:-1]):
+            if stage.op == "export":
+                raise ValueError(f"stages[{i}]: export must be the last stage (it checks and writes the final rows)")
         return self
 
     def stage_names(self) -> list[str]:

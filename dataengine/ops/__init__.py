@@ -1,6 +1,14 @@
 """Operators, one per module, registered by name on import."""
 
-from dataengine.ops import caption_rules, clip_score, dedup, download, perplexity  # noqa: F401  (each registers its op)
+from dataengine.ops import (  # noqa: F401  (each registers its op)
+    caption_rules,
+    clip_score,
+    dedup,
+    download,
+    export,
+    llava_synthesis,
+    perplexity,
+)
 from dataengine.ops.base import Op, OpConfig, apply_stage, get_op, list_ops, register_op, stage_name
 
 __all__ = ["Op", "OpConfig", "apply_stage", "get_op", "list_ops", "register_op", "stage_name"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import numpy as np
@@ -71,6 +72,22 @@ class Op(ABC):
     @classmethod
     def is_barrier(cls, config: OpConfig) -> bool:
         return False
+
+    @classmethod
+    def bind_run(cls, config: OpConfig, run_dir: Path) -> OpConfig:
+        """The config this run's workers get: ops that keep state in the run directory (a cache,
+        usage files) learn where it is here. Called by the runner after the spec hash is taken."""
+        return config
+
+    @classmethod
+    def after_run(cls, config: OpConfig, run_dir: Path) -> None:
+        """Work that needs the finished run (an export); called once the run is complete."""
+
+    @classmethod
+    def ray_llm_config(cls, config: OpConfig) -> Any | None:
+        """Engine settings when the op generates through Ray Data LLM (a dataset-level processor
+        the Ray adapter wraps between the op's prepare and finish phases); None for ordinary ops."""
+        return None
 
     @classmethod
     def decision_columns(cls, config: OpConfig) -> list[str]:

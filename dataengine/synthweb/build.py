@@ -503,18 +503,25 @@ def build_synthweb(
     return out
 
 
+def boxes_json(objects: list[dict] | None) -> str:
+    """A scene's objects as the input's `boxes` JSON (what an annotated dataset such as COCO provides)."""
+    return json.dumps([{"label": o["kind"], "box": [round(float(v), 4) for v in o["box"]],
+                        "attributes": {"colour": o["colour"], "size": o["size"]}} for o in objects or []])
+
+
 def write_url_list(out_dir: str | os.PathLike[str], base_url: str) -> Path:
-    """Write `out_dir/urls.parquet` (`url`, `caption` as served, `id`): the input a downloader gets.
+    """Write `out_dir/urls.parquet` (`url`, `caption` as served, `id`, `boxes`): the input a downloader gets.
 
     Examples:
         >>> write_url_list("/tmp/sw", "http://127.0.0.1:8000")  # doctest: +SKIP
         PosixPath('/tmp/sw/urls.parquet')
     """
     out = Path(out_dir)
-    truth = pq.read_table(out / TRUTH_FILE, columns=[ID, PATH, C.CAPTION])
+    truth = pq.read_table(out / TRUTH_FILE, columns=[ID, PATH, C.CAPTION, OBJECTS])
     base = base_url.rstrip("/")
     urls = pa.array([base + p for p in truth.column(PATH).to_pylist()], pa.string())
-    table = pa.table({C.URL: urls, C.CAPTION: truth.column(C.CAPTION), ID: truth.column(ID)})
+    boxes = pa.array([boxes_json(objects) for objects in truth.column(OBJECTS).to_pylist()], pa.string())
+    table = pa.table({C.URL: urls, C.CAPTION: truth.column(C.CAPTION), ID: truth.column(ID), C.BOXES: boxes})
     path = out / URLS_FILE
     pq.write_table(table, path)
     return path

@@ -1,0 +1,85 @@
+"""`export`: the trainer-readiness check in the stream, then LLaVA JSON / Parquet files when the run completes.
+
+As a stage it checks every alive row the way a LLaVA trainer will use it (`dataengine.llm.readiness`):
+one `<image>` token for the one image, in the first human turn; roles alternating; and, with a
+`tokenizer`, text plus `image_tokens` within `max_length`, so nothing is silently truncated in
+training. Failures are rejections (`not_trainable:<why>`, `too_long`). After the run is complete the
+runner calls `after_run`, which writes the export (`dataengine.export`); `dataengine export RUN`
+writes the same files from any finished run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from dataengine import columns as C
+from dataengine.export import FORMATS, ExportOptions, export_run, sample_turns
+from dataengine.llm.readiness import readiness_problem, token_length
+from dataengine.ops.base import OpConfig, Op, register_op
+
+ExportFormat = Literal["llava_json", "parquet"]
+
+
+class ExportConfig(OpConfig):
+    """What to export and what the trainer can take."""
+
+    op: Literal["export"] = "export"
+    formats: list[ExportFormat] = Field(default_factory=lambda: list(FORMATS), min_length=1)
+    out: str | None = Field(default=None, description="Export directory; default: <run>/export.")
+    caption_data: bool = Field(default=False, description="Stage-1 caption samples instead of conversations.")
+    short_answer_prompt: bool = Field(default=False, description="Append LLaVA-1.5's 'Answer the question using a "
+                                                                 "single word or phrase.' to short-answer questions.")
+    write_images: bool = Field(default=True, description="Write image files next to the JSON.")
+    tokenizer: str | None = Field(default=None, description="The trainer LM's tokenizer (hub id or local dir) for "
+                                                            "the length check; null: structure checks only.")
+    max_length: int = Field(default=2048, gt=0, description="Trainer context length, image tokens included.")
+    image_tokens: int = Field(default=576, ge=0, description="Tokens one image expands to (576: LLaVA-1.5, 336 px).")
+
+    def options(self) -> ExportOptions:
+        return ExportOptions(tuple(self.formats), self.caption_data, self.short_answer_prompt, self.write_images)
+
+
+@register_op("export")
+class Export(Op):
+    """Reject rows a trainer could not use; write the export after the run."""
+
+    Config = ExportConfig
+
+    def __init__(self, config: ExportConfig) -> None:
+        super().__init__(config)
+        self.tokenizer = None
+        if config.tokenizer:
+            from dataengine.models import load_tokenizer
+
+            self.tokenizer = load_tokenizer(config.tokenizer)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        config: ExportConfig = self.config  # type: ignore[assignment]
+        options = config.options()
+        reasons: list[str | None] = []
+        lengths: list[int | None] = []
+        for row in batch.to_pylist():
+            try:
+                turns = sample_turns(row, options)
+            except json.JSONDecodeError:
+                turns = None
+            problem = "no_conversation" if turns is None else readiness_problem(turns)
+            length = None
+            if problem is None and self.tokenizer is not None:
+                length = token_length(turns, self.tokenizer, config.image_tokens)
+                if length > config.max_length:
+                    problem = "too_long"
+            if problem is None and row.get(C.IMAGE) is None:
+                problem = "no_image"
+            reasons.append(None if problem is None else f"not_trainable:{problem}")
+            lengths.append(length)
+        return pa.table({C.CONVERSATION_TOKENS: pa.array(lengths, pa.int32()), C.REJECT_REASON: pa.array(reasons, pa.string())})
+
+    @classmethod
+    def after_run(cls, config: ExportConfig, run_dir: Path) -> None:  # type: ignore[override]
+        export_run(run_dir, config.out, config.options())

@@ -1,0 +1,335 @@
+"""`llava_synthesis_mapper`: LLaVA-style instruction data from captions (and boxes) of each image.
+
+Each row gets one response type, drawn from `mix` by a hash of its uid (LLaVA-Instruct-158K had 58K
+conversations, 23K detailed descriptions and 77K complex-reasoning samples: the default weights).
+The context is the image's captions, best first (CapFilt's `captions_kept` when that ran, else the
+caption), plus its boxes when the input has them. Backends:
+
+- `openai`: any OpenAI-compatible endpoint through the `openai` async client (`dataengine.llm.openai_backend`),
+  with a reply cache, usage/cost accounting and a budget.
+- `vllm`: generation inside the cluster through Ray Data LLM on GPU nodes (`dataengine.llm.vllm_backend`).
+- `template`: no LLM; our templates turn captions and boxes into samples (`dataengine.llm.templates`).
+
+Every reply is parsed and validated (`dataengine.llm.validate`); answers naming objects absent from
+the context are flagged (`ungrounded_objects`) and, by default, rejected. A failure is a rejection
+with a reason (`llm_invalid:<why>`, `llm_ungrounded`, `llm_error:<why>`), never a silent drop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import Field, PrivateAttr, model_validator
+
+from dataengine import columns as C
+from dataengine.llm.openai_backend import OpenAIBackendConfig
+from dataengine.llm.prompts import RESPONSE_TYPES
+from dataengine.llm.vllm_backend import VLLMBackendConfig
+from dataengine.ops.base import OpConfig, Op, register_op
+
+log = logging.getLogger(__name__)
+
+ResponseType = Literal["conversation", "detail", "reasoning"]
+LLAVA_INSTRUCT_MIX: dict[str, float] = {"conversation": 58.0, "detail": 23.0, "reasoning": 77.0}
+CACHE_DIR, USAGE_DIR = "_state/llm-cache", "_state/llm-usage"
+
+
+class LlavaSynthesisConfig(OpConfig):
+    """Instruction synthesis settings."""
+
+    op: Literal["llava_synthesis_mapper"] = "llava_synthesis_mapper"
+    backend: Literal["openai", "vllm", "template"] = Field(default="template", description="Who writes the samples.")
+    openai: OpenAIBackendConfig | None = Field(default=None, description="Endpoint settings (backend: openai).")
+    vllm: VLLMBackendConfig | None = Field(default=None, description="Engine settings (backend: vllm).")
+    mix: dict[ResponseType, float] = Field(default_factory=lambda: dict(LLAVA_INSTRUCT_MIX),
+                                           description="Relative weight of each response type (LLM backends).")
+    prompts_dir: str | None = Field(default=None, description="Prompt files; default: pipelines/prompts of this package.")
+    object_vocabulary: str | None = Field(default=None, description="Grounding vocabulary file; default: prompts_dir/objects.txt.")
+    reject_ungrounded: bool = Field(default=True, description="Reject answers naming objects the context does not have.")
+    transient_errors: Literal["fail", "reject"] = Field(
+        default="fail", description="After retries, a timeout/429/5xx either stops the run (resume later: replies "
+        "already received are cached) or rejects the row as llm_error:<why>.")
+    cache_dir: str | None = Field(default=None, description="Reply cache; default: <run>/_state/llm-cache. Share it "
+                                                            "between runs to never pay twice for the same request.")
+    max_qa_turns: int = Field(default=3, ge=0, description="template: short question turns after the first one.")
+    detailed_fraction: float = Field(default=0.5, ge=0, le=1,
+                                     description="template: share of rows with boxes that get a detailed description.")
+    max_turns: int = Field(default=20, gt=1, description="Longest conversation accepted, in turns.")
+    max_turn_chars: int = Field(default=2000, gt=0, description="Longest single turn accepted.")
+    max_total_chars: int = Field(default=8000, gt=0, description="Longest conversation accepted, all turns.")
+    seed: int = Field(default=0, description="Seeds the per-row choice of type, question and template.")
+    concurrency: int | None = Field(default=1, gt=0, description="Actors; requests in flight cluster-wide = this x max_concurrency.")
+    batch_size: int = Field(default=256, gt=0, description="Rows per batch; keep >= openai.max_concurrency.")
+    _run_dir: str | None = PrivateAttr(default=None)  # set by `bind_run`: where the cache and usage live
+    _phase: str | None = PrivateAttr(default=None)  # vllm: "prepare" (requests) or None (finish)
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> "LlavaSynthesisConfig":
+        if self.backend == "openai" and self.openai is None:
+            raise ValueError("backend openai needs an `openai:` section (model, base_url, ...)")
+        if self.backend == "vllm" and self.vllm is None:
+            raise ValueError("backend vllm needs a `vllm:` section (model, engine_kwargs, ...)")
+        if self.backend != "template" and not any(w > 0 for w in self.mix.values()):
+            raise ValueError("mix: at least one response type needs a weight > 0")
+        if any(w < 0 for w in self.mix.values()):
+            raise ValueError("mix: weights must be >= 0")
+        return self
+
+    @property
+    def model_label(self) -> str:
+        if self.backend == "openai" and self.openai:
+            return self.openai.model
+        if self.backend == "vllm" and self.vllm:
+            return self.vllm.model
+        return "template"
+
+    def with_phase(self, phase: str | None) -> "LlavaSynthesisConfig":
+        copy = self.model_copy()
+        copy._phase = phase
+        return copy
+
+    def state_path(self, default: str, configured: str | None = None) -> Path | None:
+        if configured:
+            return Path(configured).expanduser()
+        return Path(self._run_dir) / default if self._run_dir else None
+
+
+def row_seed(uid: str, seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{uid}".encode()).digest()[:8], "little")
+
+
+def pick_type(uid: str, seed: int, mix: dict[str, float]) -> str:
+    """The response type of a row: weighted by `mix`, fixed by (uid, seed) so a resume agrees."""
+    types = [t for t in RESPONSE_TYPES if mix.get(t, 0) > 0]
+    total = sum(mix[t] for t in types)
+    u = (row_seed(uid, seed) % 1_000_003) / 1_000_003 * total
+    for t in types:
+        u -= mix[t]
+        if u < 0:
+            return t
+    return types[-1]
+
+
+def row_context(row: dict[str, Any]) -> dict[str, Any]:
+    """Captions best first (CapFilt's kept list when present) and boxes; `ValueError` on malformed boxes."""
+    captions = row.get(C.CAPTIONS_KEPT) or [c for c in (row.get(C.CAPTION_BEST) or row.get(C.CAPTION),) if c]
+    context: dict[str, Any] = {"captions": [c.strip() for c in captions if c and c.strip()]}
+    if row.get(C.BOXES):
+        try:
+            boxes = json.loads(row[C.BOXES])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"boxes are not JSON: {e.msg}") from None
+        if not isinstance(boxes, list):
+            raise ValueError("boxes must be a JSON list")
+        objects = []
+        for b in boxes:
+            box = b.get("box") if isinstance(b, dict) else None
+            if not isinstance(b, dict) or not b.get("label") or not isinstance(box, list) or len(box) != 4:
+                raise ValueError(f"box entry {b!r} needs label and box [x1, y1, x2, y2]")
+            entry = {"label": str(b["label"]), "box": [round(float(v), 3) for v in box]}
+            if b.get("attributes"):
+                entry["attributes"] = b["attributes"]
+            objects.append(entry)
+        if objects:
+            context["objects"] = objects
+    return context
+
+
+@register_op("llava_synthesis_mapper")
+class LlavaSynthesisMapper(Op):
+    """Write one LLaVA sample per image with the configured backend; validate it; reject what fails."""
+
+    Config = LlavaSynthesisConfig
+    stateful = True
+
+    def __init__(self, config: LlavaSynthesisConfig) -> None:
+        super().__init__(config)
+        from dataengine.llm.grounding import ObjectVocabulary
+        from dataengine.llm.validate import Limits
+
+        self.limits = Limits(config.max_turns, config.max_turn_chars, config.max_total_chars)
+        self.vocabulary = ObjectVocabulary.load(config.object_vocabulary or
+                                                (Path(config.prompts_dir) / "objects.txt" if config.prompts_dir else None))
+        self.chat = None
+        if config.backend == "template":
+            from dataengine.llm.templates import Templates
+
+            self.templates = Templates.load(config.prompts_dir)
+        else:
+            from dataengine.llm.prompts import load_prompt_sets
+
+            self.prompts = load_prompt_sets(config.prompts_dir, [t for t in RESPONSE_TYPES if config.mix.get(t, 0) > 0])
+        if config.backend == "openai":
+            from dataengine.llm.cache import ResponseCache
+            from dataengine.llm.openai_backend import OpenAIChat
+            from dataengine.llm.usage import UsageLedger
+
+            cache_dir = config.state_path(CACHE_DIR, config.cache_dir)
+            usage_dir = config.state_path(USAGE_DIR)
+            assert config.openai is not None
+            self.chat = OpenAIChat(config.openai, ResponseCache(cache_dir) if cache_dir else None,
+                                   UsageLedger(usage_dir) if usage_dir else None)
+
+    @classmethod
+    def bind_run(cls, config: LlavaSynthesisConfig, run_dir: Path) -> LlavaSynthesisConfig:  # type: ignore[override]
+        bound = config.model_copy()
+        bound._run_dir = str(run_dir)
+        return bound
+
+    @classmethod
+    def ray_llm_config(cls, config: LlavaSynthesisConfig) -> VLLMBackendConfig | None:  # type: ignore[override]
+        return config.vllm if config.backend == "vllm" else None
+
+    def __del__(self) -> None:
+        if getattr(self, "chat", None) is not None:
+            self.chat.close()
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        config: LlavaSynthesisConfig = self.config  # type: ignore[assignment]
+        rows = batch.to_pylist()
+        out = [_empty_result() for _ in rows]
+        contexts: list[dict[str, Any] | None] = []
+        for row, result in zip(rows, out):
+            try:
+                context = row_context(row)
+            except ValueError as e:
+                result[C.REJECT_REASON], context = "invalid_boxes", None
+                log.debug("row %s: %s", row[C.UID], e)
+            if context is not None and not context["captions"] and not context.get("objects"):
+                result[C.REJECT_REASON], context = "no_context", None
+            contexts.append(context)
+        if config.backend == "vllm" and config._phase == "prepare":
+            return self._vllm_requests(rows, contexts, out)
+        if config.backend == "template":
+            self._from_templates(rows, contexts, out)
+        elif config.backend == "openai":
+            self._from_openai(rows, contexts, out)
+        else:
+            self._from_vllm_replies(rows, contexts, out)
+        return pa.table({name: [r[name] for r in out] for name in _RESULT_COLUMNS})
+
+    # ---- backends ----
+
+    def _from_templates(self, rows: list[dict], contexts: list[dict | None], out: list[dict]) -> None:
+        from dataengine.llm.templates import template_conversation
+
+        config: LlavaSynthesisConfig = self.config  # type: ignore[assignment]
+        for row, context, result in zip(rows, contexts, out):
+            if context is None:
+                continue
+            kind, turns = template_conversation(context, row_seed(row[C.UID], config.seed), self.templates,
+                                                config.max_qa_turns, config.detailed_fraction)
+            result.update({C.INSTRUCTION_TYPE: kind, C.LLM_MODEL: "template"})
+            self._accept(turns, context, None, result)
+
+    def type_and_question(self, uid: str) -> tuple[str, str | None]:
+        """A row's response type and, for `detail`, the question we ask (LLaVA picks it from a list too)."""
+        config: LlavaSynthesisConfig = self.config  # type: ignore[assignment]
+        kind = pick_type(uid, config.seed, config.mix)
+        questions = self.prompts[kind].questions
+        return kind, questions[row_seed(uid, config.seed + 1) % len(questions)] if kind == "detail" else None
+
+    def requests(self, rows: list[dict], contexts: list[dict | None]) -> list[tuple[int, str, str | None, list[dict]]]:
+        """(row index, response type, fixed question, chat messages) for every row with a context."""
+        from dataengine.llm.prompts import build_messages
+
+        config: LlavaSynthesisConfig = self.config  # type: ignore[assignment]
+        requests = []
+        for i, (row, context) in enumerate(zip(rows, contexts)):
+            if context is None:
+                continue
+            kind, question = self.type_and_question(row[C.UID])
+            requests.append((i, kind, question, build_messages(self.prompts[kind], context, question)))
+        return requests
+
+    def _from_openai(self, rows: list[dict], contexts: list[dict | None], out: list[dict]) -> None:
+        from dataengine.llm.openai_backend import RequestFailed
+
+        config: LlavaSynthesisConfig = self.config  # type: ignore[assignment]
+        requests = self.requests(rows, contexts)
+        if not requests:
+            return
+        assert self.chat is not None
+        replies = self.chat.complete_many([messages for *_, messages in requests])
+        for (i, kind, question, _), reply in zip(requests, replies):
+            result = out[i]
+            result.update({C.INSTRUCTION_TYPE: kind, C.LLM_MODEL: config.model_label})
+            if isinstance(reply, RequestFailed):
+                if config.transient_errors == "fail":
+                    raise RuntimeError(f"LLM request for row {rows[i][C.UID]} failed after retries ({reply}); "
+                                       "the run stops here and a rerun resumes (replies received so far are cached)")
+                result[C.REJECT_REASON] = f"llm_error:{reply.reason}"
+                continue
+            result.update({C.LLM_PROMPT_TOKENS: reply.prompt_tokens, C.LLM_COMPLETION_TOKENS: reply.completion_tokens,
+                           C.LLM_COST_USD: reply.cost_usd, C.LLM_CACHED: reply.cached})
+            self._parse_and_accept(kind, question, reply.content, reply.finish_reason, contexts[i], result)
+
+    def _vllm_requests(self, rows: list[dict], contexts: list[dict | None], out: list[dict]) -> pa.Table:
+        """Prepare phase: each row's chat messages as JSON, for Ray Data LLM to generate from."""
+        from dataengine.llm.vllm_backend import REQUEST_COLUMN
+
+        messages: list[str | None] = [None] * len(rows)
+        for i, _, _, request in self.requests(rows, contexts):
+            messages[i] = json.dumps(request, ensure_ascii=False)
+        return pa.table({REQUEST_COLUMN: pa.array(messages, pa.string()),
+                         C.REJECT_REASON: pa.array([r[C.REJECT_REASON] for r in out], pa.string())})
+
+    def _from_vllm_replies(self, rows: list[dict], contexts: list[dict | None], out: list[dict]) -> None:
+        """Finish rows that Ray Data LLM generated for (see `dataengine.llm.vllm_backend`)."""
+        from dataengine.llm.vllm_backend import REPLY_COLUMNS
+
+        config: LlavaSynthesisConfig = self.config  # type: ignore[assignment]
+        text_col, finish_col, in_col, out_col = REPLY_COLUMNS
+        for row, context, result in zip(rows, contexts, out):
+            if context is None:
+                continue
+            kind, question = self.type_and_question(row[C.UID])
+            result.update({C.INSTRUCTION_TYPE: kind, C.LLM_MODEL: config.model_label, C.LLM_CACHED: False,
+                           C.LLM_PROMPT_TOKENS: row.get(in_col), C.LLM_COMPLETION_TOKENS: row.get(out_col),
+                           C.LLM_COST_USD: 0.0})
+            self._parse_and_accept(kind, question, row.get(text_col), row.get(finish_col), context, result)
+
+    # ---- checks shared by the backends ----
+
+    def _parse_and_accept(self, kind: str, question: str | None, text: str | None, finish: str | None,
+                          context: dict, result: dict) -> None:
+        from dataengine.llm.prompts import parse_reply
+        from dataengine.llm.validate import InvalidConversation
+
+        try:
+            turns = parse_reply(text, finish, question)
+        except InvalidConversation as e:
+            result[C.REJECT_REASON], result[C.LLM_RAW_RESPONSE] = e.reject_reason, text
+            return
+        if kind == "detail":
+            turns = turns[:2]
+        self._accept(turns, context, text, result)
+
+    def _accept(self, turns: list[dict], context: dict, raw: str | None, result: dict) -> None:
+        from dataengine.llm.grounding import ungrounded_objects
+        from dataengine.llm.validate import InvalidConversation, validate_conversation
+
+        config: LlavaSynthesisConfig = self.config  # type: ignore[assignment]
+        try:
+            turns = validate_conversation(turns, self.limits)
+        except InvalidConversation as e:
+            result[C.REJECT_REASON], result[C.LLM_RAW_RESPONSE] = e.reject_reason, raw
+            return
+        missing = ungrounded_objects(turns, context, self.vocabulary)
+        result[C.UNGROUNDED_OBJECTS] = missing
+        result[C.CONVERSATIONS] = json.dumps(turns, ensure_ascii=False)
+        if missing and config.reject_ungrounded:
+            result[C.REJECT_REASON], result[C.LLM_RAW_RESPONSE] = "llm_ungrounded", raw
+
+
+_RESULT_COLUMNS = (C.INSTRUCTION_TYPE, C.CONVERSATIONS, C.LLM_MODEL, C.LLM_PROMPT_TOKENS, C.LLM_COMPLETION_TOKENS,
+                   C.LLM_COST_USD, C.LLM_CACHED, C.LLM_RAW_RESPONSE, C.UNGROUNDED_OBJECTS, C.REJECT_REASON)
+
+
+def _empty_result() -> dict[str, Any]:
+    return dict.fromkeys(_RESULT_COLUMNS)
