@@ -18,9 +18,10 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import to_jsonable_python
 
 from dataengine.ops import get_op, list_ops, stage_name
-from dataengine.ops.base import _REGISTRY
+from dataengine.ops.base import _REGISTRY, OPERATIONAL
 from dataengine.schemas import SCHEMA_DIR
 
 SCHEMA_PATH = SCHEMA_DIR / "pipeline.schema.json"
@@ -100,9 +101,29 @@ class PipelineSpec(_Strict):
         return [stage_name(s) for s in self.stages]
 
     def spec_hash(self) -> str:
-        """Hash of everything that decides the outputs (the output path itself excluded)."""
-        payload = self.model_dump(mode="json", exclude={"output"})
+        """Hash of everything that decides the outputs. Excluded: the output path, and fields marked
+        `operational` (an LLM budget, timeouts, request concurrency): a run stopped by its budget
+        resumes under a larger one."""
+        payload = _decisive(self)
+        payload.pop("output", None)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _decisive(value: Any) -> Any:
+    """`value` as JSON data without its models' operational fields."""
+    if isinstance(value, BaseModel):
+        out = {}
+        for name, info in type(value).model_fields.items():
+            extra = info.json_schema_extra
+            if extra == OPERATIONAL:
+                continue
+            out[name] = _decisive(getattr(value, name))
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_decisive(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _decisive(v) for k, v in value.items()}
+    return to_jsonable_python(value)
 
 
 def parse_spec(data: Any, source: str = "<spec>") -> PipelineSpec:

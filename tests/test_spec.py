@@ -39,7 +39,7 @@ def test_unknown_keys_are_errors_and_list_allowed_keys():
     bad["stages"][0]["imagesize"] = 3
     bad["extra"] = 1
     problems = _problems(bad)
-    assert any(p.startswith("input.urlcol: unknown key (allowed: caption_col, format, id_col, path") for p in problems)
+    assert any(p.startswith("input.urlcol: unknown key (allowed: boxes_col, caption_col, format, id_col, path") for p in problems)
     assert any(p.startswith("stages[0].imagesize: unknown key (allowed:") and "image_size" in p for p in problems)
     assert any(p.startswith("extra: unknown key") for p in problems)
 

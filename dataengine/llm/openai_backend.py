@@ -6,8 +6,9 @@ what a data pipeline needs around it: a bound on requests in flight per worker (
 bound is that times the op's actor count), an on-disk reply cache checked before any request, usage
 and cost accounting shared by all workers, and a budget that stops the run cleanly.
 
-The API key is read from the environment variable the spec names, at call time on the worker; it is
-never part of the spec, the cache key, logs, run.json or outputs.
+The API key is read from the environment variable the spec names: on the worker, else the driver's
+value shipped with the op (a private attribute, never dumped). It is never part of the spec, the cache
+key, logs, run.json or outputs.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dataengine.llm.cache import CachedReply, ResponseCache, request_key
 from dataengine.llm.usage import Budget, BudgetExhausted, Usage, UsageLedger
+from dataengine.ops.base import OPERATIONAL
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,20 +38,20 @@ class OpenAIBackendConfig(BaseModel):
 
     model: str = Field(min_length=1, description="Model name the endpoint serves, e.g. gpt-4o-mini or a vLLM model id.")
     base_url: str | None = Field(default=None, description="Endpoint, e.g. http://vllm:8000/v1; default: OpenAI's.")
-    api_key_env: str | None = Field(default="OPENAI_API_KEY",
+    api_key_env: str | None = Field(json_schema_extra=OPERATIONAL, default="OPENAI_API_KEY",
                                     description="Environment variable holding the API key; null: the endpoint needs none.")
-    max_concurrency: int = Field(default=32, gt=0, description="Requests in flight per worker (actor).")
-    timeout_s: float = Field(default=120.0, gt=0, description="Per-request timeout.")
-    max_retries: int = Field(default=5, ge=0, description="Retries on 408/409/429/5xx/timeouts, with backoff and Retry-After.")
+    max_concurrency: int = Field(json_schema_extra=OPERATIONAL, default=32, gt=0, description="Requests in flight per worker (actor).")
+    timeout_s: float = Field(json_schema_extra=OPERATIONAL, default=120.0, gt=0, description="Per-request timeout.")
+    max_retries: int = Field(json_schema_extra=OPERATIONAL, default=5, ge=0, description="Retries on 408/409/429/5xx/timeouts, with backoff and Retry-After.")
     temperature: float = Field(default=0.7, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     max_tokens: int = Field(default=1024, gt=0, description="Completion token limit; a reply cut there is rejected.")
     seed: int | None = Field(default=None, description="Sampling seed, where the endpoint supports one.")
     json_mode: bool = Field(default=False, description="Ask for response_format json_object (OpenAI, vLLM support it).")
-    price_input_per_1m: float = Field(default=0.0, ge=0, description="USD per million prompt tokens, for the cost estimate.")
-    price_output_per_1m: float = Field(default=0.0, ge=0, description="USD per million completion tokens.")
-    max_cost_usd: float | None = Field(default=None, gt=0, description="Stop the run when the estimated spend reaches this.")
-    max_total_tokens: int | None = Field(default=None, gt=0, description="Stop the run when this many tokens are used.")
+    price_input_per_1m: float = Field(json_schema_extra=OPERATIONAL, default=0.0, ge=0, description="USD per million prompt tokens, for the cost estimate.")
+    price_output_per_1m: float = Field(json_schema_extra=OPERATIONAL, default=0.0, ge=0, description="USD per million completion tokens.")
+    max_cost_usd: float | None = Field(json_schema_extra=OPERATIONAL, default=None, gt=0, description="Stop the run when the estimated spend reaches this.")
+    max_total_tokens: int | None = Field(json_schema_extra=OPERATIONAL, default=None, gt=0, description="Stop the run when this many tokens are used.")
 
     def generation_params(self) -> dict[str, Any]:
         """What besides model and messages decides a reply: part of the cache key."""
@@ -119,8 +121,9 @@ class OpenAIChat:
     across batches so the connection pool stays warm."""
 
     def __init__(self, config: OpenAIBackendConfig, cache: ResponseCache | None = None,
-                 ledger: UsageLedger | None = None) -> None:
+                 ledger: UsageLedger | None = None, fallback_key: str | None = None) -> None:
         self.config, self.cache, self.ledger = config, cache, ledger
+        self._fallback_key = fallback_key  # the driver's key, when this worker's environment has none
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="openai-loop", daemon=True)
         self._thread.start()
@@ -135,10 +138,11 @@ class OpenAIChat:
         from openai import AsyncOpenAI
 
         env = self.config.api_key_env
-        key = os.environ.get(env) if env else "none"
+        key = (os.environ.get(env) or self._fallback_key) if env else "none"
         if not key:
             raise EndpointError(f"llava_synthesis_mapper: environment variable {env} (openai.api_key_env) is not set "
-                                "on the worker; set it, or set api_key_env: null for an endpoint without keys")
+                                "on the driver or the workers; set it, or set api_key_env: null for an endpoint "
+                                "without keys")
         return AsyncOpenAI(api_key=key, base_url=self.config.base_url, timeout=self.config.timeout_s,
                            max_retries=self.config.max_retries)
 

@@ -20,17 +20,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, model_validator
 
 from dataengine import columns as C
 from dataengine.llm.openai_backend import OpenAIBackendConfig
 from dataengine.llm.prompts import RESPONSE_TYPES
 from dataengine.llm.vllm_backend import VLLMBackendConfig
-from dataengine.ops.base import OpConfig, Op, register_op
+from dataengine.ops.base import OPERATIONAL, OpConfig, Op, register_op
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,9 @@ class LlavaSynthesisConfig(OpConfig):
     object_vocabulary: str | None = Field(default=None, description="Grounding vocabulary file; default: prompts_dir/objects.txt.")
     reject_ungrounded: bool = Field(default=True, description="Reject answers naming objects the context does not have.")
     transient_errors: Literal["fail", "reject"] = Field(
-        default="fail", description="After retries, a timeout/429/5xx either stops the run (resume later: replies "
+        default="fail", json_schema_extra=OPERATIONAL, description="After retries, a timeout/429/5xx either stops the run (resume later: replies "
         "already received are cached) or rejects the row as llm_error:<why>.")
-    cache_dir: str | None = Field(default=None, description="Reply cache; default: <run>/_state/llm-cache. Share it "
+    cache_dir: str | None = Field(default=None, json_schema_extra=OPERATIONAL, description="Reply cache; default: <run>/_state/llm-cache. Share it "
                                                             "between runs to never pay twice for the same request.")
     max_qa_turns: int = Field(default=3, ge=0, description="template: short question turns after the first one.")
     detailed_fraction: float = Field(default=0.5, ge=0, le=1,
@@ -67,6 +68,9 @@ class LlavaSynthesisConfig(OpConfig):
     batch_size: int = Field(default=256, gt=0, description="Rows per batch; keep >= openai.max_concurrency.")
     _run_dir: str | None = PrivateAttr(default=None)  # set by `bind_run`: where the cache and usage live
     _phase: str | None = PrivateAttr(default=None)  # vllm: "prepare" (requests) or None (finish)
+    # the driver's API key, for workers whose environment lacks the variable; private attributes are
+    # never dumped (spec, run.json) nor shown in the config's repr
+    _api_key: SecretStr | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _backend_settings(self) -> "LlavaSynthesisConfig":
@@ -173,12 +177,16 @@ class LlavaSynthesisMapper(Op):
             usage_dir = config.state_path(USAGE_DIR)
             assert config.openai is not None
             self.chat = OpenAIChat(config.openai, ResponseCache(cache_dir) if cache_dir else None,
-                                   UsageLedger(usage_dir) if usage_dir else None)
+                                   UsageLedger(usage_dir) if usage_dir else None,
+                                   config._api_key.get_secret_value() if config._api_key else None)
 
     @classmethod
     def bind_run(cls, config: LlavaSynthesisConfig, run_dir: Path) -> LlavaSynthesisConfig:  # type: ignore[override]
         bound = config.model_copy()
         bound._run_dir = str(run_dir)
+        env = config.openai.api_key_env if config.backend == "openai" and config.openai else None
+        if env and os.environ.get(env):
+            bound._api_key = SecretStr(os.environ[env])
         return bound
 
     @classmethod
