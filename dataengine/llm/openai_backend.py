@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -116,9 +117,15 @@ def _failure(e: Exception) -> RequestFailed:
     return RequestFailed("bad_response", f"{type(e).__name__}: {e}")
 
 
+#: connections per client: httpx's pool scans every connection on each request, so one pool of 256
+#: costs milliseconds of CPU per request; several small pools cost a fraction of that
+CONNECTIONS_PER_CLIENT = 32
+
+
 class OpenAIChat:
     """Async chat completions run from synchronous code: one event loop thread per worker, kept
-    across batches so the connection pool stays warm."""
+    across batches so the connection pools stay warm. `max_concurrency` is split over a few clients
+    (lanes), each with its own connection pool and its share of the bound."""
 
     def __init__(self, config: OpenAIBackendConfig, cache: ResponseCache | None = None,
                  ledger: UsageLedger | None = None, fallback_key: str | None = None) -> None:
@@ -127,15 +134,23 @@ class OpenAIChat:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="openai-loop", daemon=True)
         self._thread.start()
-        self._client = self._run(self._make_client())
-        self._semaphore = self._run(self._make_semaphore())
+        lanes = -(-config.max_concurrency // CONNECTIONS_PER_CLIENT)
+        sizes = [config.max_concurrency // lanes + (i < config.max_concurrency % lanes) for i in range(lanes)]
+        self._lanes = [self._run(self._make_lane(size)) for size in sizes]
+        self._next_lane = 0
         self._known_usage = Usage()  # totals read at batch start + what this worker spent since
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    async def _make_client(self) -> Any:
-        from openai import AsyncOpenAI
+    async def _make_lane(self, size: int) -> tuple[Any, asyncio.Semaphore]:
+        """A client whose pool keeps `size` connections alive, and the semaphore that bounds it to `size`."""
+        from openai import AsyncOpenAI, DefaultAsyncHttpxClient
+
+        try:  # the openai client's HTTP layer: httpx2 in openai >= 3, httpx before
+            import httpx2 as httpx
+        except ImportError:
+            import httpx
 
         env = self.config.api_key_env
         key = (os.environ.get(env) or self._fallback_key) if env else "none"
@@ -143,33 +158,49 @@ class OpenAIChat:
             raise EndpointError(f"llava_synthesis_mapper: environment variable {env} (openai.api_key_env) is not set "
                                 "on the driver or the workers; set it, or set api_key_env: null for an endpoint "
                                 "without keys")
-        return AsyncOpenAI(api_key=key, base_url=self.config.base_url, timeout=self.config.timeout_s,
-                           max_retries=self.config.max_retries)
+        # keep-alive for every connection (the client's default keeps 100: past that, each request
+        # would open and close a connection of its own)
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size, keepalive_expiry=30.0)
+        client = AsyncOpenAI(api_key=key, base_url=self.config.base_url, timeout=self.config.timeout_s,
+                             max_retries=self.config.max_retries,
+                             http_client=DefaultAsyncHttpxClient(limits=limits, timeout=self.config.timeout_s))
+        return client, asyncio.Semaphore(size)
 
-    async def _make_semaphore(self) -> asyncio.Semaphore:
-        return asyncio.Semaphore(self.config.max_concurrency)
+    def complete_iter(self, requests: list[list[dict[str, str]]]) -> Iterator[tuple[int, Completion | RequestFailed]]:
+        """(index, reply) for each of `requests` as replies arrive; a failed request yields a `RequestFailed`.
 
-    def complete_many(self, requests: list[list[dict[str, str]]]) -> list[Completion | RequestFailed]:
-        """Replies for `requests` in order; a failed request is a `RequestFailed` in its place.
-
-        Raises `BudgetExhausted` (after letting in-flight requests finish and caching them) when the
-        run's budget is reached, and `EndpointError` when the endpoint refuses us outright.
+        The caller works on early replies while later ones are in flight. At the end, raises
+        `BudgetExhausted` (in-flight requests were let finish and cached) when the run's budget is
+        reached, or `EndpointError` when the endpoint refused us outright.
         """
         if self.ledger is not None:
             self._known_usage = self.ledger.totals()
-        results = self._run(self._gather(requests))
-        fatal = next((r for r in results if isinstance(r, RequestFailed) and r.fatal), None)
-        if fatal is not None:
-            raise EndpointError(f"the LLM endpoint refused the request ({fatal.detail}); check base_url, model and the API key")
-        budget_stop = next((r for r in results if isinstance(r, BudgetExhausted)), None)
-        if budget_stop is not None:
-            raise budget_stop
-        return results  # type: ignore[return-value]
+        arrived: queue.SimpleQueue = queue.SimpleQueue()
 
-    async def _gather(self, requests: list[list[dict[str, str]]]) -> list[Any]:
-        return list(await asyncio.gather(*(self._one(m) for m in requests), return_exceptions=False))
+        async def one(i: int, messages: list[dict[str, str]]) -> None:
+            arrived.put((i, await self._one(messages)))
+
+        async def run_all() -> None:
+            await asyncio.gather(*(one(i, m) for i, m in enumerate(requests)))
+
+        future = asyncio.run_coroutine_threadsafe(run_all(), self._loop)
+        stop: Exception | None = None
+        for _ in requests:
+            i, reply = arrived.get()
+            if isinstance(reply, RequestFailed) and reply.fatal:
+                stop = stop or EndpointError(f"the LLM endpoint refused the request ({reply.detail}); "
+                                             "check base_url, model and the API key")
+            elif isinstance(reply, BudgetExhausted):
+                stop = stop or reply
+            else:
+                yield i, reply
+        future.result()
+        if stop is not None:
+            raise stop
 
     async def _one(self, messages: list[dict[str, str]]) -> Completion | RequestFailed | BudgetExhausted:
+        from openai.types.chat import ChatCompletion
+
         config = self.config
         params = config.generation_params()
         key = request_key(config.model, messages, params)
@@ -177,12 +208,17 @@ class OpenAIChat:
             hit = self.cache.get(key)
             if hit is not None:
                 return Completion(hit.content, hit.finish_reason, hit.prompt_tokens, hit.completion_tokens, 0.0, True)
-        async with self._semaphore:
+        client, semaphore = self._lanes[self._next_lane]
+        self._next_lane = (self._next_lane + 1) % len(self._lanes)
+        async with semaphore:
             over = config.budget.exceeded(self._known_usage)
             if over:
                 return BudgetExhausted(over)
             try:
-                response = await self._client.chat.completions.create(model=config.model, messages=messages, **params)
+                # `post` with a ready body: the typed `chat.completions.create` re-walks every message
+                # through its TypedDict transform, milliseconds per request with few-shot prompts
+                response = await client.post("/chat/completions", cast_to=ChatCompletion,
+                                             body={"model": config.model, "messages": messages, **params})
                 choice = response.choices[0]
                 content, finish = choice.message.content, choice.finish_reason
                 usage = response.usage
@@ -201,7 +237,8 @@ class OpenAIChat:
     def close(self) -> None:
         if self._loop.is_running():
             try:
-                self._run(self._client.close())
+                for client, _ in self._lanes:
+                    self._run(client.close())
             finally:
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 self._thread.join(timeout=5)

@@ -65,12 +65,23 @@ class LlavaSynthesisConfig(OpConfig):
     max_total_chars: int = Field(default=8000, gt=0, description="Longest conversation accepted, all turns.")
     seed: int = Field(default=0, description="Seeds the per-row choice of type, question and template.")
     concurrency: int | None = Field(default=1, gt=0, description="Actors; requests in flight cluster-wide = this x max_concurrency.")
-    batch_size: int = Field(default=256, gt=0, description="Rows per batch; keep >= openai.max_concurrency.")
+    batch_size: int = Field(default=256, gt=0, description="Rows per batch; openai default: 8 x max_concurrency.")
     _run_dir: str | None = PrivateAttr(default=None)  # set by `bind_run`: where the cache and usage live
     _phase: str | None = PrivateAttr(default=None)  # vllm: "prepare" (requests) or None (finish)
     # the driver's API key, for workers whose environment lacks the variable; private attributes are
     # never dumped (spec, run.json) nor shown in the config's repr
     _api_key: SecretStr | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _batch_for_concurrency(cls, data: Any) -> Any:
+        """openai: default batch = 8 x max_concurrency. A batch waits for its slowest request, so with
+        one wave per batch the endpoint idles at every batch boundary; eight waves amortise that."""
+        if isinstance(data, dict) and "batch_size" not in data and data.get("backend") == "openai":
+            section = data.get("openai")
+            limit = section.get("max_concurrency") if isinstance(section, dict) else getattr(section, "max_concurrency", None)
+            data = {**data, "batch_size": 8 * (limit if isinstance(limit, int) and limit > 0 else 32)}
+        return data
 
     @model_validator(mode="after")
     def _backend_settings(self) -> "LlavaSynthesisConfig":
@@ -263,19 +274,21 @@ class LlavaSynthesisMapper(Op):
         if not requests:
             return
         assert self.chat is not None
-        replies = self.chat.complete_many([messages for *_, messages in requests])
-        for (i, kind, question, _), reply in zip(requests, replies):
+        failed: str | None = None
+        for j, reply in self.chat.complete_iter([messages for *_, messages in requests]):
+            i, kind, question, _ = requests[j]
             result = out[i]
             result.update({C.INSTRUCTION_TYPE: kind, C.LLM_MODEL: config.model_label})
             if isinstance(reply, RequestFailed):
-                if config.transient_errors == "fail":
-                    raise RuntimeError(f"LLM request for row {rows[i][C.UID]} failed after retries ({reply}); "
-                                       "the run stops here and a rerun resumes (replies received so far are cached)")
+                if config.transient_errors == "fail":  # stop, once the requests in flight are answered and cached
+                    failed = failed or f"LLM request for row {rows[i][C.UID]} failed after retries ({reply})"
                 result[C.REJECT_REASON] = f"llm_error:{reply.reason}"
                 continue
             result.update({C.LLM_PROMPT_TOKENS: reply.prompt_tokens, C.LLM_COMPLETION_TOKENS: reply.completion_tokens,
                            C.LLM_COST_USD: reply.cost_usd, C.LLM_CACHED: reply.cached})
             self._parse_and_accept(kind, question, reply.content, reply.finish_reason, contexts[i], result)
+        if failed:
+            raise RuntimeError(f"{failed}; the run stops here and a rerun resumes (replies received so far are cached)")
 
     def _vllm_requests(self, rows: list[dict], contexts: list[dict | None], out: list[dict]) -> pa.Table:
         """Prepare phase: each row's chat messages as JSON, for Ray Data LLM to generate from."""

@@ -1,0 +1,103 @@
+"""Instruction-synthesis throughput against an endpoint with a fixed latency: achieved requests/s vs
+the limit C/L (C requests in flight, each answered after L seconds).
+
+The endpoint is the fake OpenAI-compatible server (`dataengine.synthweb.llm_server`), run in its own
+process so it does not share a GIL with the client; it answers every request after exactly L seconds
+with a valid conversation. The client is the whole `llava_synthesis_mapper` op (prompt building, the
+`openai` async client, cache writes, parsing, validation, grounding) with `max_concurrency = C`,
+processing one batch of rows; the cache starts empty so every row is a request. The ratio
+achieved / (C/L) is the share of the endpoint's capacity the op uses.
+
+What bounds it here: the `openai` client spends ~2 ms of CPU per request (request building and
+connection-pool bookkeeping), so one worker process tops out near 500 requests/s on this machine
+whatever C is; C/L beyond that needs more actors (`concurrency`) or cores. The default sweep shows
+both regimes.
+
+Run: `.venv/bin/python bench/synthesize.py [--c 256] [--latency 2.0 0.5] [--no-record]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import multiprocessing.synchronize
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from dataengine import columns as C
+
+from _record import append_result  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+
+def _serve(latency: float, port_queue: mp.Queue, stop: mp.synchronize.Event) -> None:
+    from dataengine.synthweb.llm_responder import SceneResponder
+    from dataengine.synthweb.llm_server import FakeLLMServer
+
+    with FakeLLMServer(SceneResponder(), latency=latency) as server:
+        port_queue.put(server.base_url)
+        stop.wait()
+        port_queue.put((server.requests, server.max_in_flight))
+
+
+def _rows(n: int, tag: str) -> pa.Table:
+    return pa.table({C.UID: [f"{tag}-{i}" for i in range(n)],
+                     C.CAPTION: [f"a large red circle and two blue stars, picture {tag}-{i}" for i in range(n)]})
+
+
+def measure(concurrency: int, latency: float, waves: int) -> dict[str, float]:
+    """Run `waves * C` requests through the op against a server answering after `latency` seconds."""
+    import os
+
+    from dataengine.ops.llava_synthesis import LlavaSynthesisConfig, LlavaSynthesisMapper
+
+    ctx = mp.get_context("spawn")  # a fresh interpreter for the server: no shared GIL, no forked threads
+    queue, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_serve, args=(latency, queue, stop), daemon=True)
+    proc.start()
+    base_url = queue.get(timeout=60)
+    os.environ["BENCH_LLM_KEY"] = "bench"
+    with tempfile.TemporaryDirectory() as tmp:
+        config = LlavaSynthesisConfig(backend="openai", batch_size=concurrency * waves,
+                                      openai={"model": "fake", "base_url": base_url, "api_key_env": "BENCH_LLM_KEY",
+                                              "max_concurrency": concurrency, "max_retries": 0, "timeout_s": 60})
+        op = LlavaSynthesisMapper(LlavaSynthesisMapper.bind_run(config, Path(tmp)))
+        op.process(_rows(min(concurrency, 32), "warm"))  # connections and imports, not timed
+        rows = _rows(concurrency * waves, f"c{concurrency}-l{latency}")
+        started = time.perf_counter()
+        out = op.process(rows)
+        seconds = time.perf_counter() - started
+        op.chat.close()
+    stop.set()
+    requests, max_in_flight = queue.get(timeout=30)
+    proc.join(timeout=10)
+    kept = out.column(C.REJECT_REASON).null_count
+    n = rows.num_rows
+    return {"C": concurrency, "L": latency, "rows": n, "kept": kept, "seconds": seconds, "achieved": n / seconds,
+            "limit": concurrency / latency, "ratio": n / seconds / (concurrency / latency), "max_in_flight": max_in_flight}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--c", type=int, nargs="+", default=[256])
+    parser.add_argument("--latency", type=float, nargs="+", default=[2.0, 1.0, 0.5])
+    parser.add_argument("--waves", type=int, default=6, help="batch = waves x C rows")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    lines = [f"{'C':>5} {'L s':>5} {'rows':>6} {'kept':>6} {'seconds':>8} {'req/s':>8} {'C/L':>8} {'ratio':>6} {'max in flight':>14}"]
+    for c in args.c:
+        for latency in args.latency:
+            r = measure(c, latency, args.waves)
+            lines.append(f"{r['C']:>5} {r['L']:>5.2f} {r['rows']:>6} {r['kept']:>6} {r['seconds']:>8.2f} "
+                         f"{r['achieved']:>8.1f} {r['limit']:>8.1f} {r['ratio']:>6.3f} {r['max_in_flight']:>14}")
+            print(lines[-1], flush=True)
+    report = "\n".join(lines)
+    print(report)
+    if not args.no_record:
+        append_result("bench/synthesize.py: llava_synthesis_mapper (openai backend) vs the C/L limit", report)
+
+
+if __name__ == "__main__":
+    main()
