@@ -23,12 +23,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
@@ -70,6 +72,7 @@ def _offline() -> bool:
 
 
 DEMO_PREFIX = "synthweb-demo:"
+DEMO_MODELS = ("clip", "lm", "blip-captioner", "blip-itm")
 
 
 def demo_model_path(model: str) -> str:
@@ -80,9 +83,9 @@ def demo_model_path(model: str) -> str:
 
     name = model.removeprefix(DEMO_PREFIX)
     path = demo_model_dir() / name
-    if name not in ("clip", "lm") or not path.is_dir():
+    if name not in DEMO_MODELS or not path.is_dir():
         raise ModelNotFound(f"{model}: no demo model at {path}; `dataengine demo-models` trains them "
-                            "(synthweb-demo:clip and synthweb-demo:lm exist)")
+                            f"({', '.join(DEMO_PREFIX + m for m in DEMO_MODELS)} exist)")
     return str(path)
 
 
@@ -134,29 +137,34 @@ def load_open_clip(model: str, pretrained: str | None = None, device: DeviceName
     return clip, preprocess, tokenizer
 
 
-def load_causal_lm(model: str, device: DeviceName = "auto", dtype: DtypeName = "auto") -> tuple[Any, Any]:
-    """Load a transformers causal LM and its tokenizer (local dir or hub id, cache first), in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch_device = select_device(device)
-    torch_dtype = select_dtype(dtype, torch_device)
+def from_local_or_hub(model: str, load: Callable[[str, bool], T], what: str, needs_config: bool = True) -> T:
+    """`load(source, local_files_only)` for a local directory, else a hub id: the cache first, then the hub
+    unless HF_HUB_OFFLINE is set. `ModelNotFound` says what was looked for and where."""
     path = Path(demo_model_path(model)).expanduser()
-    if path.exists() and not (path / "config.json").is_file():
+    if needs_config and path.exists() and not (path / "config.json").is_file():
         raise ModelNotFound(f"{path} exists but holds no config.json (a transformers model directory is what "
                             "save_pretrained writes)")
     source = str(path) if path.exists() else model
     errors = []
     for local_only in ((True,) if path.exists() or _offline() else (True, False)):
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-            lm = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, dtype=torch_dtype)
-            break
+            return load(source, local_only)
         except (OSError, ValueError) as e:
             errors.append(f"{'cache' if local_only else 'hub'}: {e}")
-    else:
-        where = f"directory {path}" if path.exists() else f"the hub cache ({_hf_cache_dir()})" + \
-            (" (HF_HUB_OFFLINE is set, so not the hub)" if _offline() else " and the hub")
-        raise ModelNotFound(f"cannot load causal LM {model!r} from {where}: " + " | ".join(errors))
+    where = f"directory {path}" if path.exists() else f"the hub cache ({_hf_cache_dir()})" + \
+        (" (HF_HUB_OFFLINE is set, so not the hub)" if _offline() else " and the hub")
+    raise ModelNotFound(f"cannot load {what} {model!r} from {where}: " + " | ".join(errors))
+
+
+def load_causal_lm(model: str, device: DeviceName = "auto", dtype: DtypeName = "auto") -> tuple[Any, Any]:
+    """Load a transformers causal LM and its tokenizer (local dir or hub id, cache first), in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_device = select_device(device)
+    torch_dtype = select_dtype(dtype, torch_device)
+    lm, tokenizer = from_local_or_hub(model, lambda source, local_only: (
+        AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, dtype=torch_dtype),
+        AutoTokenizer.from_pretrained(source, local_files_only=local_only)), "causal LM")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     lm.to(torch_device).eval()
@@ -168,12 +176,22 @@ def load_tokenizer(model: str) -> Any:
     """A transformers tokenizer by local directory or hub id (cache first; the hub only when online)."""
     from transformers import AutoTokenizer
 
-    path = Path(demo_model_path(model)).expanduser()
-    source = str(path) if path.exists() else model
-    errors = []
-    for local_only in ((True,) if path.exists() or _offline() else (True, False)):
-        try:
-            return AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-        except (OSError, ValueError) as e:
-            errors.append(f"{'cache' if local_only else 'hub'}: {e}")
-    raise ModelNotFound(f"cannot load tokenizer {model!r}: " + " | ".join(errors))
+    return from_local_or_hub(model, lambda source, local_only: AutoTokenizer.from_pretrained(
+        source, local_files_only=local_only), "tokenizer", needs_config=False)
+
+
+def load_blip(model: str, task: str, device: DeviceName = "auto", dtype: DtypeName = "auto") -> tuple[Any, Any]:
+    """A BLIP model and its processor, in eval mode: `task` is "caption" (`BlipForConditionalGeneration`,
+    e.g. Salesforce/blip-image-captioning-large) or "itm" (`BlipForImageTextRetrieval`, e.g.
+    Salesforce/blip-itm-large-coco). Local directory or hub id, cache first."""
+    import transformers
+
+    model_class = getattr(transformers, {"caption": "BlipForConditionalGeneration", "itm": "BlipForImageTextRetrieval"}[task])
+    torch_device = select_device(device)
+    torch_dtype = select_dtype(dtype, torch_device)
+    blip, processor = from_local_or_hub(model, lambda source, local_only: (
+        model_class.from_pretrained(source, local_files_only=local_only, dtype=torch_dtype),
+        transformers.BlipProcessor.from_pretrained(source, local_files_only=local_only)), f"BLIP {task} model")
+    blip.to(torch_device).eval()
+    log.info("loaded BLIP %s model %s on %s as %s", task, model, torch_device, torch_dtype)
+    return blip, processor

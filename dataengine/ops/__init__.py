@@ -1,6 +1,8 @@
 """Operators, one per module, registered by name on import."""
 
 from dataengine.ops import (  # noqa: F401  (each registers its op)
+    blip_caption,
+    capfilt,
     caption_rules,
     clip_score,
     dedup,
