@@ -109,3 +109,15 @@ def test_keep_top_fraction_is_a_barrier_and_keeps_the_top_rows(ray_local, synthw
     decision = json.loads((result.run_dir / "_state" / "decision-1.json").read_text())
     assert decision["keep"] == clip["kept"] and decision["rows"] == clip["in"]
     assert not (result.run_dir / "_segments").exists()  # intermediate rows cleaned up at the end
+
+
+def test_text_caption_best_scores_capfilts_caption_and_falls_back_to_the_web_one(tiny_clip):
+    base = _batch()
+    best = pa.array(["a completely different caption"] + [None] * (base.num_rows - 1), pa.string())
+    with_best = base.append_column(C.CAPTION_BEST, best)
+    op = ClipScoreFilter(ClipScoreConfig(model=str(tiny_clip), pretrained=None, device="cpu", text="caption_best"))
+    scores = op.process(with_best).column(C.CLIP_SCORE).to_pylist()
+    plain = ClipScoreFilter(ClipScoreConfig(model=str(tiny_clip), pretrained=None, device="cpu"))
+    swapped = base.set_column(base.column_names.index(C.CAPTION), C.CAPTION,
+                              pa.array(["a completely different caption"] + base.column(C.CAPTION).to_pylist()[1:]))
+    assert scores == pytest.approx(plain.process(swapped).column(C.CLIP_SCORE).to_pylist(), abs=1e-6)

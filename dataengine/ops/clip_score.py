@@ -30,6 +30,9 @@ class ClipScoreConfig(ModelOpConfig):
     min_score: float | None = Field(default=None, ge=-1, le=1, description="Keep rows scoring at least this.")
     keep_top_fraction: float | None = Field(default=None, gt=0, le=1, description="Keep this fraction, best first.")
     write_embedding: bool = Field(default=False, description="Also write clip_image_embedding (L2-normalised).")
+    text: Literal["caption", "caption_best"] = Field(
+        default="caption", description="Which caption to score: the web caption, or CapFilt's best (the web one "
+                                       "where CapFilt did not run).")
 
     @model_validator(mode="after")
     def _one_threshold(self) -> "ClipScoreConfig":
@@ -67,6 +70,8 @@ class ClipScoreFilter(KeepFractionBarrier, Op):
         n = batch.num_rows
         images = batch.column(C.IMAGE).to_pylist() if C.IMAGE in batch.column_names else [None] * n
         captions = batch.column(C.CAPTION).to_pylist() if C.CAPTION in batch.column_names else [None] * n
+        if config.text == "caption_best" and C.CAPTION_BEST in batch.column_names:
+            captions = [best or web for best, web in zip(batch.column(C.CAPTION_BEST).to_pylist(), captions)]
         reasons: list[str | None] = [None] * n
         scores: list[float | None] = [None] * n
         embeddings: list[list[float] | None] = [None] * n
