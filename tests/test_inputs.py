@@ -26,12 +26,27 @@ def _write_all_formats(tmp_path):
 def test_every_format_reads_the_same_rows(tmp_path, fmt):
     _write_all_formats(tmp_path)
     table = read_input_file(tmp_path / f"in.{fmt}", InputSpec(path=".", id_col="key"))
-    assert table.column_names == [C.URL, C.CAPTION, C.SOURCE_ID]
+    assert table.column_names == [C.URL, C.CAPTION, C.SOURCE_ID, C.BOXES]
     assert table.column(C.SOURCE_ID).to_pylist() == ["k1", "k2", "k3", "k4"]
+    assert table.column(C.BOXES).null_count == 4  # no boxes_col: null
     urls = table.column(C.URL).to_pylist()
     assert urls[:2] == ["http://a/1.jpg", "http://a/2.jpg"]
     assert urls[2] in (None, "") and urls[3] in (None, "")  # CSV cannot tell null from empty
     assert table.column(C.CAPTION).to_pylist()[1] == "two dogs"
+
+
+def test_boxes_column_becomes_json_from_nested_parquet_and_jsonl(tmp_path):
+    import json
+
+    boxes = [[{"label": "dog", "box": [0.1, 0.2, 0.5, 0.9]}], None]
+    pq.write_table(pa.table({"url": ["http://a/1", "http://a/2"], "caption": ["a", "b"], "objs": boxes}), tmp_path / "in.parquet")
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps({"url": "http://a/1", "caption": "a", "objs": b}) for b in boxes))
+    for name in ("in.parquet", "in.jsonl"):
+        table = read_input_file(tmp_path / name, InputSpec(path=".", boxes_col="objs"))
+        values = table.column(C.BOXES).to_pylist()
+        assert json.loads(values[0]) == boxes[0] and values[1] is None, name
+    with pytest.raises(InputError, match="input.boxes_col: column 'nope' not found"):
+        read_input_file(tmp_path / "in.parquet", InputSpec(path=".", boxes_col="nope"))
 
 
 def test_missing_url_column_names_field_file_and_columns(tmp_path):
