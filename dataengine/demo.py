@@ -28,6 +28,7 @@ from dataengine.synthweb.models import ensure_demo_models
 
 log = logging.getLogger(__name__)
 SCORES_FILE = "demo_scores.json"
+CAPFILT_FILE = "demo_capfilt.json"
 
 
 # What each stage should reject, by the synthetic web's truth (rows that reach the stage only).
@@ -38,15 +39,63 @@ STAGE_TRUTH = {
     "perplexity_filter": ("gibberish + boilerplate captions", pl.col(T.CAPTION_NOISE).is_in(NOISY_TEXT)),
     "clip_score_filter": ("mismatched captions", pl.col(T.CAPTION_NOISE) == "mismatched"),
 }
+_OUTCOME_COLUMNS = (C.CAPTION, C.CAPTION_BEST, C.CAPTION_BEST_SOURCE)
+
+
+def scene_pairs(objects: list[dict[str, Any]] | None) -> set[tuple[str, str]]:
+    return {(o["colour"], o["kind"]) for o in objects or []}
+
+
+def caption_is_right(caption: str | None, objects: list[dict[str, Any]] | None) -> bool:
+    """A caption is right when it names exactly the image's (colour, shape) pairs."""
+    from dataengine.synthweb.blip_models import colour_shape_pairs
+
+    return caption is not None and colour_shape_pairs(caption) == scene_pairs(objects)
 
 
 def _outcomes(run_dir: Path, truth: pl.DataFrame) -> pl.DataFrame:
     frames = scan(run_dir, include_images=False)
+    columns = []
+    for name in _OUTCOME_COLUMNS:  # columns of stages the spec may not have are null
+        columns.append(pl.col(name) if name in frames["dataset"].collect_schema().names() else pl.lit(None, pl.String).alias(name))
     outcome = pl.concat([
-        frames["dataset"].select(C.SOURCE_ID, stage=pl.lit(None, pl.String), reason=pl.lit(None, pl.String)).collect(),
-        frames["rejected"].select(C.SOURCE_ID, stage=pl.col(C.REJECT_STAGE), reason=pl.col(C.REJECT_REASON)).collect(),
+        frames["dataset"].select(C.SOURCE_ID, *columns, stage=pl.lit(None, pl.String), reason=pl.lit(None, pl.String)).collect(),
+        frames["rejected"].select(C.SOURCE_ID, *columns, stage=pl.col(C.REJECT_STAGE), reason=pl.col(C.REJECT_REASON)).collect(),
     ])
-    return truth.join(outcome, left_on=T.ID, right_on=C.SOURCE_ID, how="inner")
+    return truth.drop(C.CAPTION).join(outcome, left_on=T.ID, right_on=C.SOURCE_ID, how="inner")
+
+
+def capfilt_report(run_dir: Path, truth: pl.DataFrame, stage_names: list[str]) -> dict[str, Any] | None:
+    """What CapFilt did to the web captions it saw, by whether they were mismatched (truth)."""
+    if "capfilt_filter" not in stage_names:
+        return None
+    joined = _outcomes(run_dir, truth)
+    order = stage_names.index("capfilt_filter")
+    reached = joined.filter(pl.col("stage").is_null() | pl.col("stage").is_in(stage_names[order:]))
+    report: dict[str, Any] = {}
+    for label, rows in (("mismatched", reached.filter(pl.col(T.CAPTION_NOISE) == "mismatched")),
+                        ("clean", reached.filter(pl.col(T.CAPTION_NOISE) == "none"))):
+        counts = {"rows": rows.height, "rejected_no_match": 0, "kept_web": 0, "synthetic_right": 0, "synthetic_wrong": 0}
+        for row in rows.iter_rows(named=True):
+            if row["stage"] == "capfilt_filter":
+                counts["rejected_no_match"] += 1
+            elif row[C.CAPTION_BEST_SOURCE] == "web":
+                counts["kept_web"] += 1
+            elif row[C.CAPTION_BEST_SOURCE] == "synthetic":
+                right = caption_is_right(row[C.CAPTION_BEST], row[T.OBJECTS])
+                counts["synthetic_right" if right else "synthetic_wrong"] += 1
+        report[label] = counts
+    return report
+
+
+def format_capfilt(report: dict[str, Any]) -> str:
+    m, c = report["mismatched"], report["clean"]
+    share = m["synthetic_right"] / m["rows"] if m["rows"] else 0.0
+    return (f"  CapFilt replaced {m['synthetic_right']} of {m['rows']} mismatched web captions with a correct synthetic "
+            f"one ({share:.1%}); {m['synthetic_wrong']} got a wrong one, {m['kept_web']} kept the web caption, "
+            f"{m['rejected_no_match']} were rejected (no caption matched).\n"
+            f"  Of {c['rows']} correct web captions: {c['kept_web']} kept, {c['synthetic_right']} replaced by a correct "
+            f"synthetic one, {c['synthetic_wrong']} by a wrong one, {c['rejected_no_match']} rejected.")
 
 
 def _precision_recall(tp: int, fp: int, fn: int) -> dict[str, Any]:
@@ -62,7 +111,7 @@ def score_stages(run_dir: Path, truth: pl.DataFrame, stage_names: list[str]) -> 
     scores = []
     for name in stage_names:
         seen = joined.filter(pl.col("rejected_at") >= order[name])
-        predicted = seen["stage"] == name
+        predicted = (seen["stage"] == name).fill_null(False)  # a kept row (stage null) was not rejected here
         if name == "dedup":
             scores.append({"stage": name, "rows": seen.height, "truth": "planted copies", **_dedup_scores(seen, predicted)})
             continue
@@ -131,11 +180,20 @@ def run_demo(n: int = 1000, seed: int = 0, spec_path: Path = Path("pipelines/dem
         result = run_pipeline(spec, output=run_dir)
     truth = pl.read_parquet(web_dir / T.TRUTH_FILE)
     scores = score_stages(result.run_dir, truth, result.manifest["stage_names"])
+    capfilt = capfilt_report(result.run_dir, truth, result.manifest["stage_names"])
     (result.run_dir / SCORES_FILE).write_text(json.dumps(scores, indent=2))
+    if capfilt:
+        (result.run_dir / CAPFILT_FILE).write_text(json.dumps(capfilt, indent=2))
     print()
     print(format_summary(result.manifest))
     print("\nevery stage against the synthetic web's truth:")
     print(format_scores(scores))
+    if capfilt:
+        print(format_capfilt(capfilt))
+    export = result.run_dir / "export" / "export.json"
+    if export.exists():
+        print(f"\ninstruction data: {json.loads(export.read_text())['samples']} LLaVA samples in {export.parent} "
+              "(llava.json, images/, conversations.parquet)")
     print(f"\noutputs in {result.run_dir}: dataset/ (kept), rejected/ (with reasons), run.json, {SCORES_FILE}")
     print(f'try: dataengine query {run_dir} "SELECT reject_reason, COUNT(*) AS n FROM rejected GROUP BY 1 ORDER BY n DESC"')
     return 0

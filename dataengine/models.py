@@ -79,10 +79,10 @@ def demo_model_path(model: str) -> str:
     """`synthweb-demo:clip` / `synthweb-demo:lm`: the demo's models trained on the synthetic web."""
     if not model.startswith(DEMO_PREFIX):
         return model
-    from dataengine.synthweb.models import demo_model_dir
+    from dataengine.synthweb.models import DEMO_FAMILIES, demo_model_dir
 
     name = model.removeprefix(DEMO_PREFIX)
-    path = demo_model_dir() / name
+    path = demo_model_dir(family=DEMO_FAMILIES.get(name, "core")) / name
     if name not in DEMO_MODELS or not path.is_dir():
         raise ModelNotFound(f"{model}: no demo model at {path}; `dataengine demo-models` trains them "
                             f"({', '.join(DEMO_PREFIX + m for m in DEMO_MODELS)} exist)")

@@ -110,6 +110,7 @@ def stream_pipeline(shard_paths: list[Path], steps: list[Step], parts_dir: Path)
     # so this is the place to move to a datasource when inputs outgrow the driver.
     ds = ray.data.from_arrow([pq.read_table(p) for p in shard_paths])
     schema = sample_schema()  # read here: workers on other nodes may not have schemas/
+    actor_cpus = _actor_cpu_scale(steps)
     for step in steps:
         config = step.config
         common = dict(batch_size=config.batch_size, batch_format="pyarrow", udf_modifying_row_count=False)
@@ -119,7 +120,7 @@ def stream_pipeline(shard_paths: list[Path], steps: list[Step], parts_dir: Path)
         elif step.decision is None and get_op(config.op).stateful:
             size = config.concurrency or 1
             ds = ds.map_batches(
-                _StageActor, fn_constructor_args=(step, schema), num_cpus=config.num_cpus,
+                _StageActor, fn_constructor_args=(step, schema), num_cpus=config.num_cpus * actor_cpus,
                 num_gpus=config.num_gpus or None, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
                 **common,
             )
@@ -132,6 +133,23 @@ def stream_pipeline(shard_paths: list[Path], steps: list[Step], parts_dir: Path)
     ds = ds.map_batches(_write_parts, fn_args=(str(parts_dir),), batch_size=None, batch_format="pyarrow")
     for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from summary.to_pylist()
+
+
+def _actor_cpu_scale(steps: list[Step]) -> float:
+    """Scale for actors' CPU reservations so that the pools of a segment, which all hold their CPUs for
+    the whole segment, leave one CPU for the tasks feeding them; otherwise a small machine (2 cores,
+    4 model stages) deadlocks: every actor waits for input a starved task never produces."""
+    pools = [(s.config.concurrency or 1) * s.config.num_cpus for s in steps
+             if s.decision is None and get_op(s.config.op).stateful and s.config.num_gpus == 0]
+    total = float(ray.cluster_resources().get("CPU", 0))
+    budget = total - 1
+    if not pools or total <= 0 or sum(pools) <= budget:
+        return 1.0
+    scale = max(budget, 0.5) / sum(pools)
+    log.warning("model stages reserve %.2g CPUs for their actors on a cluster of %.0g; scaling each reservation "
+                "by %.2f so the other stages can run (set num_cpus per stage to choose yourself)",
+                sum(pools), total, scale)
+    return scale
 
 
 def _ray_llm_stage(ds: ray.data.Dataset, step: Step, schema: pa.Schema, llm: Any, common: dict) -> ray.data.Dataset:

@@ -4,8 +4,10 @@ CapFilt's second step. The filter is a *separate* ITM model: BLIP found that a f
 captioner's weights passes the captioner's own mistakes (confirmation bias: 8% vs 25% of noise
 caught), so the spec names its own checkpoint (e.g. Salesforce/blip-itm-large-coco). The web
 caption and every synthetic caption are scored (ITM match probability, all stored); those at or above
-`threshold` are kept, best first, and the best becomes `caption_best`. A row whose captions all fall
-below is rejected as `capfilt_no_match`.
+`threshold` are kept (`captions_kept`, as BLIP keeps every caption that passes), `caption_best` first.
+`caption_best` is, by default the web caption when it passes, since a matching human caption is
+worth more than a generated one, else the best synthetic one (`prefer: score`: always the highest). A
+row whose captions all fall below is rejected as `capfilt_no_match`.
 
 The image is encoded once per row and each caption is matched against it through the ITM head, so
 K captions cost K text passes, not K image passes.
@@ -31,6 +33,10 @@ class CapfiltConfig(ModelOpConfig):
     model: str = Field(default="Salesforce/blip-itm-large-coco", description="BLIP ITM model: hub id or local dir.")
     threshold: float = Field(default=0.5, ge=0, le=1, description="Keep captions whose match probability is at least this.")
     keep_web_caption: bool = Field(default=True, description="Score the web caption too (false: synthetic captions only).")
+    prefer: Literal["web", "score"] = Field(
+        default="web", description="caption_best: web = the web caption whenever it passes, a synthetic one only "
+                                   "when it does not (a human caption that matches beats a generated one); "
+                                   "score = the highest match probability.")
     max_text_tokens: int = Field(default=35, gt=0, description="Captions are cut to this many tokens (BLIP: 35).")
     batch_size: int = Field(default=16, gt=0, description="Images per batch.")
 
@@ -82,6 +88,8 @@ class CapfiltFilter(Op):
             sources = (["web"] if web else []) + ["synthetic"] * len(synthetic)
             ranked = sorted(zip(scores.tolist(), texts, sources), key=lambda t: -t[0])
             kept = [(s, t, src) for s, t, src in ranked if s >= config.threshold]
+            if kept and config.prefer == "web":  # a passing web caption leads, the rest by score
+                kept.sort(key=lambda k: k[2] != "web")
             result.update({C.WEB_CAPTION_ITM: web_score, C.SYNTHETIC_CAPTION_ITM: synthetic_scores,
                            C.CAPTIONS_KEPT: _unique([t for _, t, _ in kept])})
             if kept:

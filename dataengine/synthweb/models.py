@@ -133,14 +133,26 @@ DEMO_RECIPE = {
 }
 
 
-def demo_model_dir(cache_dir: str | Path | None = None) -> Path:
-    """Where the demo models for the current recipe live: the user's cache dir, keyed by recipe hash."""
+#: demo model name -> the family (one recipe, one cache directory) it is trained in
+DEMO_FAMILIES = {"clip": "core", "lm": "core", "blip-captioner": "blip", "blip-itm": "blip"}
+
+
+def _family_recipe(family: str) -> dict[str, Any]:
+    if family == "blip":
+        from dataengine.synthweb.blip_models import BLIP_RECIPE
+
+        return BLIP_RECIPE
+    return DEMO_RECIPE
+
+
+def demo_model_dir(cache_dir: str | Path | None = None, family: str = "core") -> Path:
+    """Where a family of demo models for its current recipe lives: the user's cache dir, keyed by recipe hash."""
     import hashlib
     import os
 
     base = Path(cache_dir or os.environ.get("DATAENGINE_CACHE") or Path.home() / ".cache" / "dataengine")
-    digest = hashlib.sha256(json.dumps(DEMO_RECIPE, sort_keys=True).encode()).hexdigest()[:12]
-    return base / "demo-models" / digest
+    digest = hashlib.sha256(json.dumps(_family_recipe(family), sort_keys=True).encode()).hexdigest()[:12]
+    return base / "demo-models" / (digest if family == "core" else f"{family}-{digest}")
 
 
 def _clean_pairs(n: int, size: int, seed: int) -> tuple[list[Any], list[str]]:
@@ -226,27 +238,59 @@ def train_demo_lm(out_dir: Path, captions: list[str], recipe: dict[str, Any]) ->
     return out_dir
 
 
-def ensure_demo_models(cache_dir: str | Path | None = None, force: bool = False) -> dict[str, Path]:
-    """The demo's CLIP and LM, trained once per recipe on clean synthetic pairs and cached."""
+def _train_family(root: Path, family: str, force: bool, train: Any) -> None:
+    """Train a family into `root` once (atomic: a `.partial` directory renamed when complete)."""
     import logging
     import shutil
     import time
 
-    log = logging.getLogger(__name__)
-    root = demo_model_dir(cache_dir)
-    paths = {"clip": root / "clip", "lm": root / "lm"}
     if not force and (root / "recipe.json").exists():
-        return paths
+        return
+    log = logging.getLogger(__name__)
     started = time.perf_counter()
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    images, captions = _clean_pairs(DEMO_RECIPE["pairs"], DEMO_RECIPE["image_size"], DEMO_RECIPE["seed"])
-    log.info("training the demo CLIP on %d clean synthetic pairs ...", len(images))
-    train_demo_clip(tmp / "clip", images, captions, DEMO_RECIPE)
-    log.info("training the demo LM on %d true captions ...", len(captions))
-    train_demo_lm(tmp / "lm", captions, DEMO_RECIPE)
-    (tmp / "recipe.json").write_text(json.dumps(DEMO_RECIPE, indent=2))
+    train(tmp)
+    (tmp / "recipe.json").write_text(json.dumps(_family_recipe(family), indent=2))
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
-    log.info("demo models ready in %s (%.0fs)", root, time.perf_counter() - started)
+    log.info("demo %s models ready in %s (%.0fs)", family, root, time.perf_counter() - started)
+
+
+def _train_core(out: Path) -> None:
+    import logging
+
+    log = logging.getLogger(__name__)
+    images, captions = _clean_pairs(DEMO_RECIPE["pairs"], DEMO_RECIPE["image_size"], DEMO_RECIPE["seed"])
+    log.info("training the demo CLIP on %d clean synthetic pairs ...", len(images))
+    train_demo_clip(out / "clip", images, captions, DEMO_RECIPE)
+    log.info("training the demo LM on %d true captions ...", len(captions))
+    train_demo_lm(out / "lm", captions, DEMO_RECIPE)
+
+
+def _train_blip(out: Path) -> None:
+    import logging
+
+    from dataengine.synthweb.blip_models import BLIP_RECIPE, train_demo_blip_captioner, train_demo_blip_itm
+
+    log = logging.getLogger(__name__)
+    images, captions = _clean_pairs(BLIP_RECIPE["pairs"], BLIP_RECIPE["image_size"], BLIP_RECIPE["seed"])
+    log.info("training the demo BLIP captioner on %d clean synthetic pairs ...", len(images))
+    train_demo_blip_captioner(out / "blip-captioner", images, captions, BLIP_RECIPE)
+    log.info("training the demo BLIP ITM filter (a separate model) ...")
+    # BLIP starts captioner and filter from one pre-trained model, then fine-tunes them apart: the ITM
+    # filter here starts from the captioner's weights and is trained on its own objective
+    train_demo_blip_itm(out / "blip-itm", images, captions, BLIP_RECIPE, init_from=out / "blip-captioner")
+
+
+def ensure_demo_models(cache_dir: str | Path | None = None, force: bool = False, blip: bool = True) -> dict[str, Path]:
+    """The demo's CLIP and LM (and BLIP captioner and ITM filter), trained once per recipe on clean
+    synthetic pairs and cached."""
+    core = demo_model_dir(cache_dir, "core")
+    _train_family(core, "core", force, _train_core)
+    paths = {"clip": core / "clip", "lm": core / "lm"}
+    if blip:
+        blip_root = demo_model_dir(cache_dir, "blip")
+        _train_family(blip_root, "blip", force, _train_blip)
+        paths.update({"blip-captioner": blip_root / "blip-captioner", "blip-itm": blip_root / "blip-itm"})
     return paths
