@@ -56,6 +56,11 @@ REJECT_REASON = "reject_reason"
 INTERNAL_PREFIX = "_"
 SHARD = "_shard"
 STAGE_SECONDS_PREFIX = "_seconds_"  # + stage index: per-row share of a batch's wall time
+LLM_REQUEST = "_llm_messages"  # vllm backend: chat messages (JSON) from the prepare phase
+LLM_REPLY_TEXT = "_llm_text"  # vllm backend: what Ray Data LLM generated, and its accounting
+LLM_REPLY_FINISH = "_llm_finish"
+LLM_REPLY_PROMPT_TOKENS = "_llm_prompt_tokens"
+LLM_REPLY_COMPLETION_TOKENS = "_llm_completion_tokens"
 
 #: columns a run reads from the input, before any stage
 INPUT_COLUMNS = (UID, SOURCE_ID, URL, CAPTION, BOXES)

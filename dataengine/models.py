@@ -72,7 +72,6 @@ def _offline() -> bool:
 
 
 DEMO_PREFIX = "synthweb-demo:"
-DEMO_MODELS = ("clip", "lm", "blip-captioner", "blip-itm")
 
 
 def demo_model_path(model: str) -> str:
@@ -83,9 +82,9 @@ def demo_model_path(model: str) -> str:
 
     name = model.removeprefix(DEMO_PREFIX)
     path = demo_model_dir(family=DEMO_FAMILIES.get(name, "core")) / name
-    if name not in DEMO_MODELS or not path.is_dir():
+    if name not in DEMO_FAMILIES or not path.is_dir():
         raise ModelNotFound(f"{model}: no demo model at {path}; `dataengine demo-models` trains them "
-                            f"({', '.join(DEMO_PREFIX + m for m in DEMO_MODELS)} exist)")
+                            f"({', '.join(DEMO_PREFIX + m for m in DEMO_FAMILIES)} exist)")
     return str(path)
 
 

@@ -73,7 +73,7 @@ def test_short_answer_prompt_and_readiness_rules():
     assert with_short_answer_prompt(out) == out  # never twice
     assert readiness_problem(out) is None
     assert readiness_problem(out[:3]) == "roles"
-    assert readiness_problem([out[1], out[0]]) == "image_tokens" or readiness_problem([out[1], out[0]]) == "image_token_position"
+    assert readiness_problem([out[1], out[0]]) == "image_token_position"  # the image is in the second turn
     assert readiness_problem([{"from": "human", "value": "<image>\n<image>\nq"}, out[1]]) == "image_tokens"
     assert readiness_problem([{"from": "human", "value": "q"}, {"from": "gpt", "value": "<image>"}]) == "image_token_position"
 

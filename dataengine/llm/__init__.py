@@ -1,1 +1,2 @@
-"""LLM-side pieces of instruction synthesis: output validation (more to come with issue 4)."""
+"""Instruction synthesis: prompts and fencing, reply parsing and validation, grounding, templates, the
+openai and vllm backends, reply cache, usage and budget, and trainer readiness."""

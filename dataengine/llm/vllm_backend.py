@@ -18,9 +18,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-REQUEST_COLUMN = "_llm_messages"
+from dataengine import columns as C
+
+REQUEST_COLUMN = C.LLM_REQUEST
 #: generated text, finish reason, prompt tokens, completion tokens
-REPLY_COLUMNS = ("_llm_text", "_llm_finish", "_llm_prompt_tokens", "_llm_completion_tokens")
+REPLY_COLUMNS = (C.LLM_REPLY_TEXT, C.LLM_REPLY_FINISH, C.LLM_REPLY_PROMPT_TOKENS, C.LLM_REPLY_COMPLETION_TOKENS)
 _PLACEHOLDER = [{"role": "user", "content": "."}]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from dataengine import columns as C
@@ -63,7 +64,10 @@ class Export(Op):
         options = config.options()
         reasons: list[str | None] = []
         lengths: list[int | None] = []
-        for row in batch.to_pylist():
+        texts = batch.select([c for c in (C.CONVERSATIONS, C.CAPTION_BEST, C.CAPTION) if c in batch.column_names])
+        has_image = (pc.is_valid(batch.column(C.IMAGE)).to_pylist() if C.IMAGE in batch.column_names
+                     else [False] * batch.num_rows)
+        for row, image in zip(texts.to_pylist(), has_image):  # image bytes stay in Arrow
             try:
                 turns = sample_turns(row, options)
             except json.JSONDecodeError:
@@ -74,7 +78,7 @@ class Export(Op):
                 length = token_length(turns, self.tokenizer, config.image_tokens)
                 if length > config.max_length:
                     problem = "too_long"
-            if problem is None and row.get(C.IMAGE) is None:
+            if problem is None and not image:
                 problem = "no_image"
             reasons.append(None if problem is None else f"not_trainable:{problem}")
             lengths.append(length)

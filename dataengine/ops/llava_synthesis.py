@@ -210,7 +210,7 @@ class LlavaSynthesisMapper(Op):
 
     def process(self, batch: pa.Table) -> pa.Table:
         config: LlavaSynthesisConfig = self.config  # type: ignore[assignment]
-        rows = batch.to_pylist()
+        rows = batch.select([c for c in batch.column_names if c in _CONTEXT_COLUMNS]).to_pylist()  # no image bytes
         out = [_empty_result() for _ in rows]
         contexts: list[dict[str, Any] | None] = []
         for row, result in zip(rows, out):
@@ -347,6 +347,11 @@ class LlavaSynthesisMapper(Op):
         if missing and config.reject_ungrounded:
             result[C.REJECT_REASON], result[C.LLM_RAW_RESPONSE] = "llm_ungrounded", raw
 
+
+#: what the op reads of a row: its id, its texts and boxes, and (vllm) the engine's reply
+_CONTEXT_COLUMNS = frozenset({C.UID, C.CAPTION, C.CAPTION_BEST, C.CAPTIONS_KEPT, C.BOXES, C.LLM_REQUEST,
+                              C.LLM_REPLY_TEXT, C.LLM_REPLY_FINISH, C.LLM_REPLY_PROMPT_TOKENS,
+                              C.LLM_REPLY_COMPLETION_TOKENS})
 
 _RESULT_COLUMNS = (C.INSTRUCTION_TYPE, C.CONVERSATIONS, C.LLM_MODEL, C.LLM_PROMPT_TOKENS, C.LLM_COMPLETION_TOKENS,
                    C.LLM_COST_USD, C.LLM_CACHED, C.LLM_RAW_RESPONSE, C.UNGROUNDED_OBJECTS, C.REJECT_REASON)
