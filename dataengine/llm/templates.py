@@ -3,7 +3,8 @@
 A caption becomes a single-turn sample (a brief-description request answered by the caption: the
 shape of LLaVA's stage-1 alignment data). Where the input has boxes, a detailed description is built
 from them, and short questions with exact answers follow: how many of each label, the colour of a
-label that appears once, where an object is (3x3 grid of the box centre). Question wordings are ours,
+label that appears once, where an object is (3x3 grid of the box centre), whether a label is in the
+image (yes for a present one; no for one drawn from `absent_labels`). Question wordings are ours,
 in `pipelines/prompts/templates.yaml`. Everything is drawn from a per-row seed, so a rerun writes the
 same samples.
 """
@@ -20,7 +21,7 @@ from dataengine.llm.prompts import PromptError, default_prompts_dir, load_yaml
 from dataengine.llm.validate import GPT, HUMAN, IMAGE_TOKEN
 
 TEMPLATES_FILE = "templates.yaml"
-_KINDS = ("brief", "detailed", "count", "colour", "position")
+_KINDS = ("brief", "detailed", "count", "colour", "position", "exists")
 _NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine"}
 
 
@@ -31,6 +32,7 @@ class Templates:
     count: tuple[str, ...]
     colour: tuple[str, ...]
     position: tuple[str, ...]
+    exists: tuple[str, ...]
 
     @classmethod
     def load(cls, prompts_dir: str | Path | None = None) -> "Templates":
@@ -87,7 +89,8 @@ def detailed_description(objects: list[dict[str, Any]]) -> str:
     return " ".join(sentences)
 
 
-def _qa_candidates(objects: list[dict[str, Any]], templates: Templates, rng: np.random.Generator) -> list[tuple[str, str]]:
+def _qa_candidates(objects: list[dict[str, Any]], templates: Templates, rng: np.random.Generator,
+                   absent_labels: tuple[str, ...] = ()) -> list[tuple[str, str]]:
     by_label: dict[str, list[dict[str, Any]]] = {}
     for o in objects:
         by_label.setdefault(str(o["label"]), []).append(o)
@@ -102,11 +105,19 @@ def _qa_candidates(objects: list[dict[str, Any]], templates: Templates, rng: np.
                 qa.append((pick(templates.colour).format(label=label), str(colour).capitalize() + "."))
             where = _position_phrase(grid_position(objs[0]["box"]))
             qa.append((pick(templates.position).format(thing=label), where[0].upper() + where[1:] + "."))
+    if by_label:
+        # POPE-style existence questions: one present label (yes), one absent label (no) when any is known
+        present = sorted(by_label)
+        qa.append((pick(templates.exists).format(label=pick(present)), "Yes."))
+        absent = [a for a in absent_labels if a not in by_label]
+        if absent:
+            qa.append((pick(templates.exists).format(label=pick(absent)), "No."))
     return qa
 
 
 def template_conversation(context: dict[str, Any], seed: int, templates: Templates, max_qa_turns: int = 3,
-                          detailed_fraction: float = 0.5) -> tuple[str, list[dict[str, str]]]:
+                          detailed_fraction: float = 0.5,
+                          absent_labels: tuple[str, ...] = ()) -> tuple[str, list[dict[str, str]]]:
     """(instruction type, LLaVA turns) for one image's context, drawn from `seed`."""
     rng = np.random.default_rng(seed)
     objects = [o for o in context.get("objects") or [] if o.get("label") and o.get("box")]
@@ -122,7 +133,7 @@ def template_conversation(context: dict[str, Any], seed: int, templates: Templat
     else:
         raise ValueError("no caption and no boxes: nothing to build a sample from")
     turns = [{"from": HUMAN, "value": f"{IMAGE_TOKEN}\n{question}"}, {"from": GPT, "value": answer}]
-    candidates = _qa_candidates(objects, templates, rng)
+    candidates = _qa_candidates(objects, templates, rng, absent_labels)
     for j in rng.permutation(len(candidates))[:max_qa_turns]:
         question, answer = candidates[int(j)]
         turns += [{"from": HUMAN, "value": question}, {"from": GPT, "value": answer}]

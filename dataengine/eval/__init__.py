@@ -1,0 +1,1 @@
+"""Evaluation of trained models: held-out loss and perplexity, and the synthetic-web VQA benchmark."""

@@ -1,0 +1,55 @@
+"""Evaluate a trained stage: held-out loss/perplexity, and the VQA benchmark when the spec asks for it.
+
+Runs in a Ray task, on a GPU when the training did, so the driver never needs one.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from dataengine.train.config import TrainSpec
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_model(model_dir: str, run_dir: str | None, stage: int, spec: TrainSpec) -> dict[str, Any]:
+    """Held-out metrics of `model_dir` on `run_dir`'s held-out rows, and the benchmark."""
+    import torch
+
+    from dataengine.eval.heldout import heldout_loss
+    from dataengine.eval.vqa import run_benchmark
+    from dataengine.train.data import encoded_split
+    from dataengine.train.model import load_llava
+    from dataengine.train.trainer import pixel_shape
+
+    model, processor = load_llava(model_dir)
+    if spec.use_gpu and torch.cuda.is_available():
+        model = model.to("cuda", dtype=torch.bfloat16)
+    result: dict[str, Any] = {"model": model_dir}
+    if run_dir is not None and spec.eval.heldout_fraction > 0:
+        heldout = encoded_split(run_dir, "heldout", stage, model_dir, spec.stage(stage).max_length,
+                                spec.eval.heldout_fraction)
+        result["heldout"] = heldout_loss(model, processor, heldout.iter_batches(batch_size=64, batch_format="numpy"),
+                                         tuple(pixel_shape(Path(model_dir))))
+    if spec.eval.benchmark == "synthweb":
+        result["benchmark"] = run_benchmark(model, processor, spec.eval.benchmark_size)
+    return result
+
+
+def evaluate_stage(run_dir: Path, spec: TrainSpec, stage: int) -> dict[str, Any]:
+    """`evaluate_model` on the stage's final model, as a Ray task (with a GPU when training used one)."""
+    import ray
+
+    from dataengine.train.trainer import stage_dir
+
+    model_dir = str(stage_dir(run_dir, stage) / "final")
+    task = ray.remote(num_cpus=1, num_gpus=1 if spec.use_gpu else 0)(evaluate_model)
+    result = ray.get(task.remote(model_dir, str(run_dir), stage, spec))
+    held = result.get("heldout", {})
+    bench = result.get("benchmark", {})
+    log.info("stage %d eval: held-out loss %.3f (ppl %.2f) on %s samples%s", stage, held.get("loss", float("nan")),
+             held.get("perplexity", float("nan")), held.get("samples", 0),
+             f"; benchmark exact match {bench['exact_match']:.3f}, POPE F1 {bench['pope']['f1']:.3f}" if bench else "")
+    return result

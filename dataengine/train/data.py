@@ -1,0 +1,156 @@
+"""Training samples from a run's kept rows: Ray Data in, tokenized and label-masked rows out.
+
+Stage 1 turns each kept row into one caption sample (a brief-description request answered by the
+best caption); stage 2 trains on the row's synthesized conversation. Rows are split into train and
+held-out by a hash of their uid, so the split is the same on every rerun and every machine.
+Tokenization runs in Ray Data tasks through the model's own processor and chat template: the image
+token is expanded to the tower's patch count and labels are -100 everywhere except the assistant's
+replies. A sample longer than `max_length` is never truncated: it is passed on marked `too_long` and
+the training loop counts and skips it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dataengine import columns as C
+from dataengine.export import ExportOptions, sample_turns
+from dataengine.llm.validate import GPT, HUMAN, IMAGE_TOKEN
+
+IGNORE_INDEX = -100
+SOURCE_COLUMNS = (C.UID, C.IMAGE, C.CONVERSATIONS, C.CAPTION_BEST, C.CAPTION)
+INPUT_IDS, LABELS, PIXELS, LENGTH, SKIP = "input_ids", "labels", "pixel_values", "length", "skip"
+
+
+def heldout_key(uid: str) -> float:
+    """A uid's place in [0, 1): rows below the held-out fraction are never trained on."""
+    return int.from_bytes(hashlib.sha256(uid.encode()).digest()[:8], "big") / 2**64
+
+
+def is_heldout(uid: str, fraction: float) -> bool:
+    return heldout_key(uid) < fraction
+
+
+def kept_files(run_dir: str | Path) -> list[str]:
+    files = sorted(str(p) for p in (Path(run_dir) / "dataset").glob("part-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{run_dir}: no dataset/part-*.parquet (run the pipeline first)")
+    return files
+
+
+def count_samples(run_dir: str | Path, stage: int, heldout_fraction: float) -> dict[str, int]:
+    """Rows per split that have something to train on in `stage` (cheap: no images read)."""
+    counts = {"train": 0, "heldout": 0, "no_sample": 0}
+    for path in kept_files(run_dir):
+        parquet = pq.ParquetFile(path)
+        names = [c for c in (C.UID, C.CONVERSATIONS, C.CAPTION_BEST, C.CAPTION) if c in parquet.schema_arrow.names]
+        for row in parquet.read(columns=names).to_pylist():
+            if turns_for(row, stage) is None:
+                counts["no_sample"] += 1
+            else:
+                counts["heldout" if is_heldout(row[C.UID], heldout_fraction) else "train"] += 1
+    return counts
+
+
+def turns_for(row: dict[str, Any], stage: int) -> list[dict[str, str]] | None:
+    """The LLaVA turns a row trains on in `stage` (None: nothing to train on)."""
+    return sample_turns(row, ExportOptions(caption_data=stage == 1))
+
+
+def to_messages(turns: list[dict[str, str]], image: Any) -> list[dict[str, Any]]:
+    """LLaVA turns (`from` human/gpt, `<image>` in the first human turn) as chat-template messages."""
+    messages: list[dict[str, Any]] = []
+    for turn in turns:
+        role = {HUMAN: "user", GPT: "assistant"}.get(turn["from"])
+        if role is None:
+            raise ValueError(f"turn from {turn['from']!r}: expected {HUMAN!r} or {GPT!r}")
+        text = turn["value"]
+        if IMAGE_TOKEN in text:
+            rest = text.replace(IMAGE_TOKEN, "", 1).strip()
+            messages.append({"role": role, "content": [{"type": "image", "image": image}, {"type": "text", "text": rest}]})
+        else:
+            messages.append({"role": role, "content": [{"type": "text", "text": text}]})
+    return messages
+
+
+def read_split(run_dir: str | Path, split: str, heldout_fraction: float) -> Any:
+    """The kept rows of one split (`train` or `heldout`) as a Ray dataset, image bytes included.
+
+    Each task reads one part file (`read_parquet`'s threaded listing races on an optional fsspec
+    import in Ray 2.60, see raydata.stream_pipeline), so rows stream in file order.
+    """
+    import ray.data
+
+    files = kept_files(run_dir)
+    want_heldout = split == "heldout"
+
+    def read(batch: dict[str, Any]) -> pa.Table:
+        tables = []
+        for path in batch["path"]:
+            parquet = pq.ParquetFile(str(path))
+            names = [c for c in SOURCE_COLUMNS if c in parquet.schema_arrow.names]
+            table = parquet.read(columns=names)
+            mask = [is_heldout(u, heldout_fraction) == want_heldout for u in table.column(C.UID).to_pylist()]
+            tables.append(table.filter(pa.array(mask, pa.bool_())))
+        return pa.concat_tables(tables)
+
+    return ray.data.from_items([{"path": f} for f in files]).map_batches(read, batch_size=1, batch_format="numpy")
+
+
+@functools.lru_cache(maxsize=4)
+def _processor(processor_dir: str) -> Any:
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(processor_dir)
+
+
+def encode_row(row: dict[str, Any], processor: Any, stage: int, max_length: int) -> dict[str, Any]:
+    """One kept row as a training sample, or a skip reason (`no_sample`, `bad_image`, `too_long`)."""
+    from PIL import Image
+
+    turns = turns_for(row, stage)
+    if turns is None:
+        return {SKIP: "no_sample"}
+    try:
+        image = Image.open(io.BytesIO(row[C.IMAGE])).convert("RGB")
+    except Exception:  # noqa: BLE001 - any undecodable image is a counted skip, not a crash
+        return {SKIP: "bad_image"}
+    out = processor.apply_chat_template(
+        to_messages(turns, image), tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids = np.asarray(out["input_ids"][0], dtype=np.int32)
+    if len(ids) > max_length:
+        return {SKIP: "too_long", LENGTH: len(ids)}
+    mask = np.asarray(out["assistant_masks"][0], dtype=bool)
+    labels = np.where(mask, ids, IGNORE_INDEX).astype(np.int32)
+    pixels = np.asarray(out["pixel_values"][0], dtype=np.float32)
+    return {INPUT_IDS: ids, LABELS: labels, PIXELS: pixels.reshape(-1), LENGTH: len(ids), SKIP: None}
+
+
+def encode_batch(batch: pa.Table, processor_dir: str, stage: int, max_length: int) -> pa.Table:
+    """Ray Data map: rows -> uid, input_ids, labels, pixel_values (flat float32), length, skip reason."""
+    processor = _processor(processor_dir)
+    encoded = [encode_row(row, processor, stage, max_length) for row in batch.to_pylist()]
+    return pa.table({
+        C.UID: batch.column(C.UID),
+        INPUT_IDS: pa.array([e.get(INPUT_IDS) for e in encoded], pa.list_(pa.int32())),
+        LABELS: pa.array([e.get(LABELS) for e in encoded], pa.list_(pa.int32())),
+        PIXELS: pa.array([e.get(PIXELS) for e in encoded], pa.list_(pa.float32())),
+        LENGTH: pa.array([e.get(LENGTH) for e in encoded], pa.int32()),
+        SKIP: pa.array([e.get(SKIP) for e in encoded], pa.string()),
+    })
+
+
+def encoded_split(run_dir: str | Path, split: str, stage: int, processor_dir: str, max_length: int,
+                  heldout_fraction: float, num_cpus: float = 1.0) -> Any:
+    """`read_split` tokenized by `encode_batch` in Ray Data tasks (streaming: nothing is materialised)."""
+    return read_split(run_dir, split, heldout_fraction).map_batches(
+        encode_batch, fn_kwargs={"processor_dir": processor_dir, "stage": stage, "max_length": max_length},
+        batch_format="pyarrow", batch_size=64, num_cpus=num_cpus)

@@ -1,0 +1,248 @@
+"""The per-worker training loop Ray Train runs (`TorchTrainer(train_loop_per_worker=train_loop)`).
+
+Each worker loads the stage's starting model (or the last checkpoint when Ray Train restarts it
+after a failure, or `--resume` continues a stopped run), freezes per stage, wraps it for DDP or FSDP,
+and streams its shard of the encoded dataset. One optimizer step = `accumulation` micro-batches per
+worker; every worker runs the same number of forward/backward passes per step (a worker whose rows
+were all skipped runs a zero-loss pass) so the collectives line up. Checkpoints are Hugging Face
+directories (`save_pretrained` + processor) plus the optimizer, scheduler and data position.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections import Counter
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from dataengine.train.batching import MicroBatch, step_batches, token_loss_sum
+from dataengine.train.model import load_llava, set_trainable
+
+SKIP_REASONS = ("bad_image", "no_sample", "too_long")
+STATE_FILE, OPTIMIZER_FILE, LINEAGE_FILE = "trainer_state.json", "optimizer.pt", "dataengine_lineage.json"
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str) -> Any:
+    """Linear warmup over `warmup_ratio` of the steps, then cosine to 0 (or constant), as HF's schedulers."""
+    warmup = math.ceil(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def apply_lora(model: Any, lora: dict[str, Any]) -> Any:
+    """LoRA adapters on the LM's linear layers; the projector stays fully trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora["target_modules"]
+    if targets == "all-linear":
+        targets = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|c_attn|c_proj|c_fc)"
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=targets, modules_to_save=["multi_modal_projector"])
+    return get_peft_model(model, config)
+
+
+def _plain_model(model: Any) -> Any:
+    inner = getattr(model, "module", model)
+    return inner
+
+
+def _state_dict_for_save(model: Any, strategy: str) -> dict[str, Any] | None:
+    """Full weights as the stock LLaVA layout (LoRA merged); collective under FSDP (call on all ranks)."""
+    import torch
+
+    inner = _plain_model(model)
+    if strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if hasattr(inner, "merge_adapter"):  # peft: merge, copy, unmerge
+        inner.merge_adapter()
+        base = inner.get_base_model()
+        state = {k: v.detach().clone() for k, v in base.state_dict().items() if "lora_" not in k}
+        inner.unmerge_adapter()
+        return {_strip_peft(k): v for k, v in state.items()}
+    return {k: v.detach() for k, v in inner.state_dict().items()} if torch else None
+
+
+def _strip_peft(key: str) -> str:
+    return key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
+
+
+def _save_checkpoint(out: Path, model: Any, processor: Any, optimizer: Any, scheduler: Any, state: dict[str, Any],
+                     config: dict[str, Any], weights: dict[str, Any]) -> None:
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    inner = _plain_model(model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    if hasattr(inner, "merge_adapter"):
+        # save as a plain LLaVA: a fresh model object with merged weights, so transformers loads it as is
+        plain = LlavaForConditionalGeneration(base.config)
+        plain.load_state_dict({k: v for k, v in weights.items() if k in plain.state_dict()}, strict=False)
+        plain.generation_config = base.generation_config
+        plain.save_pretrained(str(out))
+    else:
+        base.save_pretrained(str(out), state_dict=weights)
+    processor.save_pretrained(str(out))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, out / OPTIMIZER_FILE)
+    (out / STATE_FILE).write_text(json.dumps(state, indent=2))
+    (out / LINEAGE_FILE).write_text(json.dumps(config["lineage"] | {"step": state["step"], "stage": config["stage"]}, indent=2))
+
+
+def _dummy_batch(pad_id: int, image_token_id: int, image_tokens: int, pixel_shape: tuple[int, ...]) -> MicroBatch:
+    """A zero-loss pass: one image's tokens, no labels. Keeps a worker with nothing left in step."""
+    import torch
+
+    ids = torch.full((1, image_tokens + 1), image_token_id, dtype=torch.long)
+    ids[0, -1] = pad_id
+    return MicroBatch(ids, torch.ones_like(ids), torch.full_like(ids, -100), torch.zeros((1, *pixel_shape)), 0)
+
+
+def _all_reduce(values: list[float], op: str) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _load_start(config: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], dict[str, Any] | None]:
+    """(model, processor, state, optimizer state) from the last checkpoint if any, else the stage's start."""
+    import ray.train
+    import torch
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(config["resume_from"])
+    if checkpoint is None:
+        model, processor = load_llava(config["init_dir"])
+        return model, processor, {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "skips": {}}, None
+    with checkpoint.as_directory() as d:
+        model, processor = load_llava(d)
+        state = json.loads((Path(d) / STATE_FILE).read_text())
+        optim = torch.load(Path(d) / OPTIMIZER_FILE, weights_only=False) if (Path(d) / OPTIMIZER_FILE).is_file() else None
+    return model, processor, state, optim
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train entry point; `config` is plain data built by `dataengine.train.trainer`."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    stage, hp = config["stage"], config["hyper"]
+    torch.manual_seed(config["seed"])
+    model, processor, state, optim_state = _load_start(config)
+    set_trainable(model, stage)
+    if hp.get("lora"):
+        model = apply_lora(model, hp["lora"])
+    llava_config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    device = ray.train.torch.get_device()
+    if world > 1 or config["strategy"] == "fsdp":
+        kwargs = {"use_orig_params": True} if config["strategy"] == "fsdp" else {}
+        model = ray.train.torch.prepare_model(model, parallel_strategy=config["strategy"], parallel_strategy_kwargs=kwargs)
+    else:
+        model = model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"], betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config["total_steps"], hp["warmup_ratio"], hp["schedule"]))
+    if optim_state is not None and not hp.get("lora"):
+        optimizer.load_state_dict(optim_state["optimizer"])
+        scheduler.load_state_dict(optim_state["scheduler"])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if config["bf16"] else nullcontext()
+    pad_id = processor.tokenizer.pad_token_id
+    pixel_shape = tuple(config["pixel_shape"])
+    dummy = _dummy_batch(pad_id, llava_config.image_token_id, llava_config.image_seq_length, pixel_shape)
+    skips: Counter[str] = Counter(state.get("skips", {}) if rank == 0 else {})  # saved totals: all workers
+    shard = ray.train.get_dataset_shard("train")
+    per_worker = config["micro_batch"] * config["accumulation"]
+    metrics_path = Path(config["metrics_path"])
+    model.train()
+
+    def report(final: bool) -> None:
+        local = [float(skips.get(r, 0)) for r in SKIP_REASONS]
+        totals = {r: int(v) for r, v in zip(SKIP_REASONS, _all_reduce(local, "sum"))}
+        saved = state | {"skips": totals}
+        weights = _state_dict_for_save(model, config["strategy"]) if (rank == 0 or config["strategy"] == "fsdp") else None
+        metrics = {"step": state["step"], "samples": state["samples"], "final": final, "skips": totals}
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                _save_checkpoint(Path(tmp), model, processor, optimizer, scheduler, saved, config, weights)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+    last_saved = state["step"]
+    for epoch in range(state["epoch"], config["epochs"]):
+        for index, batch in enumerate(shard.iter_batches(batch_size=per_worker, batch_format="numpy")):
+            if epoch == state["epoch"] and index < state["batch_in_epoch"]:
+                continue  # consumed before the checkpoint this attempt started from
+            started = time.perf_counter()
+            micro = step_batches(batch, config["micro_batch"], config["group_by_length"], pad_id, pixel_shape, skips)
+            local_tokens = sum(m.tokens for m in micro)
+            global_tokens, passes = _all_reduce([float(local_tokens), float(len(micro))], "sum")[0], \
+                int(_all_reduce([float(len(micro))], "max")[0])
+            micro += [dummy] * (passes - len(micro))
+            loss_total = 0.0
+            for k, mb in enumerate(micro):
+                sync = k == len(micro) - 1 or not hasattr(model, "no_sync")
+                with (nullcontext() if sync else model.no_sync()), autocast:
+                    logits = model(input_ids=mb.input_ids.to(device), attention_mask=mb.attention_mask.to(device),
+                                   pixel_values=mb.pixel_values.to(device)).logits
+                    loss_sum = token_loss_sum(logits, mb.labels.to(device))
+                    (loss_sum * world / max(global_tokens, 1.0)).backward()
+                loss_total += float(loss_sum.detach())
+            lr_used = scheduler.get_last_lr()[0]
+            if global_tokens > 0:
+                torch.nn.utils.clip_grad_norm_(params, config["max_grad_norm"])
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            samples = int(sum(int(m.attention_mask.shape[0]) for m in micro if m.tokens))
+            loss = _all_reduce([loss_total], "sum")[0] / max(global_tokens, 1.0)
+            state.update(step=state["step"] + 1, epoch=epoch, batch_in_epoch=index + 1,
+                         samples=state["samples"] + int(_all_reduce([float(samples)], "sum")[0]))
+            if rank == 0:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps({"step": state["step"], "epoch": epoch, "loss": loss,
+                                        "lr": lr_used, "tokens": global_tokens,
+                                        "seconds": time.perf_counter() - started, "time": time.time()}) + "\n")
+            _maybe_fail(config, state["step"], rank)
+            if state["step"] % config["checkpoint_every"] == 0 and state["step"] < config["total_steps"]:
+                report(final=False)
+                last_saved = state["step"]
+            if state["step"] >= config["total_steps"]:
+                break
+        if state["step"] >= config["total_steps"]:
+            break
+        state.update(epoch=epoch + 1, batch_in_epoch=0)
+    if state["step"] != last_saved or state["step"] == 0:
+        report(final=True)
+
+
+def _maybe_fail(config: dict[str, Any], step: int, rank: int) -> None:
+    """Fault injection for tests: `fail_at_step` raises once (a marker file remembers it happened)."""
+    fail = config.get("fail_at_step")
+    if fail and step == fail and rank == config.get("fail_rank", 0):
+        marker = Path(config["metrics_path"]).with_name(f"failed-at-{fail}")
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            raise RuntimeError(f"injected failure at step {step}")

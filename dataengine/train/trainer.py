@@ -1,0 +1,214 @@
+"""Train a run's output: one Ray Train `TorchTrainer` per stage, then the evaluation.
+
+Layout under `<run>/train/`:
+    stage1/init/        the assembled starting model (stage 2 starts from stage 1's final model)
+    stage1/checkpoints/ Ray Train's storage: checkpoint_* directories (Hugging Face format + optimizer)
+    stage1/final/       the stage's model: loads with `LlavaForConditionalGeneration.from_pretrained`
+    stage1/metrics.jsonl  one line per optimizer step (loss, lr, tokens, seconds)
+    stage1/result.json  steps, samples, skips, held-out loss and perplexity, benchmark scores, lineage
+A stage whose `result.json` exists is done and is not retrained; `resume` continues a stage that was
+stopped from its last checkpoint instead of starting it over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dataengine.atomic import write_text_atomic
+from dataengine.train.config import StageSpec, TrainSpec
+from dataengine.train.data import count_samples, encoded_split, kept_files
+from dataengine.train.loop import LINEAGE_FILE, STATE_FILE, train_loop
+from dataengine.train.model import build_llava, load_llava
+
+log = logging.getLogger(__name__)
+
+TRAIN_DIR, RESULT_FILE, METRICS_FILE = "train", "result.json", "metrics.jsonl"
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot start or did not finish; the message says which stage and why."""
+
+
+@dataclass(frozen=True)
+class Batching:
+    micro_batch: int
+    accumulation: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def batching(hp: StageSpec, workers: int, train_rows: int) -> Batching:
+    """Micro-batch and accumulation that make `global_batch`, and the step count of the stage."""
+    if hp.global_batch % workers:
+        raise TrainError(f"global_batch {hp.global_batch} is not divisible by workers={workers}")
+    per_worker = hp.global_batch // workers
+    micro = min(hp.micro_batch, per_worker)
+    if per_worker % micro:
+        raise TrainError(f"global_batch {hp.global_batch} / workers {workers} = {per_worker} per worker is not a "
+                         f"multiple of micro_batch {micro}")
+    per_epoch = max(1, math.ceil((train_rows // workers) / per_worker))
+    total = hp.max_steps or max(1, math.ceil(per_epoch * hp.epochs))
+    return Batching(micro, per_worker // micro, per_epoch, total)
+
+
+def stage_dir(run_dir: Path, stage: int) -> Path:
+    return run_dir / TRAIN_DIR / f"stage{stage}"
+
+
+def data_version(run_dir: Path) -> str:
+    """A digest of the kept Parquet files (names, sizes, row counts): changes whenever the data does."""
+    import pyarrow.parquet as pq
+
+    parts = [f"{Path(f).name}:{Path(f).stat().st_size}:{pq.ParquetFile(f).metadata.num_rows}" for f in kept_files(run_dir)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def lineage(run_dir: Path, spec: TrainSpec, stage: int, counts: dict[str, int]) -> dict[str, Any]:
+    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    return {"run_dir": str(run_dir.resolve()), "run_name": run.get("name"), "run_started_at": run.get("started_at"),
+            "spec_hash": run.get("spec_hash"), "train_hash": spec.train_hash(), "stage": stage,
+            "data_version": data_version(run_dir), "run_totals": run.get("totals"), "samples": counts}
+
+
+def latest_checkpoint(storage: Path) -> Path | None:
+    """The checkpoint with the highest step under a stage's Ray Train storage."""
+    found = []
+    for state in storage.glob("**/checkpoint_*/" + STATE_FILE):
+        found.append((json.loads(state.read_text())["step"], state.parent))
+    return max(found)[1] if found else None
+
+
+def _start_model(run_dir: Path, spec: TrainSpec, stage: int, out: Path) -> Path:
+    """Where this stage starts: stage 1 from the assembled model; stage 2 from stage 1's final model."""
+    init = out / "init"
+    previous = stage_dir(run_dir, 1) / "final"
+    if stage == 2 and previous.is_dir():
+        return previous
+    if not (init / "config.json").is_file():
+        model, processor = build_llava(spec.model, seed=spec.seed)
+        tmp = init.with_name("init.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp))
+        processor.save_pretrained(str(tmp))
+        shutil.rmtree(init, ignore_errors=True)
+        tmp.rename(init)
+    return init
+
+
+def pixel_shape(processor_dir: Path) -> list[int]:
+    from transformers import AutoImageProcessor
+
+    image_processor = AutoImageProcessor.from_pretrained(str(processor_dir))
+    crop = getattr(image_processor, "crop_size", None) or image_processor.size
+    return [3, int(crop["height"]), int(crop["width"])]
+
+
+def worker_cpus(spec: TrainSpec) -> float:
+    """CPUs per worker, leaving at least one CPU of the cluster to the Ray Data tasks that feed them
+    (a lazily streamed dataset hangs when the workers hold every CPU)."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1))
+    wanted = spec.cpus_per_worker
+    if spec.workers * wanted <= total - 1:
+        return wanted
+    scaled = max(0.1, (total - 1) / spec.workers) if total > 1 else 0.5 / spec.workers
+    log.warning("train: %d workers x %.2g CPUs leave no CPU for data loading on this %g-CPU cluster; "
+                "reserving %.2g CPUs per worker instead", spec.workers, wanted, total, scaled)
+    return scaled
+
+
+def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool = False,
+                fail_at_step: int | None = None) -> dict[str, Any]:
+    """Train one stage of `spec` on `run_dir`'s kept rows; returns (and writes) the stage's result."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    run_dir = Path(run_dir)
+    out = stage_dir(run_dir, stage)
+    if (out / RESULT_FILE).is_file() and not resume:
+        log.info("stage %d already trained (%s); delete it to retrain", stage, out / RESULT_FILE)
+        return json.loads((out / RESULT_FILE).read_text())
+    checkpoints = out / "checkpoints"
+    resume_from = latest_checkpoint(checkpoints) if resume else None
+    if not resume:
+        for stale in (checkpoints, out / "final", out / METRICS_FILE):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    hp = spec.stage(stage)
+    counts = count_samples(run_dir, stage, spec.eval.heldout_fraction)
+    if counts["train"] == 0:
+        raise TrainError(f"stage {stage}: no training samples in {run_dir}/dataset ({counts})")
+    plan = batching(hp, spec.workers, counts["train"])
+    start = _start_model(run_dir, spec, stage, out)
+    use_bf16 = spec.use_gpu and spec.precision in ("auto", "bfloat16")
+    config = {
+        "stage": stage, "seed": spec.seed, "init_dir": str(start), "strategy": spec.strategy, "bf16": use_bf16,
+        "hyper": hp.model_dump(), "micro_batch": plan.micro_batch, "accumulation": plan.accumulation,
+        "total_steps": plan.total_steps, "epochs": math.ceil(hp.epochs) if not hp.max_steps else 10**9,
+        "checkpoint_every": hp.checkpoint_every, "group_by_length": spec.group_by_length, "max_grad_norm": 1.0,
+        "pixel_shape": pixel_shape(start), "metrics_path": str(out / METRICS_FILE),
+        "lineage": lineage(run_dir, spec, stage, counts),
+        "resume_from": str(resume_from) if resume_from else None, "fail_at_step": fail_at_step,
+    }
+    dataset = encoded_split(run_dir, "train", stage, str(start), hp.max_length, spec.eval.heldout_fraction)
+    log.info("stage %d: %d train rows (%d held out), %d steps of %d (micro %d x accumulation %d x %d workers)%s",
+             stage, counts["train"], counts["heldout"], plan.total_steps, hp.global_batch, plan.micro_batch,
+             plan.accumulation, spec.workers, f", resuming from {resume_from}" if resume_from else "")
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu,
+                                                  resources_per_worker={"CPU": worker_cpus(spec)}),
+        torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=f"stage{stage}-{int(time.time())}", storage_path=str(checkpoints.resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+        datasets={"train": dataset})
+    started = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - Ray wraps the worker's error; name the stage and keep the cause
+        raise TrainError(f"stage {stage} failed: {e}") from e
+    if result.checkpoint is None:
+        raise TrainError(f"stage {stage}: training ended without a checkpoint ({result.error})")
+    final = out / "final"
+    shutil.rmtree(final, ignore_errors=True)
+    with result.checkpoint.as_directory() as d:
+        shutil.copytree(d, final)
+    state = json.loads((final / STATE_FILE).read_text())
+    summary = {"stage": stage, "steps": state["step"], "samples_trained": state["samples"],
+               "skipped": state.get("skips", {}), "seconds": round(time.perf_counter() - started, 1),
+               "batching": plan.__dict__, "hyperparameters": hp.model_dump(), "workers": spec.workers,
+               "lineage": json.loads((final / LINEAGE_FILE).read_text()), "model": str(final)}
+    write_text_atomic(out / RESULT_FILE, json.dumps(summary, indent=2))
+    log.info("stage %d: %d steps, %d samples, skipped %s -> %s", stage, summary["steps"], summary["samples_trained"],
+             summary["skipped"] or "none", final)
+    return summary
+
+
+def train_run(run_dir: str | Path, spec: TrainSpec, stages: list[int] | None = None, resume: bool = False) -> dict[str, Any]:
+    """All requested stages in order, each followed by its evaluation."""
+    from dataengine.eval.run_eval import evaluate_stage
+
+    results = {}
+    for stage in stages or spec.stages:
+        summary = train_stage(run_dir, spec, stage, resume=resume)
+        if "eval" not in summary:
+            summary["eval"] = evaluate_stage(Path(run_dir), spec, stage)
+            write_text_atomic(stage_dir(Path(run_dir), stage) / RESULT_FILE, json.dumps(summary, indent=2))
+        results[f"stage{stage}"] = summary
+    return results
+
+
+def load_stage_model(run_dir: str | Path, stage: int) -> tuple[Any, Any]:
+    return load_llava(str(stage_dir(Path(run_dir), stage) / "final"))
