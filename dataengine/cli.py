@@ -61,6 +61,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dataengine.raydata import ray_session
+    from dataengine.spec import ResourcesSpec
+    from dataengine.train.trainer import format_train_summary, train_run, train_spec_for
+
+    spec = train_spec_for(args.run, args.spec)
+    stages = [1, 2] if args.stage == "all" else [int(args.stage)]
+    with ray_session(args.address, ResourcesSpec()):
+        results = train_run(args.run, spec, stages, resume=args.resume)
+    print(format_train_summary(results))
+    return 0
+
+
 def _cmd_query(args: argparse.Namespace) -> int:
     import polars as pl
 
@@ -139,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-images", action="store_true", help="do not copy image files")
     p.set_defaults(fn=_cmd_export)
 
+    p = sub.add_parser("train", help="train the spec's `train:` section on a finished run's kept rows")
+    p.add_argument("run", help="run directory (its run.json holds the spec)")
+    p.add_argument("--stage", choices=["1", "2", "all"], default="all")
+    p.add_argument("--spec", help="take the train: section from this spec instead of the run's")
+    p.add_argument("--resume", action="store_true", help="continue a stopped stage from its last checkpoint")
+    p.add_argument("--address", help="Ray cluster address (default: start an embedded Ray)")
+    p.set_defaults(fn=_cmd_train)
+
     p = sub.add_parser("query", help="polars SQL over a run's tables `dataset` and `rejected`")
     p.add_argument("run")
     p.add_argument("sql")
@@ -172,12 +193,16 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from dataengine.inputs import InputError
     from dataengine.runner import AccountingError, RunError
+    from dataengine.train.trainer import TrainError
 
     try:
         return args.fn(args)
     except (SpecError, InputError, RunError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except TrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except AccountingError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -119,6 +119,11 @@ def run_pipeline(spec: PipelineSpec, output: str | Path | None = None, address: 
     manifest = _write_manifest(run_dir, spec, attempts, shards, stage_names, status="complete", counts=counts)
     for config in spec.stages:
         get_op(config.op).after_run(config, run_dir)
+    if spec.train is not None:
+        from dataengine.train.trainer import train_run
+
+        with ray_session(address, spec.resources):
+            manifest["train"] = train_run(run_dir, spec.train)
     return RunResult(run_dir, manifest)
 
 

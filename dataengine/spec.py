@@ -23,6 +23,7 @@ from pydantic_core import to_jsonable_python
 from dataengine.ops import get_op, list_ops, stage_name
 from dataengine.ops.base import _REGISTRY, OPERATIONAL
 from dataengine.schemas import SCHEMA_DIR
+from dataengine.train.config import TrainSpec
 
 SCHEMA_PATH = SCHEMA_DIR / "pipeline.schema.json"
 InputFormat = Literal["parquet", "csv", "tsv", "jsonl"]
@@ -80,6 +81,8 @@ class PipelineSpec(_Strict):
     output: str = Field(min_length=1, description="Run directory: dataset/, rejected/, run.json.")
     resources: ResourcesSpec = ResourcesSpec()
     stages: list[StageSpec] = Field(min_length=1)  # type: ignore[valid-type]
+    train: TrainSpec | None = Field(default=None, description="Train a LLaVA-style model on the kept rows "
+                                    "after the data stages (`dataengine train RUN` does it for a finished run).")
 
     @model_validator(mode="after")
     def _unique_stage_names(self) -> "PipelineSpec":
@@ -101,11 +104,13 @@ class PipelineSpec(_Strict):
         return [stage_name(s) for s in self.stages]
 
     def spec_hash(self) -> str:
-        """Hash of everything that decides the outputs. Excluded: the output path, and fields marked
+        """Hash of everything that decides the data outputs. Excluded: the output path, the `train:`
+        section (its checkpoints record their own hash), and fields marked
         `operational` (an LLM budget, timeouts, request concurrency): a run stopped by its budget
         resumes under a larger one."""
         payload = _decisive(self)
         payload.pop("output", None)
+        payload.pop("train", None)  # training reads the data; it does not change it
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 def evaluate_model(model_dir: str, run_dir: str | None, stage: int, spec: TrainSpec) -> dict[str, Any]:
     """Held-out metrics of `model_dir` on `run_dir`'s held-out rows, and the benchmark."""
+    import ray.data
     import torch
 
     from dataengine.eval.heldout import heldout_loss
@@ -24,6 +25,7 @@ def evaluate_model(model_dir: str, run_dir: str | None, stage: int, spec: TrainS
     from dataengine.train.model import load_llava
     from dataengine.train.trainer import pixel_shape
 
+    ray.data.DataContext.get_current().enable_progress_bars = False  # a task's bars interleave with the driver's
     model, processor = load_llava(model_dir)
     if spec.use_gpu and torch.cuda.is_available():
         model = model.to("cuda", dtype=torch.bfloat16)

@@ -116,15 +116,21 @@ def _qa_candidates(objects: list[dict[str, Any]], templates: Templates, rng: np.
 
 
 def template_conversation(context: dict[str, Any], seed: int, templates: Templates, max_qa_turns: int = 3,
-                          detailed_fraction: float = 0.5,
-                          absent_labels: tuple[str, ...] = ()) -> tuple[str, list[dict[str, str]]]:
-    """(instruction type, LLaVA turns) for one image's context, drawn from `seed`."""
+                          detailed_fraction: float = 0.5, absent_labels: tuple[str, ...] = (),
+                          short_first_fraction: float = 0.0) -> tuple[str, list[dict[str, str]]]:
+    """(instruction type, LLaVA turns) for one image's context, drawn from `seed`. With probability
+    `short_first_fraction` the image comes with a short question (type `short`, as in VQA data) instead
+    of a description request."""
     rng = np.random.default_rng(seed)
     objects = [o for o in context.get("objects") or [] if o.get("label") and o.get("box")]
     captions = [c for c in context.get("captions") or [] if c and c.strip()]
     caption = captions[0].strip() if captions else None
+    candidates = _qa_candidates(objects, templates, rng, absent_labels)
+    order = [candidates[int(j)] for j in rng.permutation(len(candidates))]
     detailed = bool(objects) and (rng.random() < detailed_fraction or caption is None)
-    if detailed:
+    if order and rng.random() < short_first_fraction:
+        kind, (question, answer) = "short", order.pop(0)
+    elif detailed:
         kind, question = "detailed", templates.detailed[int(rng.integers(len(templates.detailed)))]
         answer = detailed_description(objects)
     elif caption:
@@ -133,8 +139,6 @@ def template_conversation(context: dict[str, Any], seed: int, templates: Templat
     else:
         raise ValueError("no caption and no boxes: nothing to build a sample from")
     turns = [{"from": HUMAN, "value": f"{IMAGE_TOKEN}\n{question}"}, {"from": GPT, "value": answer}]
-    candidates = _qa_candidates(objects, templates, rng, absent_labels)
-    for j in rng.permutation(len(candidates))[:max_qa_turns]:
-        question, answer = candidates[int(j)]
+    for question, answer in order[:max_qa_turns]:
         turns += [{"from": HUMAN, "value": question}, {"from": GPT, "value": answer}]
     return kind, turns

@@ -65,6 +65,8 @@ class LlavaSynthesisConfig(OpConfig):
     max_total_chars: int = Field(default=8000, gt=0, description="Longest conversation accepted, all turns.")
     absent_labels: list[str] = Field(default_factory=list, description="template: labels to ask about when "
                                      "absent (POPE-style 'no' questions); empty: only present labels are asked about.")
+    short_first_fraction: float = Field(default=0.0, ge=0, le=1, description="template: share of rows whose "
+                                        "image comes with a short question (VQA style) instead of a description request.")
     seed: int = Field(default=0, description="Seeds the per-row choice of type, question and template.")
     concurrency: int | None = Field(default=1, gt=0, description="Actors; requests in flight cluster-wide = this x max_concurrency.")
     batch_size: int = Field(default=256, gt=0, description="Rows per batch; openai default: 8 x max_concurrency.")
@@ -245,7 +247,7 @@ class LlavaSynthesisMapper(Op):
                 continue
             kind, turns = template_conversation(context, row_seed(row[C.UID], config.seed), self.templates,
                                                 config.max_qa_turns, config.detailed_fraction,
-                                                tuple(config.absent_labels))
+                                                tuple(config.absent_labels), config.short_first_fraction)
             result.update({C.INSTRUCTION_TYPE: kind, C.LLM_MODEL: "template"})
             self._accept(turns, context, None, result)
 

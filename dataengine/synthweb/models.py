@@ -134,7 +134,7 @@ DEMO_RECIPE = {
 
 
 #: demo model name -> the family (one recipe, one cache directory) it is trained in
-DEMO_FAMILIES = {"clip": "core", "lm": "core", "blip-captioner": "blip", "blip-itm": "blip"}
+DEMO_FAMILIES = {"clip": "core", "lm": "core", "blip-captioner": "blip", "blip-itm": "blip", "vlm-lm": "vlm"}
 
 
 def _family_recipe(family: str) -> dict[str, Any]:
@@ -142,6 +142,10 @@ def _family_recipe(family: str) -> dict[str, Any]:
         from dataengine.synthweb.blip_models import BLIP_RECIPE
 
         return BLIP_RECIPE
+    if family == "vlm":
+        from dataengine.synthweb.vlm_models import VLM_RECIPE
+
+        return VLM_RECIPE
     return DEMO_RECIPE
 
 
@@ -283,9 +287,19 @@ def _train_blip(out: Path) -> None:
     train_demo_blip_itm(out / "blip-itm", images, captions, BLIP_RECIPE, init_from=out / "blip-captioner")
 
 
-def ensure_demo_models(cache_dir: str | Path | None = None, force: bool = False, blip: bool = True) -> dict[str, Path]:
-    """The demo's CLIP and LM (and BLIP captioner and ITM filter), trained once per recipe on clean
-    synthetic pairs and cached."""
+def _train_vlm(out: Path) -> None:
+    import logging
+
+    from dataengine.synthweb.vlm_models import train_demo_vlm_lm
+
+    logging.getLogger(__name__).info("training the demo VLM's language model on synthetic-web text ...")
+    train_demo_vlm_lm(out / "vlm-lm")
+
+
+def ensure_demo_models(cache_dir: str | Path | None = None, force: bool = False, blip: bool = True,
+                       vlm: bool = True) -> dict[str, Path]:
+    """The demo's CLIP and LM (and BLIP captioner and ITM filter, and the VLM's language model), trained
+    once per recipe on clean synthetic pairs and cached."""
     core = demo_model_dir(cache_dir, "core")
     _train_family(core, "core", force, _train_core)
     paths = {"clip": core / "clip", "lm": core / "lm"}
@@ -293,4 +307,8 @@ def ensure_demo_models(cache_dir: str | Path | None = None, force: bool = False,
         blip_root = demo_model_dir(cache_dir, "blip")
         _train_family(blip_root, "blip", force, _train_blip)
         paths.update({"blip-captioner": blip_root / "blip-captioner", "blip-itm": blip_root / "blip-itm"})
+    if vlm:
+        vlm_root = demo_model_dir(cache_dir, "vlm")
+        _train_family(vlm_root, "vlm", force, _train_vlm)
+        paths["vlm-lm"] = vlm_root / "vlm-lm"
     return paths

@@ -1,10 +1,10 @@
-"""open_clip vision towers as transformers `CLIPVisionModelWithProjection` directories.
+"""open_clip vision towers as transformers `CLIPVisionModel` directories.
 
 `LlavaForConditionalGeneration` builds its vision tower with `AutoModel`, so it takes transformers
 CLIP/SigLIP models only; many CLIP towers (and the demo's) are open_clip checkpoints. The layouts map
 one to one (the same mapping as transformers' own CLIP conversion script): the converted tower gives
-the same embeddings as open_clip's `encode_image` (checked in the tests) and its processor the same
-normalisation.
+the same embeddings as open_clip's `encode_image` once open_clip's projection is applied to its pooled
+output (checked in the tests), and its processor the same normalisation.
 """
 
 from __future__ import annotations
@@ -71,15 +71,21 @@ def _state_dict(visual_state: dict[str, Any], layers: int) -> dict[str, Any]:
 def convert_open_clip_vision(src: str | Path, out_dir: str | Path) -> Path:
     """Write `src`'s (an open_clip model directory) vision tower and image processor to `out_dir`."""
     import open_clip
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    from transformers import CLIPImageProcessor, CLIPVisionModel, CLIPVisionModelWithProjection
 
     src, out = Path(src), Path(out_dir)
     cfg = json.loads((src / OPEN_CLIP_CONFIG).read_text())
     model_cfg, preprocess = cfg["model_cfg"], cfg.get("preprocess_cfg", {})
     hf_config = _vision_config(model_cfg)
     clip, _, _ = open_clip.create_model_and_transforms(f"local-dir:{src.resolve()}")
-    tower = CLIPVisionModelWithProjection(hf_config)
-    tower.load_state_dict(_state_dict(clip.visual.state_dict(), hf_config.num_hidden_layers), strict=True)
+    state = _state_dict(clip.visual.state_dict(), hf_config.num_hidden_layers)
+    CLIPVisionModelWithProjection(hf_config).load_state_dict(state, strict=True)  # every weight has its place
+    # LLaVA reads hidden states: the contrastive projection is not needed. Key prefixes follow the
+    # installed transformers' own layout for CLIPVisionModel
+    tower = CLIPVisionModel(hf_config)
+    prefix = "" if hasattr(tower, "embeddings") else "vision_model."
+    tower.load_state_dict({prefix + k.removeprefix("vision_model."): v for k, v in state.items()
+                           if not k.startswith("visual_projection.")}, strict=True)
     out.mkdir(parents=True, exist_ok=True)
     tower.save_pretrained(str(out))
     size = model_cfg["vision_cfg"]["image_size"]

@@ -127,8 +127,10 @@ def worker_cpus(spec: TrainSpec) -> float:
 
 
 def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool = False,
-                fail_at_step: int | None = None) -> dict[str, Any]:
-    """Train one stage of `spec` on `run_dir`'s kept rows; returns (and writes) the stage's result."""
+                fail_at_step: int | None = None, fail_rank: int = 0) -> dict[str, Any]:
+    """Train one stage of `spec` on `run_dir`'s kept rows; returns (and writes) the stage's result.
+    `fail_at_step`/`fail_rank` inject one worker failure (tests of the restart path)."""
+    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -158,7 +160,10 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
         "pixel_shape": pixel_shape(start), "metrics_path": str(out / METRICS_FILE),
         "lineage": lineage(run_dir, spec, stage, counts),
         "resume_from": str(resume_from) if resume_from else None, "fail_at_step": fail_at_step,
+        "fail_rank": fail_rank,
     }
+    data_context = ray.data.DataContext.get_current()  # a dataset keeps the context it was made in
+    bars, data_context.enable_progress_bars = data_context.enable_progress_bars, False  # per-step metrics instead
     dataset = encoded_split(run_dir, "train", stage, str(start), hp.max_length, spec.eval.heldout_fraction)
     log.info("stage %d: %d train rows (%d held out), %d steps of %d (micro %d x accumulation %d x %d workers)%s",
              stage, counts["train"], counts["heldout"], plan.total_steps, hp.global_batch, plan.micro_batch,
@@ -179,6 +184,8 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
         result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - Ray wraps the worker's error; name the stage and keep the cause
         raise TrainError(f"stage {stage} failed: {e}") from e
+    finally:
+        data_context.enable_progress_bars = bars
     if result.checkpoint is None:
         raise TrainError(f"stage {stage}: training ended without a checkpoint ({result.error})")
     final = out / "final"
@@ -208,6 +215,40 @@ def train_run(run_dir: str | Path, spec: TrainSpec, stages: list[int] | None = N
             write_text_atomic(stage_dir(Path(run_dir), stage) / RESULT_FILE, json.dumps(summary, indent=2))
         results[f"stage{stage}"] = summary
     return results
+
+
+def train_spec_for(run_dir: str | Path, spec_path: str | None) -> TrainSpec:
+    """The `train:` section from `spec_path`, else from the spec recorded in the run's run.json."""
+    from dataengine.spec import load_spec, parse_spec
+
+    run_json = Path(run_dir) / "run.json"
+    if spec_path:
+        spec = load_spec(spec_path)
+    elif run_json.is_file():
+        spec = parse_spec(json.loads(run_json.read_text())["spec"], str(run_json))
+    else:
+        raise TrainError(f"{run_dir}: no run.json (not a run directory?) and no --spec given")
+    if spec.train is None:
+        raise TrainError(f"{spec_path or run_json}: the spec has no train: section (add one, or pass --spec)")
+    return spec.train
+
+
+def format_train_summary(results: dict[str, Any]) -> str:
+    lines = []
+    for name, r in results.items():
+        ev = r.get("eval", {})
+        held = ev.get("heldout", {})
+        bench = ev.get("benchmark")
+        line = (f"{name}: {r['steps']} steps, {r['samples_trained']} samples, skipped "
+                f"{ {k: v for k, v in r['skipped'].items() if v} or 'none'}, {r['seconds']}s -> {r['model']}")
+        if held:
+            line += f"\n  held-out loss {held['loss']:.3f}, perplexity {held['perplexity']:.2f} ({held['samples']} samples)"
+        if bench:
+            line += (f"\n  benchmark: exact match {bench['exact_match']:.3f} "
+                     + " ".join(f"{k.removesuffix('_accuracy')} {v:.3f}" for k, v in bench.items() if k.endswith("_accuracy"))
+                     + f"; POPE F1 {bench['pope']['f1']:.3f}, yes-ratio {bench['pope']['yes_ratio']:.2f}")
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def load_stage_model(run_dir: str | Path, stage: int) -> tuple[Any, Any]:

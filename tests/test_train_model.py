@@ -1,0 +1,199 @@
+"""LLaVA assembly, chat template, label masking, freezing and checkpoints (no Ray: in-process)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dataengine.train.batching import collate, token_loss_sum
+from dataengine.train.config import ModelSpec, TrainSpec
+from dataengine.train.data import IGNORE_INDEX, encode_row, to_messages
+from dataengine.train.model import build_llava, load_llava, set_trainable
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_vlm_parts):
+    return build_llava(ModelSpec(vision=str(tiny_vlm_parts["vision"]), lm=str(tiny_vlm_parts["lm"])))
+
+
+def _image(seed: int = 0):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 80, 3), dtype=np.uint8))
+
+
+TURNS = [{"from": "human", "value": "<image>\nHow many circles are there in the image?"}, {"from": "gpt", "value": "2"},
+         {"from": "human", "value": "What colour is the star?"}, {"from": "gpt", "value": "Red."}]
+
+
+def test_open_clip_tower_converts_exactly(tiny_vlm_parts, tmp_path):
+    import open_clip
+    from transformers import CLIPVisionModel
+
+    from dataengine.train.convert import convert_open_clip_vision
+
+    out = convert_open_clip_vision(tiny_vlm_parts["vision"], tmp_path / "hf")
+    clip, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tiny_vlm_parts['vision']}")
+    tower = CLIPVisionModel.from_pretrained(str(out)).eval()
+    pixels = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = clip.eval().encode_image(pixels)
+        got = tower(pixel_values=pixels).pooler_output @ clip.visual.proj
+    assert torch.allclose(expected, got, atol=1e-5), (expected - got).abs().max()
+
+
+def test_image_token_expands_to_patch_count_and_labels_cover_replies_only(llava):
+    model, processor = llava
+    row = {"uid": "0-0", "image": _jpeg(), "conversations": json.dumps(TURNS), "caption": "x"}
+    encoded = encode_row(row, processor, stage=2, max_length=512)
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    image_id = model.config.image_token_id
+    assert int((ids == image_id).sum()) == (64 // 8) ** 2 == model.config.image_seq_length
+    trained = processor.tokenizer.decode(ids[labels != IGNORE_INDEX])
+    eos = processor.tokenizer.eos_token
+    assert trained == f" 2{eos} Red.{eos}"
+    assert np.all(labels[ids == image_id] == IGNORE_INDEX)
+    # labels equal the input ids wherever they are set (the shift happens in the loss)
+    assert np.array_equal(labels[labels != IGNORE_INDEX], ids[labels != IGNORE_INDEX])
+    # stage 1 trains on the caption only
+    stage1 = encode_row(row, processor, stage=1, max_length=512)
+    assert processor.tokenizer.decode(stage1["input_ids"][stage1["labels"] != IGNORE_INDEX]) == f" x{eos}"
+
+
+def test_too_long_sample_is_a_skip_not_a_truncation(llava):
+    _, processor = llava
+    row = {"uid": "0-0", "image": _jpeg(), "conversations": json.dumps(TURNS)}
+    full = encode_row(row, processor, stage=2, max_length=512)
+    skipped = encode_row(row, processor, stage=2, max_length=len(full["input_ids"]) - 1)
+    assert skipped["skip"] == "too_long" and "input_ids" not in skipped
+    assert encode_row({**row, "image": b"not an image"}, processor, 2, 512)["skip"] == "bad_image"
+
+
+def _jpeg(seed: int = 0) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    _image(seed).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_saved_model_loads_in_plain_transformers_with_chat_template(llava, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model, processor = llava
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    plain = LlavaForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    plain_processor = AutoProcessor.from_pretrained(str(tmp_path))
+    messages = to_messages(TURNS[:1], _image())
+    text = plain_processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == "USER: <image>\nHow many circles are there in the image? ASSISTANT:"
+    inputs = plain_processor(images=_image(), text=text, return_tensors="pt")
+    with torch.no_grad():
+        ours = model.eval()(**inputs).logits
+        theirs = plain(**inputs).logits
+    assert torch.equal(ours, theirs)
+    generated = plain.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_linear_projector_is_one_linear_map(tiny_vlm_parts):
+    model, _ = build_llava(ModelSpec(vision=str(tiny_vlm_parts["vision"]), lm=str(tiny_vlm_parts["lm"]), projector="linear"))
+    projector = model.model.multi_modal_projector
+    x = torch.randn(4, projector.linear_1.in_features)
+    with torch.no_grad():
+        assert torch.allclose(projector(x), projector.linear_1(x), atol=1e-6)
+    trainable = set_trainable(model, 1)
+    assert trainable == ["model.multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.bias"]
+
+
+def test_gpt2_style_lm_is_untied_but_equal(tmp_path):
+    from dataengine.synthweb.models import build_random_causal_lm, build_random_open_clip
+
+    lm = build_random_causal_lm(tmp_path / "gpt2", ["a red circle", "two blue squares"])
+    vision = build_random_open_clip(tmp_path / "clip", image_size=32)
+    model, processor = build_llava(ModelSpec(vision=str(vision), lm=str(lm)))
+    emb = model.get_input_embeddings().weight
+    assert model.lm_head.weight is not emb
+    assert torch.equal(model.lm_head.weight[: emb.shape[0] - 1], emb[:-1])  # all but the new <image> row
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_frozen_parameters_stay_frozen_after_a_step(llava, stage):
+    import copy
+
+    model, processor = copy.deepcopy(llava[0]), llava[1]
+    trainable = set(set_trainable(model, stage))
+    for name in trainable:
+        assert name.startswith("model.multi_modal_projector.") or (stage == 2 and name.startswith(("model.language_model.", "lm_head.")))
+    assert any(n.startswith("model.multi_modal_projector.") for n in trainable)
+    assert (stage == 2) == any(n.startswith("model.language_model.") for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    row = {"uid": "0-0", "image": _jpeg(), "conversations": json.dumps(TURNS), "caption": "a red star"}
+    enc = encode_row(row, processor, stage=stage, max_length=512)
+    batch = {k: [v] for k, v in enc.items()}
+    mb = collate(batch, [0], processor.tokenizer.pad_token_id, (3, 64, 64))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, pixel_values=mb.pixel_values).logits
+    token_loss_sum(logits, mb.labels).backward()
+    optimizer.step()
+    for name, param in model.named_parameters():
+        changed = not torch.equal(before[name], param.detach())
+        assert changed == (name in trainable), name
+        assert (param.grad is not None) == (name in trainable), name
+
+
+def test_token_normalised_loss_does_not_depend_on_the_split():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 7, 11)
+    labels = torch.randint(0, 11, (4, 7))
+    labels[0, :5] = IGNORE_INDEX  # rows with very different numbers of labelled tokens
+    labels[2, 1:] = IGNORE_INDEX
+    tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    whole = token_loss_sum(logits, labels) / tokens
+    halves = (token_loss_sum(logits[:2], labels[:2]) + token_loss_sum(logits[2:], labels[2:])) / tokens
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
+    assert torch.allclose(whole, halves) and torch.allclose(whole, reference)
+
+
+def test_spec_errors_name_the_field():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="vision and lm are both required"):
+        TrainSpec.model_validate({"model": {"vision": "x"}})
+    with pytest.raises(ValidationError, match="fsdp needs use_gpu"):
+        TrainSpec.model_validate({"model": {"vision": "x", "lm": "y"}, "strategy": "fsdp"})
+    spec = TrainSpec.model_validate({"model": {"vision": "x", "lm": "y"}})
+    assert (spec.stage1.lr, spec.stage1.global_batch, spec.stage2.lr, spec.stage2.global_batch) == (1e-3, 256, 2e-5, 128)
+    assert (spec.stage1.warmup_ratio, spec.stage1.weight_decay, spec.stage1.schedule) == (0.03, 0.0, "cosine")
+    # workers and GPUs do not change what is trained: same hash
+    assert spec.train_hash() == TrainSpec.model_validate({"model": {"vision": "x", "lm": "y"}, "workers": 4}).train_hash()
+
+
+def test_batching_reaches_the_global_batch():
+    from dataengine.train.trainer import TrainError, batching
+
+    spec = TrainSpec.model_validate({"model": {"vision": "x", "lm": "y"}})
+    plan = batching(spec.stage1, workers=8, train_rows=558_000)
+    assert (plan.micro_batch, plan.accumulation) == (16, 2) and plan.steps_per_epoch == 2180
+    with pytest.raises(TrainError, match="not divisible by workers=3"):
+        batching(spec.stage1, workers=3, train_rows=1000)
+
+
+def test_missing_models_are_clear_errors(tmp_path):
+    from dataengine.models import ModelNotFound
+
+    with pytest.raises(ModelNotFound, match="vision tower"):
+        build_llava(ModelSpec(vision=str(tmp_path / "none"), lm=str(tmp_path / "none")))
+
+
+def test_load_llava_round_trip(llava, tmp_path):
+    model, processor = llava
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    again, again_processor = load_llava(str(tmp_path))
+    assert again.config.image_token_id == model.config.image_token_id
+    assert again_processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id

@@ -1,0 +1,107 @@
+"""The trainer on Ray Train: loss goes down; 2 workers = 1 worker; a failed worker and a stopped run
+both resume at the right step and end with the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import write_spec
+from dataengine.train.config import TrainSpec
+from dataengine.train.trainer import TrainError, stage_dir, train_stage
+
+pytestmark = pytest.mark.slow
+
+
+def _spec(parts: dict[str, Path], **overrides) -> TrainSpec:
+    """Stage 2 only; one optimizer step per epoch (the global batch is all 32 rows), 3 epochs."""
+    data = {"model": {"vision": str(parts["vision"]), "lm": str(parts["lm"])}, "stages": [2],
+            "stage2": {"lr": 3e-3, "global_batch": 32, "micro_batch": 8, "epochs": 3, "max_length": 512,
+                       "checkpoint_every": 1},
+            "eval": {"heldout_fraction": 0.0}, "max_failures": 0}
+    data.update(overrides)
+    return TrainSpec.model_validate(data)
+
+
+def _steps(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage_dir(run, 2) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(str(stage_dir(run, 2) / "final")).state_dict()
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, tiny_vlm_parts, tiny_train_run, tmp_path_factory):
+    """One uninterrupted single-worker run that the other tests compare against."""
+    run = _dataset_only(tiny_train_run, tmp_path_factory.mktemp("ref") / "run")
+    result = train_stage(run, _spec(tiny_vlm_parts), 2)
+    return run, result
+
+
+def test_training_runs_and_loss_goes_down(reference, tiny_vlm_parts):
+    run, result = reference
+    steps = _steps(run)
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    losses = [s["loss"] for s in steps]
+    assert losses[0] > losses[1] > losses[2] and losses[2] < losses[0] - 0.1, losses
+    assert result["steps"] == 3 and result["samples_trained"] == 3 * 32
+    assert result["skipped"] == {"bad_image": 0, "no_sample": 0, "too_long": 0}
+    lineage = result["lineage"]
+    assert lineage["spec_hash"] == "feedc0de" and lineage["samples"]["train"] == 32 and lineage["stage"] == 2
+    assert len(lineage["data_version"]) == 16
+    assert lineage["train_hash"] == _spec(tiny_vlm_parts).train_hash()
+    final = stage_dir(run, 2) / "final"
+    assert json.loads((final / "dataengine_lineage.json").read_text())["step"] == 3
+
+
+def _dataset_only(run: Path, dest: Path) -> Path:
+    """A copy of a run without its training outputs."""
+    dest.mkdir(parents=True)
+    shutil.copytree(run / "dataset", dest / "dataset")
+    shutil.copy(run / "run.json", dest / "run.json")
+    return dest
+
+
+def test_two_workers_with_a_failure_give_the_result_of_one(reference, tiny_vlm_parts, tmp_path):
+    """2 DDP workers (gloo) reach the weights of 1 worker, even though rank 1 dies after step 2 (before
+    that step's checkpoint) and Ray Train restarts the group from step 1's checkpoint."""
+    run_one, _ = reference
+    run_two = _dataset_only(run_one, tmp_path / "two")
+    result = train_stage(run_two, _spec(tiny_vlm_parts, workers=2, max_failures=1), 2, fail_at_step=2, fail_rank=1)
+    assert [s["step"] for s in _steps(run_two)] == [1, 2, 2, 3]
+    assert result["steps"] == 3 and result["samples_trained"] == 3 * 32
+    assert _max_diff(_weights(run_one), _weights(run_two)) < 1e-4
+    losses_one = [s["loss"] for s in _steps(run_one)]
+    losses_two = [s["loss"] for s in _steps(run_two)]
+    assert [losses_two[i] for i in (0, 2, 3)] == pytest.approx(losses_one, rel=1e-4)
+
+
+def test_stopped_run_resumes_with_the_cli(ray_local, reference, tiny_vlm_parts, tmp_path):
+    from dataengine import cli
+
+    run = _dataset_only(reference[0], tmp_path / "run")
+    spec = _spec(tiny_vlm_parts)
+    with pytest.raises(TrainError, match="stage 2 failed"):
+        train_stage(run, spec, 2, fail_at_step=2)
+    assert [s["step"] for s in _steps(run)] == [1, 2]
+    assert not (stage_dir(run, 2) / "result.json").exists()
+    spec_file = write_spec(tmp_path / "spec.yaml", {
+        "name": "tiny", "input": {"path": str(tmp_path / "urls.parquet")}, "output": str(run),
+        "stages": [{"op": "download"}], "train": json.loads(spec.model_dump_json())})
+    assert cli.main(["train", str(run), "--spec", str(spec_file), "--stage", "2", "--resume"]) == 0
+    assert [s["step"] for s in _steps(run)] == [1, 2, 2, 3]
+    assert _max_diff(_weights(reference[0]), _weights(run)) < 1e-5
+    result = json.loads((stage_dir(run, 2) / "result.json").read_text())
+    assert result["steps"] == 3 and "heldout" not in result["eval"]
