@@ -109,7 +109,7 @@ def _cmd_synthweb(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dataengine.demo import run_demo
 
-    return run_demo(n=args.n, seed=args.seed, spec_path=Path(args.spec), output=args.output)
+    return run_demo(n=args.n, seed=args.seed, spec_path=Path(args.spec), output=args.output, train=not args.no_train)
 
 
 def _cmd_demo_models(args: argparse.Namespace) -> int:
@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spec", default="pipelines/demo.yaml")
     p.add_argument("--output", default=None, help="run directory (default: the spec's output)")
+    p.add_argument("--no-train", action="store_true", help="skip the spec's train: section (data stages only)")
     p.set_defaults(fn=_cmd_demo)
     return parser
 

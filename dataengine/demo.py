@@ -21,7 +21,7 @@ from dataengine import columns as C
 from dataengine.query import scan
 from dataengine.runner import MANIFEST, RunError, format_summary, run_pipeline
 from dataengine.models import DEMO_PREFIX
-from dataengine.spec import load_spec
+from dataengine.spec import PipelineSpec, load_spec
 from dataengine.synthweb import SynthWebServer, build_synthweb, write_url_list
 from dataengine.synthweb import build as T  # the truth table's column names
 from dataengine.synthweb.models import ensure_demo_models
@@ -29,6 +29,7 @@ from dataengine.synthweb.models import ensure_demo_models
 log = logging.getLogger(__name__)
 SCORES_FILE = "demo_scores.json"
 CAPFILT_FILE = "demo_capfilt.json"
+TRAINING_FILE = "demo_training.json"
 
 
 # What each stage should reject, by the synthetic web's truth (rows that reach the stage only).
@@ -158,8 +159,60 @@ def format_scores(scores: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(n: int = 1000, seed: int = 0, spec_path: Path = Path("pipelines/demo.yaml"), output: str | None = None) -> int:
+def _benchmark_before_training(run_dir: Path, spec: PipelineSpec) -> dict[str, Any]:
+    """The assembled model's benchmark scores (projector untrained): the floor the stages start from."""
+    import ray
+
+    from dataengine.eval.run_eval import evaluate_model
+    from dataengine.raydata import ray_session
+
+    with ray_session(None, spec.resources):
+        task = ray.remote(num_cpus=1)(evaluate_model)
+        return ray.get(task.remote(str(run_dir / "train" / "stage1" / "init"), None, 1, spec.train))["benchmark"]
+
+
+def unfiltered_spec(spec: PipelineSpec, run_dir: Path, train_rows: int) -> PipelineSpec:
+    """The same input, downloader and synthesis without any filter, trained on `train_rows` rows: the
+    baseline the curated data is compared with."""
+    keep = [s for s in spec.stages if s.op in ("download", "llava_synthesis_mapper")]
+    train = spec.train.model_copy(update={"max_samples": train_rows, "stages": [1, 2]}) if spec.train else None
+    return spec.model_copy(update={"name": spec.name + "-unfiltered", "stages": keep, "train": train,
+                                   "output": str(run_dir.with_name(run_dir.name + "-unfiltered"))})
+
+
+BENCH_KEYS = ("exact_match", "count_accuracy", "colour_accuracy", "position_accuracy")
+
+
+def training_rows(before: dict[str, Any], curated: dict[str, Any], unfiltered: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    """(label, benchmark) rows of the demo's training table, in the order they are printed."""
+    rows = [("before stage 1 (assembled)", before), ("after stage 1", curated["stage1"]["eval"]["benchmark"]),
+            ("after stage 2", curated["stage2"]["eval"]["benchmark"])]
+    if unfiltered:
+        rows.append(("unfiltered data, same size", unfiltered["stage2"]["eval"]["benchmark"]))
+    return rows
+
+
+def format_training(rows: list[tuple[str, dict[str, Any]]], samples: int) -> str:
+    lines = [f"tiny VLM on the synthetic-web VQA benchmark (trained on {samples} rows; exact match per question type):",
+             f"  {'model':<30}{'all':>7}{'count':>7}{'colour':>8}{'where':>7}{'POPE F1':>9}{'yes-ratio':>11}"]
+    for label, b in rows:
+        lines.append(f"  {label:<30}{b['exact_match']:>7.3f}{b.get('count_accuracy', 0):>7.3f}"
+                     f"{b.get('colour_accuracy', 0):>8.3f}{b.get('position_accuracy', 0):>7.3f}"
+                     f"{b['pope']['f1']:>9.3f}{b['pope']['yes_ratio']:>11.2f}")
+    if len(rows) == 4:
+        curated, unfiltered = rows[2][1], rows[3][1]
+        delta = curated["exact_match"] - unfiltered["exact_match"]
+        verdict = "wins" if delta > 0 else "does not win"
+        lines.append(f"  curated data {verdict}: {delta:+.3f} exact match ({curated['exact_match']:.3f} vs "
+                     f"{unfiltered['exact_match']:.3f}), POPE F1 {curated['pope']['f1'] - unfiltered['pope']['f1']:+.3f}")
+    return "\n".join(lines)
+
+
+def run_demo(n: int = 1000, seed: int = 0, spec_path: Path = Path("pipelines/demo.yaml"), output: str | None = None,
+             train: bool = True) -> int:
     spec = load_spec(spec_path)
+    if not train:
+        spec = spec.model_copy(update={"train": None})
     input_path = Path(spec.input.path)
     web_dir = input_path.parent
     run_dir = Path(output or spec.output)
@@ -171,13 +224,20 @@ def run_demo(n: int = 1000, seed: int = 0, spec_path: Path = Path("pipelines/dem
     build_synthweb(web_dir, n=n, seed=seed)
     if any(str(getattr(stage, "model", "")).startswith(DEMO_PREFIX) for stage in spec.stages):
         print("demo models (trained once on clean synthetic pairs, then cached) ...", flush=True)
-        ensure_demo_models()
+        ensure_demo_models(vlm=spec.train is not None)
     with SynthWebServer(web_dir) as server:
         urls = write_url_list(web_dir, server.base_url)
         if urls.resolve() != input_path.resolve():
             shutil.copyfile(urls, input_path)
         print(f"serving it at {server.base_url}; running {spec_path} ...", flush=True)
         result = run_pipeline(spec, output=run_dir)
+        unfiltered = None
+        if spec.train is not None:
+            rows = json.loads((run_dir / "train" / "stage1" / "result.json").read_text())["lineage"]["samples"]["train"]
+            baseline = unfiltered_spec(spec, run_dir.resolve(), rows)
+            print(f"\nthe same {rows} rows' worth of unfiltered data for comparison: {baseline.output} ...", flush=True)
+            shutil.rmtree(baseline.output, ignore_errors=True)
+            unfiltered = run_pipeline(baseline).manifest.get("train")
     truth = pl.read_parquet(web_dir / T.TRUTH_FILE)
     scores = score_stages(result.run_dir, truth, result.manifest["stage_names"])
     capfilt = capfilt_report(result.run_dir, truth, result.manifest["stage_names"])
@@ -194,6 +254,13 @@ def run_demo(n: int = 1000, seed: int = 0, spec_path: Path = Path("pipelines/dem
     if export.exists():
         print(f"\ninstruction data: {json.loads(export.read_text())['samples']} LLaVA samples in {export.parent} "
               "(llava.json, images/, conversations.parquet)")
+    if spec.train is not None:
+        before = _benchmark_before_training(result.run_dir, spec)
+        rows = training_rows(before, result.manifest["train"], unfiltered)
+        samples = result.manifest["train"]["stage2"]["lineage"]["samples"]["train"]
+        (result.run_dir / TRAINING_FILE).write_text(json.dumps(dict(rows), indent=2))
+        print("\n" + format_training(rows, samples))
+        print(f"  models: {result.run_dir}/train/stage{{1,2}}/final (load with LlavaForConditionalGeneration.from_pretrained)")
     print(f"\noutputs in {result.run_dir}: dataset/ (kept), rejected/ (with reasons), run.json, {SCORES_FILE}")
     print(f'try: dataengine query {run_dir} "SELECT reject_reason, COUNT(*) AS n FROM rejected GROUP BY 1 ORDER BY n DESC"')
     return 0

@@ -24,7 +24,7 @@ BARS = {
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_every_filter_beats_chance(tmp_path):
     shutil.copytree(REPO / "pipelines", tmp_path / "pipelines")
-    proc = subprocess.run([sys.executable, "-m", "dataengine.cli", "demo", "--n", "300"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "dataengine.cli", "demo", "--n", "300", "--no-train"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=580)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "every stage against the synthetic web's truth" in proc.stdout and "total" in proc.stdout

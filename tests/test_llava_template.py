@@ -42,9 +42,12 @@ def test_template_answers_come_from_the_boxes_and_bad_rows_are_rejected():
     pairs = _turn_pairs(first[C.CONVERSATIONS])
     assert pairs[0][0].startswith("<image>\n") and "large red circle at the top left" in pairs[0][1]
     answers = {q: a for q, a in pairs[1:]}
-    assert len(answers) == 4  # count circle, count star, colour and position of the circle (two stars: neither)
+    # count circle, count star, colour and position of the circle (two stars: neither), one existence question
+    assert len(answers) == 5
     for question, answer in answers.items():
-        if "star" in question:
+        if re.search(r"is there|contain", question, re.I):
+            assert answer == "Yes." and re.search(r"circle|star", question)
+        elif "star" in question:
             assert answer == "2"
         elif re.search(r"how many|count", question, re.I):
             assert answer == "1"
@@ -52,6 +55,20 @@ def test_template_answers_come_from_the_boxes_and_bad_rows_are_rejected():
             assert answer == "Red."
         else:
             assert answer == "At the top left."
+
+
+def test_template_asks_about_absent_labels_and_can_lead_with_a_short_question():
+    config = LlavaSynthesisConfig(max_qa_turns=10, detailed_fraction=0.0, short_first_fraction=1.0,
+                                  absent_labels=["circle", "star", "hexagon"])
+    batch = pa.table({C.UID: ["a"], C.CAPTION: ["a red circle and two stars"], C.BOXES: [boxes_json(OBJECTS)]})
+    row = apply_stage(LlavaSynthesisMapper(config), batch, "synth", 0).to_pylist()[0]
+    assert row[C.INSTRUCTION_TYPE] == "short"
+    pairs = _turn_pairs(row[C.CONVERSATIONS])
+    assert pairs[0][0].startswith("<image>\n") and len(pairs[0][1]) < 20  # a short answer, not a description
+    existence = {q: a for q, a in pairs if re.search(r"is there|contain", q, re.I)}
+    assert sorted(existence.values()) == ["No.", "Yes."]
+    absent_question = next(q for q, a in existence.items() if a == "No.")
+    assert "hexagon" in absent_question  # the only listed label that is not in the image
 
 
 def test_template_is_deterministic_per_uid_and_brief_without_boxes():

@@ -21,7 +21,7 @@ def evaluate_model(model_dir: str, run_dir: str | None, stage: int, spec: TrainS
 
     from dataengine.eval.heldout import heldout_loss
     from dataengine.eval.vqa import run_benchmark
-    from dataengine.train.data import encoded_split
+    from dataengine.train.data import encoded_split, plan_splits
     from dataengine.train.model import load_llava
     from dataengine.train.trainer import pixel_shape
 
@@ -31,8 +31,8 @@ def evaluate_model(model_dir: str, run_dir: str | None, stage: int, spec: TrainS
         model = model.to("cuda", dtype=torch.bfloat16)
     result: dict[str, Any] = {"model": model_dir}
     if run_dir is not None and spec.eval.heldout_fraction > 0:
-        heldout = encoded_split(run_dir, "heldout", stage, model_dir, spec.stage(stage).max_length,
-                                spec.eval.heldout_fraction)
+        _, split, _ = plan_splits(run_dir, stage, spec.eval.heldout_fraction)
+        heldout = encoded_split(run_dir, split, stage, model_dir, spec.stage(stage).max_length)
         result["heldout"] = heldout_loss(model, processor, heldout.iter_batches(batch_size=64, batch_format="numpy"),
                                          tuple(pixel_shape(Path(model_dir))))
     if spec.eval.benchmark == "synthweb":

@@ -111,6 +111,12 @@ class TrainSpec(_Strict):
                                   "(LLaVA-1.5's grouping by modality length).")
     max_failures: int = Field(default=2, ge=0, description="Worker failures survived by restarting from "
                               "the last checkpoint.", json_schema_extra=OPERATIONAL)
+    max_samples: int | None = Field(default=None, gt=0, description="Train on at most this many rows (the "
+                                    "first by uid hash): compare datasets at equal size.")
+    cache_encoded_mb: int = Field(default=2048, ge=0, description="Keep the tokenized training set in Ray's "
+                                  "object store when it is smaller than this, so later epochs skip the "
+                                  "image decoding and tokenizing; larger sets are streamed every epoch.",
+                                  json_schema_extra=OPERATIONAL)
     seed: int = 0
     eval: EvalSpec = EvalSpec()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,20 @@ def heldout_key(uid: str) -> float:
     return int.from_bytes(hashlib.sha256(uid.encode()).digest()[:8], "big") / 2**64
 
 
-def is_heldout(uid: str, fraction: float) -> bool:
-    return heldout_key(uid) < fraction
+@dataclass(frozen=True)
+class Split:
+    """The rows of a split, by uid hash: held out below `heldout_fraction`, train from there up to
+    `train_until` (below 1.0 when the spec caps the training rows)."""
+
+    name: str  # "train" | "heldout"
+    heldout_fraction: float
+    train_until: float = 1.0
+
+    def contains(self, uid: str) -> bool:
+        key = heldout_key(uid)
+        if self.name == "heldout":
+            return key < self.heldout_fraction
+        return self.heldout_fraction <= key < self.train_until
 
 
 def kept_files(run_dir: str | Path) -> list[str]:
@@ -46,18 +59,27 @@ def kept_files(run_dir: str | Path) -> list[str]:
     return files
 
 
-def count_samples(run_dir: str | Path, stage: int, heldout_fraction: float) -> dict[str, int]:
-    """Rows per split that have something to train on in `stage` (cheap: no images read)."""
-    counts = {"train": 0, "heldout": 0, "no_sample": 0}
+def plan_splits(run_dir: str | Path, stage: int, heldout_fraction: float,
+                max_samples: int | None = None) -> tuple[Split, Split, dict[str, int]]:
+    """(train, held-out) splits of the rows that have something to train on in `stage`, and their
+    sizes. Cheap: reads no images."""
+    heldout, train_keys, empty = 0, [], 0
     for path in kept_files(run_dir):
         parquet = pq.ParquetFile(path)
         names = [c for c in (C.UID, C.CONVERSATIONS, C.CAPTION_BEST, C.CAPTION) if c in parquet.schema_arrow.names]
         for row in parquet.read(columns=names).to_pylist():
+            key = heldout_key(row[C.UID])
             if turns_for(row, stage) is None:
-                counts["no_sample"] += 1
+                empty += 1
+            elif key < heldout_fraction:
+                heldout += 1
             else:
-                counts["heldout" if is_heldout(row[C.UID], heldout_fraction) else "train"] += 1
-    return counts
+                train_keys.append(key)
+    train_keys.sort()
+    until = train_keys[max_samples] if max_samples is not None and max_samples < len(train_keys) else 1.0
+    n_train = sum(k < until for k in train_keys)
+    counts = {"train": n_train, "heldout": heldout, "no_sample": empty, "available_train": len(train_keys)}
+    return Split("train", heldout_fraction, until), Split("heldout", heldout_fraction), counts
 
 
 def turns_for(row: dict[str, Any], stage: int) -> list[dict[str, str]] | None:
@@ -81,8 +103,8 @@ def to_messages(turns: list[dict[str, str]], image: Any) -> list[dict[str, Any]]
     return messages
 
 
-def read_split(run_dir: str | Path, split: str, heldout_fraction: float) -> Any:
-    """The kept rows of one split (`train` or `heldout`) as a Ray dataset, image bytes included.
+def read_split(run_dir: str | Path, split: Split) -> Any:
+    """The kept rows of one split as a Ray dataset, image bytes included.
 
     Each task reads one part file (`read_parquet`'s threaded listing races on an optional fsspec
     import in Ray 2.60, see raydata.stream_pipeline), so rows stream in file order.
@@ -90,7 +112,6 @@ def read_split(run_dir: str | Path, split: str, heldout_fraction: float) -> Any:
     import ray.data
 
     files = kept_files(run_dir)
-    want_heldout = split == "heldout"
 
     def read(batch: dict[str, Any]) -> pa.Table:
         tables = []
@@ -98,7 +119,7 @@ def read_split(run_dir: str | Path, split: str, heldout_fraction: float) -> Any:
             parquet = pq.ParquetFile(str(path))
             names = [c for c in SOURCE_COLUMNS if c in parquet.schema_arrow.names]
             table = parquet.read(columns=names)
-            mask = [is_heldout(u, heldout_fraction) == want_heldout for u in table.column(C.UID).to_pylist()]
+            mask = [split.contains(u) for u in table.column(C.UID).to_pylist()]
             tables.append(table.filter(pa.array(mask, pa.bool_())))
         return pa.concat_tables(tables)
 
@@ -148,9 +169,9 @@ def encode_batch(batch: pa.Table, processor_dir: str, stage: int, max_length: in
     })
 
 
-def encoded_split(run_dir: str | Path, split: str, stage: int, processor_dir: str, max_length: int,
-                  heldout_fraction: float, num_cpus: float = 1.0) -> Any:
+def encoded_split(run_dir: str | Path, split: Split, stage: int, processor_dir: str, max_length: int,
+                  num_cpus: float = 1.0) -> Any:
     """`read_split` tokenized by `encode_batch` in Ray Data tasks (streaming: nothing is materialised)."""
-    return read_split(run_dir, split, heldout_fraction).map_batches(
+    return read_split(run_dir, split).map_batches(
         encode_batch, fn_kwargs={"processor_dir": processor_dir, "stage": stage, "max_length": max_length},
         batch_format="pyarrow", batch_size=64, num_cpus=num_cpus)

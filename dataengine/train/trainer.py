@@ -24,7 +24,7 @@ from typing import Any
 
 from dataengine.atomic import write_text_atomic
 from dataengine.train.config import StageSpec, TrainSpec
-from dataengine.train.data import count_samples, encoded_split, kept_files
+from dataengine.train.data import encoded_split, kept_files, plan_splits
 from dataengine.train.loop import LINEAGE_FILE, STATE_FILE, train_loop
 from dataengine.train.model import build_llava, load_llava
 
@@ -146,7 +146,7 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     hp = spec.stage(stage)
-    counts = count_samples(run_dir, stage, spec.eval.heldout_fraction)
+    train_split, _, counts = plan_splits(run_dir, stage, spec.eval.heldout_fraction, spec.max_samples)
     if counts["train"] == 0:
         raise TrainError(f"stage {stage}: no training samples in {run_dir}/dataset ({counts})")
     plan = batching(hp, spec.workers, counts["train"])
@@ -164,7 +164,11 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
     }
     data_context = ray.data.DataContext.get_current()  # a dataset keeps the context it was made in
     bars, data_context.enable_progress_bars = data_context.enable_progress_bars, False  # per-step metrics instead
-    dataset = encoded_split(run_dir, "train", stage, str(start), hp.max_length, spec.eval.heldout_fraction)
+    dataset = encoded_split(run_dir, train_split, stage, str(start), hp.max_length)
+    shape = pixel_shape(start)
+    encoded_mb = counts["train"] * (4 * shape[0] * shape[1] * shape[2] + 8 * hp.max_length) / 2**20
+    if config["epochs"] > 1 and encoded_mb <= spec.cache_encoded_mb:
+        dataset = dataset.materialize()  # later epochs read tokenized rows from the object store
     log.info("stage %d: %d train rows (%d held out), %d steps of %d (micro %d x accumulation %d x %d workers)%s",
              stage, counts["train"], counts["heldout"], plan.total_steps, hp.global_batch, plan.micro_batch,
              plan.accumulation, spec.workers, f", resuming from {resume_from}" if resume_from else "")
