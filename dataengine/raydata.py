@@ -36,20 +36,27 @@ T = TypeVar("T")
 
 
 @contextlib.contextmanager
+def quiet_worker_logs() -> None:
+    """Worker setup hook: Ray Train's placement-group cleaner polls the State API, which needs the
+    dashboard; without one (the embedded default) it warns every few seconds for the whole training."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
 def ray_session(address: str | None, resources: ResourcesSpec) -> Iterator[None]:
     """Use the Ray already initialised in this process, connect to `address`, or start an embedded one."""
     if ray.is_initialized():
         yield
         return
     common = {"log_to_driver": True, "logging_level": logging.WARNING}
+    hook = {"worker_process_setup_hook": "dataengine.raydata.quiet_worker_logs"}
     if address:
         # workers on other machines import dataengine from this checkout
         package_dir = str(Path(dataengine.__file__).resolve().parent)
-        ray.init(address=address, runtime_env={"py_modules": [package_dir]}, **common)
+        ray.init(address=address, runtime_env={"py_modules": [package_dir], **hook}, **common)
     else:
         ray.init(
             address="local", num_cpus=resources.num_cpus or os.cpu_count(), num_gpus=resources.num_gpus,
-            object_store_memory=resources.object_store_memory, include_dashboard=False, **common,
+            object_store_memory=resources.object_store_memory, include_dashboard=False, runtime_env=hook, **common,
         )
     try:
         yield

@@ -43,3 +43,22 @@ def test_demo_runs_end_to_end_and_every_filter_beats_chance(tmp_path):
     samples = json.loads((tmp_path / "runs" / "demo" / "export" / "llava.json").read_text())
     assert len(samples) == manifest["totals"]["kept"] > 0
     assert all(s["conversations"][0]["value"].startswith("<image>\n") for s in samples)
+
+
+def test_training_table_says_who_wins_and_by_how_much():
+    from dataengine.demo import format_training
+
+    def bench(em: float, ppl: float) -> dict:
+        return {"exact_match": em, "count_accuracy": em, "colour_accuracy": em, "position_accuracy": em,
+                "questions": 400, "pope": {"f1": 0.5, "yes_ratio": 0.5}, "caption_perplexity": ppl}
+
+    rows = [("before stage 1 (assembled)", bench(0.1, 20)), ("curated, after stage 1", bench(0.2, 4.0)),
+            ("curated, after stage 2", bench(0.5, 6.0)), ("unfiltered, after stage 1", bench(0.2, 5.0)),
+            ("unfiltered, after stage 2", bench(0.4, 6.0))]
+    text = format_training(rows, 600)
+    assert "after stage 1, caption perplexity: curated 4.000 vs unfiltered 5.000: curated data wins" in text
+    assert "after stage 2, VQA exact match: curated 0.500 vs unfiltered 0.400: curated data wins" in text
+    rows[4] = ("unfiltered, after stage 2", bench(0.49, 6.0))
+    assert "0.500 vs unfiltered 0.490: curated data is within noise" in format_training(rows, 600)
+    rows[3] = ("unfiltered, after stage 1", bench(0.2, 3.0))
+    assert "curated 4.000 vs unfiltered 3.000: curated data loses" in format_training(rows, 600)

@@ -235,3 +235,13 @@ def test_lora_checkpoint_is_a_plain_llava_with_the_adapters_merged(llava, tmp_pa
         original = llava[0].eval()(input_ids=mb.input_ids, attention_mask=mb.attention_mask, pixel_values=mb.pixel_values).logits
     assert torch.allclose(saved, adapted, atol=1e-4), (saved - adapted).abs().max()
     assert not torch.allclose(saved, original, atol=1e-3)
+
+
+def test_init_from_an_existing_llava_checkpoint(llava, tmp_path):
+    model, processor = llava
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    again, _ = build_llava(ModelSpec(init_from=str(tmp_path)))
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(again.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)

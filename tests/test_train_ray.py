@@ -105,3 +105,35 @@ def test_stopped_run_resumes_with_the_cli(ray_local, reference, tiny_vlm_parts, 
     assert _max_diff(_weights(reference[0]), _weights(run)) < 1e-5
     result = json.loads((stage_dir(run, 2) / "result.json").read_text())
     assert result["steps"] == 3 and "heldout" not in result["eval"]
+
+
+def test_a_spec_with_a_train_section_trains_after_its_data_stages(ray_local, synthweb_dir, tiny_vlm_parts, tmp_path):
+    """download -> template synthesis -> train (stage 1) in one `run_pipeline`; the checkpoint's lineage
+    names the run it came from."""
+    from dataengine.runner import run_pipeline
+    from dataengine.spec import parse_spec
+    from dataengine.synthweb import SynthWebServer, write_url_list
+    from tests.conftest import download_stage
+
+    urls = tmp_path / "urls.parquet"
+    with SynthWebServer(synthweb_dir) as server:
+        shutil.copyfile(write_url_list(synthweb_dir, server.base_url), urls)
+        spec = parse_spec({
+            "name": "with-train", "input": {"path": str(urls), "boxes_col": "boxes"}, "output": str(tmp_path / "run"),
+            "stages": [download_stage(image_size=64), {"op": "llava_synthesis_mapper", "backend": "template"}],
+            "train": {"model": {"vision": str(tiny_vlm_parts["vision"]), "lm": str(tiny_vlm_parts["lm"])},
+                      "stages": [1], "stage1": {"lr": 1e-3, "global_batch": 16, "micro_batch": 8, "max_steps": 2},
+                      "eval": {"heldout_fraction": 0.1}}})
+        result = run_pipeline(spec)
+    kept = result.manifest["totals"]["kept"]
+    trained = result.manifest["train"]["stage1"]
+    assert trained["steps"] == 2 and trained["samples_trained"] == 32
+    lineage = trained["lineage"]
+    assert lineage["spec_hash"] == spec.spec_hash() and lineage["run_totals"]["kept"] == kept
+    assert lineage["samples"]["train"] + lineage["samples"]["heldout"] == kept
+    held = trained["eval"]["heldout"]
+    assert held["samples"] == lineage["samples"]["heldout"] > 0 and held["perplexity"] > 1
+    assert (tmp_path / "run" / "train" / "stage1" / "final" / "config.json").is_file()
+    # a train: section does not change the data's hash: the run resumes under an edited train section
+    edited = spec.model_copy(update={"train": spec.train.model_copy(update={"seed": 5})})
+    assert edited.spec_hash() == spec.spec_hash()

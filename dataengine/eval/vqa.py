@@ -7,6 +7,10 @@ that is there) and one no (a shape that is not, drawn at random: POPE's "random"
 model trained on template data is asked in the form it learnt. Answers are compared after
 normalisation (case, punctuation, articles, "at the"/"on the", number words); yes/no answers are also
 scored by precision, recall, F1 and the yes-ratio, where a model that hallucinates says yes too often.
+Each image is also described ("Describe the image briefly."): the colour-shape pairs the description
+names are checked against the scene, CHAIR-style (Rohrbach et al. 2018): the share of named objects
+that are not there (hallucination), and the share of the scene's objects named (recall). Last, the
+perplexity of each image's true caption given the image (`caption_perplexity`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 from dataengine.llm.templates import Templates, grid_position
 
 BENCHMARK_SEED = 7_000_003  # no synthetic web or demo model uses this seed stream
-QUESTION_TYPES = ("count", "colour", "position", "exists")
+QUESTION_TYPES = ("count", "colour", "position", "exists", "describe")
 _NUMBERS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6"}
 
 
@@ -45,10 +49,12 @@ def normalise(answer: str) -> str:
     return " ".join(_NUMBERS.get(w, w) for w in words)
 
 
-def build_benchmark(n_images: int, image_size: int = 64, seed: int = BENCHMARK_SEED) -> tuple[list[Any], list[Question]]:
-    """`n_images` fresh scenes rendered at `image_size`, and their questions with answers."""
+def build_benchmark(n_images: int, image_size: int = 64, seed: int = BENCHMARK_SEED,
+                    captions: list[str] | None = None) -> tuple[list[Any], list[Question]]:
+    """`n_images` fresh scenes rendered at `image_size`, and their questions with answers (and, into
+    `captions` when given, one true caption per image)."""
     from dataengine.synthweb.render import render_scene
-    from dataengine.synthweb.scenes import KINDS, generate_scene
+    from dataengine.synthweb.scenes import KINDS, caption_scene, generate_scene
 
     templates = Templates.load()
     images, questions = [], []
@@ -56,6 +62,8 @@ def build_benchmark(n_images: int, image_size: int = 64, seed: int = BENCHMARK_S
         rng = np.random.default_rng([seed, i])
         scene = generate_scene(rng)
         images.append(render_scene(scene, image_size, image_size, rng))
+        if captions is not None:
+            captions.append(caption_scene(scene, np.random.default_rng([seed, i, 1])))
         by_kind: dict[str, list[Any]] = defaultdict(list)
         for obj in scene.objects:
             by_kind[obj.kind].append(obj)
@@ -65,6 +73,8 @@ def build_benchmark(n_images: int, image_size: int = 64, seed: int = BENCHMARK_S
                 questions.append(Question(i, "colour", templates.colour[0].format(label=kind), objs[0].colour))
                 questions.append(Question(i, "position", templates.position[0].format(thing=kind),
                                           grid_position(list(objs[0].box))))
+        truth_pairs = sorted({f"{o.colour} {o.kind}" for o in scene.objects})
+        questions.append(Question(i, "describe", templates.brief[0], "|".join(truth_pairs)))
         present = sorted(by_kind)
         absent = [k for k in KINDS if k not in by_kind]
         questions.append(Question(i, "exists", templates.exists[0].format(label=present[int(rng.integers(len(present)))]), "yes"))
@@ -102,10 +112,21 @@ def answer_questions(model: Any, processor: Any, images: list[Any], questions: l
 
 
 def score(questions: list[Question], answers: list[str]) -> dict[str, Any]:
-    """Exact match per question type and overall; POPE accuracy, precision, recall, F1, yes-ratio."""
+    """Exact match per question type and overall; POPE accuracy, precision, recall, F1, yes-ratio;
+    for descriptions, CHAIR-style object hallucination (share of named colour-shape pairs not in the
+    image) and object recall."""
+    from dataengine.synthweb.blip_models import colour_shape_pairs
+
     right: dict[str, list[bool]] = defaultdict(list)
     tp = fp = fn = tn = yes = 0
+    named = hallucinated = true_total = found = 0
     for q, a in zip(questions, answers):
+        if q.kind == "describe":
+            truth = {tuple(p.split(" ", 1)) for p in q.answer.split("|")}
+            pairs = colour_shape_pairs(a)
+            named, hallucinated = named + len(pairs), hallucinated + len(pairs - truth)
+            true_total, found = true_total + len(truth), found + len(pairs & truth)
+            continue
         said = normalise(a)
         right[q.kind].append(said == normalise(q.answer))
         if q.kind == "exists":
@@ -124,17 +145,39 @@ def score(questions: list[Question], answers: list[str]) -> dict[str, Any]:
     result["pope"] = {"accuracy": (tp + tn) / n_exists if n_exists else 0.0, "precision": precision, "recall": recall,
                       "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
                       "yes_ratio": yes / n_exists if n_exists else 0.0, "questions": n_exists}
-    result["questions"] = len(questions)
+    result["describe"] = {"chair": hallucinated / named if named else 0.0, "recall": found / true_total if true_total else 0.0,
+                          "objects_named": named}
+    result["questions"] = sum(len(v) for v in right.values())
     return result
+
+
+def caption_perplexity(model: Any, processor: Any, images: list[Any], captions: list[str]) -> float:
+    """Perplexity of the true captions given their images, asked as stage 1 asks: a likelihood, so far
+    less noisy than generated answers, and the measure caption noise in the training data hurts first."""
+    import io
+
+    from dataengine.eval.heldout import heldout_loss
+    from dataengine.train.data import encode_row
+
+    rows = []
+    for k, (image, caption) in enumerate(zip(images, captions)):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        rows.append(encode_row({"uid": str(k), "image": buf.getvalue(), "caption": caption}, processor, 1, 10**6))
+    batch = {key: [r.get(key) for r in rows] for key in ("input_ids", "labels", "pixel_values", "length", "skip")}
+    size = int(processor.image_processor.crop_size["height"])
+    return heldout_loss(model, processor, [batch], (3, size, size))["perplexity"]
 
 
 def run_benchmark(model: Any, processor: Any, n_images: int = 200, image_size: int | None = None,
                   examples: int = 8) -> dict[str, Any]:
     """Build, answer and score the benchmark; keeps a few answered examples for the report."""
     size = image_size or int(processor.image_processor.crop_size["height"])
-    images, questions = build_benchmark(n_images, size)
+    captions: list[str] = []
+    images, questions = build_benchmark(n_images, size, captions=captions)
     answers = answer_questions(model, processor, images, questions)
     result = score(questions, answers)
+    result["caption_perplexity"] = caption_perplexity(model, processor, images, captions)
     result["examples"] = [{"question": q.question, "answer": q.answer, "model": a}
                           for q, a in list(zip(questions, answers))[:examples]]
     return result

@@ -250,7 +250,8 @@ def format_train_summary(results: dict[str, Any]) -> str:
         if bench:
             line += (f"\n  benchmark: exact match {bench['exact_match']:.3f} "
                      + " ".join(f"{k.removesuffix('_accuracy')} {v:.3f}" for k, v in bench.items() if k.endswith("_accuracy"))
-                     + f"; POPE F1 {bench['pope']['f1']:.3f}, yes-ratio {bench['pope']['yes_ratio']:.2f}")
+                     + f"; POPE F1 {bench['pope']['f1']:.3f}, yes-ratio {bench['pope']['yes_ratio']:.2f}"
+                     + f"; descriptions: {bench['describe']['chair']:.3f} of named objects hallucinated")
         lines.append(line)
     return "\n".join(lines)
 
