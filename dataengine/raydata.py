@@ -35,13 +35,13 @@ SUMMARY_SHARD, SUMMARY_PART, SUMMARY_ROWS = "shard", "part", "rows"
 T = TypeVar("T")
 
 
-@contextlib.contextmanager
 def quiet_worker_logs() -> None:
     """Worker setup hook: Ray Train's placement-group cleaner polls the State API, which needs the
     dashboard; without one (the embedded default) it warns every few seconds for the whole training."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
+@contextlib.contextmanager
 def ray_session(address: str | None, resources: ResourcesSpec) -> Iterator[None]:
     """Use the Ray already initialised in this process, connect to `address`, or start an embedded one."""
     if ray.is_initialized():
