@@ -20,7 +20,8 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-                 object_store_memory=512 * 1024 * 1024)
+                 object_store_memory=512 * 1024 * 1024,
+                 runtime_env={"worker_process_setup_hook": "dataengine.raydata.quiet_worker_logs"})
     yield ray
     ray.shutdown()
 

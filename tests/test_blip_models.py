@@ -213,7 +213,7 @@ def test_demo_recipe_quality(tmp_path):
     """
     from dataengine.synthweb.models import ensure_demo_models
 
-    models = ensure_demo_models()  # the demo's own cache: trained once per machine, shared with the demo test
+    models = ensure_demo_models(vlm=False)  # the demo's own cache: trained once per machine, shared with the demo test
     q = _quality(models["blip-captioner"], models["blip-itm"])
     assert q["accept_true"] >= 0.9 and q["reject_other"] >= 0.9, q
     assert q["colours"] >= 0.75, q

@@ -1,5 +1,6 @@
-"""The trainer on Ray Train: loss goes down; 2 workers = 1 worker; a failed worker and a stopped run
-both resume at the right step and end with the weights of an uninterrupted run."""
+"""The trainer on Ray Train: loss goes down; 2 workers = 1 worker even through a worker failure
+(restart from the last checkpoint); a spec's train: section runs after its data stages, and a
+stopped stage resumes at the right step with the CLI."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import write_spec
 from dataengine.train.config import TrainSpec
 from dataengine.train.trainer import TrainError, stage_dir, train_stage
 
@@ -21,7 +21,7 @@ def _spec(parts: dict[str, Path], **overrides) -> TrainSpec:
     """Stage 2 only; one optimizer step per epoch (the global batch is all 32 rows), 3 epochs."""
     data = {"model": {"vision": str(parts["vision"]), "lm": str(parts["lm"])}, "stages": [2],
             "stage2": {"lr": 3e-3, "global_batch": 32, "micro_batch": 8, "epochs": 3, "max_length": 512,
-                       "checkpoint_every": 1},
+                       "checkpoint_every": overrides.pop("checkpoint_every", 1)},
             "eval": {"heldout_fraction": 0.0}, "max_failures": 0}
     data.update(overrides)
     return TrainSpec.model_validate(data)
@@ -46,7 +46,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def reference(ray_local, tiny_vlm_parts, tiny_train_run, tmp_path_factory):
     """One uninterrupted single-worker run that the other tests compare against."""
     run = _dataset_only(tiny_train_run, tmp_path_factory.mktemp("ref") / "run")
-    result = train_stage(run, _spec(tiny_vlm_parts), 2)
+    result = train_stage(run, _spec(tiny_vlm_parts, checkpoint_every=100), 2)  # checkpoints do not change weights
     return run, result
 
 
@@ -88,52 +88,47 @@ def test_two_workers_with_a_failure_give_the_result_of_one(reference, tiny_vlm_p
     assert [losses_two[i] for i in (0, 2, 3)] == pytest.approx(losses_one, rel=1e-4)
 
 
-def test_stopped_run_resumes_with_the_cli(ray_local, reference, tiny_vlm_parts, tmp_path):
+def test_a_train_section_runs_after_the_data_stages_and_a_stopped_stage_resumes(ray_local, synthweb_dir, tiny_vlm_parts,
+                                                                               tmp_path, monkeypatch):
+    """download -> template synthesis -> train (stage 1) in one `run_pipeline`. Its training stops at
+    step 2 (an injected failure, no retries); `dataengine train RUN --resume` (spec from run.json)
+    continues from step 1's checkpoint and finishes; the checkpoint's lineage names the run."""
     from dataengine import cli
-
-    run = _dataset_only(reference[0], tmp_path / "run")
-    spec = _spec(tiny_vlm_parts)
-    with pytest.raises(TrainError, match="stage 2 failed"):
-        train_stage(run, spec, 2, fail_at_step=2)
-    assert [s["step"] for s in _steps(run)] == [1, 2]
-    assert not (stage_dir(run, 2) / "result.json").exists()
-    spec_file = write_spec(tmp_path / "spec.yaml", {
-        "name": "tiny", "input": {"path": str(tmp_path / "urls.parquet")}, "output": str(run),
-        "stages": [{"op": "download"}], "train": json.loads(spec.model_dump_json())})
-    assert cli.main(["train", str(run), "--spec", str(spec_file), "--stage", "2", "--resume"]) == 0
-    assert [s["step"] for s in _steps(run)] == [1, 2, 2, 3]
-    assert _max_diff(_weights(reference[0]), _weights(run)) < 1e-5
-    result = json.loads((stage_dir(run, 2) / "result.json").read_text())
-    assert result["steps"] == 3 and "heldout" not in result["eval"]
-
-
-def test_a_spec_with_a_train_section_trains_after_its_data_stages(ray_local, synthweb_dir, tiny_vlm_parts, tmp_path):
-    """download -> template synthesis -> train (stage 1) in one `run_pipeline`; the checkpoint's lineage
-    names the run it came from."""
     from dataengine.runner import run_pipeline
     from dataengine.spec import parse_spec
     from dataengine.synthweb import SynthWebServer, write_url_list
+    from dataengine.train.trainer import FAIL_ENV
     from tests.conftest import download_stage
 
-    urls = tmp_path / "urls.parquet"
+    urls, run = tmp_path / "urls.parquet", tmp_path / "run"
     with SynthWebServer(synthweb_dir) as server:
         shutil.copyfile(write_url_list(synthweb_dir, server.base_url), urls)
         spec = parse_spec({
-            "name": "with-train", "input": {"path": str(urls), "boxes_col": "boxes"}, "output": str(tmp_path / "run"),
+            "name": "with-train", "input": {"path": str(urls), "boxes_col": "boxes"}, "output": str(run),
             "stages": [download_stage(image_size=64), {"op": "llava_synthesis_mapper", "backend": "template"}],
             "train": {"model": {"vision": str(tiny_vlm_parts["vision"]), "lm": str(tiny_vlm_parts["lm"])},
-                      "stages": [1], "stage1": {"lr": 1e-3, "global_batch": 16, "micro_batch": 8, "max_steps": 2},
-                      "eval": {"heldout_fraction": 0.1}}})
-        result = run_pipeline(spec)
-    kept = result.manifest["totals"]["kept"]
-    trained = result.manifest["train"]["stage1"]
-    assert trained["steps"] == 2 and trained["samples_trained"] == 32
+                      "stages": [1], "stage1": {"lr": 1e-3, "global_batch": 16, "micro_batch": 8, "max_steps": 3,
+                                                "checkpoint_every": 1},
+                      "eval": {"heldout_fraction": 0.1}, "max_failures": 0}})
+        monkeypatch.setenv(FAIL_ENV, "2")
+        with pytest.raises(TrainError, match="stage 1 failed"):
+            run_pipeline(spec)
+    monkeypatch.delenv(FAIL_ENV)
+    steps = [json.loads(line)["step"] for line in (stage_dir(run, 1) / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2] and not (stage_dir(run, 1) / "result.json").exists()
+
+    assert cli.main(["train", str(run), "--stage", "1", "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (stage_dir(run, 1) / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 2, 3]  # resumed after step 1's checkpoint, not from the start
+    trained = json.loads((stage_dir(run, 1) / "result.json").read_text())
+    kept = json.loads((run / "run.json").read_text())["totals"]["kept"]
+    assert trained["steps"] == 3 and trained["samples_trained"] == 3 * 16
     lineage = trained["lineage"]
     assert lineage["spec_hash"] == spec.spec_hash() and lineage["run_totals"]["kept"] == kept
     assert lineage["samples"]["train"] + lineage["samples"]["heldout"] == kept
     held = trained["eval"]["heldout"]
     assert held["samples"] == lineage["samples"]["heldout"] > 0 and held["perplexity"] > 1
-    assert (tmp_path / "run" / "train" / "stage1" / "final" / "config.json").is_file()
+    assert (stage_dir(run, 1) / "final" / "config.json").is_file()
     # a train: section does not change the data's hash: the run resumes under an edited train section
     edited = spec.model_copy(update={"train": spec.train.model_copy(update={"seed": 5})})
     assert edited.spec_hash() == spec.spec_hash()

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from dataengine.train.model import build_llava, load_llava
 log = logging.getLogger(__name__)
 
 TRAIN_DIR, RESULT_FILE, METRICS_FILE = "train", "result.json", "metrics.jsonl"
+FAIL_ENV = "DATAENGINE_TRAIN_FAIL_AT_STEP"  # fault injection for tests: one worker failure at this step
 
 
 class TrainError(RuntimeError):
@@ -136,6 +138,7 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
 
     run_dir = Path(run_dir)
     out = stage_dir(run_dir, stage)
+    fail_at_step = fail_at_step or int(os.environ.get(FAIL_ENV, "0")) or None
     if (out / RESULT_FILE).is_file() and not resume:
         log.info("stage %d already trained (%s); delete it to retrain", stage, out / RESULT_FILE)
         return json.loads((out / RESULT_FILE).read_text())
