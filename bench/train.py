@@ -13,6 +13,7 @@ steady-state samples/s (from per-step timestamps, the first steps dropped) and e
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import shutil
 import sys
@@ -93,7 +94,7 @@ def run_hf_trainer(run: Path, parts: dict[str, Path], steps: int) -> dict[str, f
 
     args = TrainingArguments(
         output_dir=str(WORK / "hf"), per_device_train_batch_size=16, gradient_accumulation_steps=2, max_steps=steps,
-        learning_rate=1e-3, lr_scheduler_type="cosine", warmup_ratio=0.03, weight_decay=0.0, logging_steps=10**6,
+        learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=max(1, math.ceil(0.03 * steps)), weight_decay=0.0, logging_steps=10**6,
         save_strategy="no", report_to=[], dataloader_num_workers=0, use_cpu=True, remove_unused_columns=False,
         disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=encoded, data_collator=collator, callbacks=[StepTimes()])

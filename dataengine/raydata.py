@@ -37,8 +37,10 @@ T = TypeVar("T")
 
 def quiet_worker_logs() -> None:
     """Worker setup hook: Ray Train's placement-group cleaner polls the State API, which needs the
-    dashboard; without one (the embedded default) it warns every few seconds for the whole training."""
+    dashboard; without one (the embedded default) it warns every few seconds for the whole training.
+    Train workers also log every checkpoint report at INFO; our trainer logs its own progress."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager

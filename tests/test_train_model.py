@@ -245,3 +245,22 @@ def test_init_from_an_existing_llava_checkpoint(llava, tmp_path):
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         assert torch.equal(again.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+def test_siglip_tower_uses_every_patch(tiny_vlm_parts, tmp_path):
+    """SigLIP has no CLS token: all patches are image tokens (`full`), none dropped."""
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    SiglipVisionModel(config).save_pretrained(tmp_path / "siglip")
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "siglip")
+    model, processor = build_llava(ModelSpec(vision=str(tmp_path / "siglip"), lm=str(tiny_vlm_parts["lm"])))
+    assert model.config.vision_feature_select_strategy == "full" and model.config.image_seq_length == 16
+    row = {"uid": "0-0", "image": _jpeg(), "conversations": json.dumps(TURNS)}
+    enc = encode_row(row, processor, stage=2, max_length=512)
+    assert int((enc["input_ids"] == model.config.image_token_id).sum()) == 16
+    mb = collate({k: [v] for k, v in enc.items()}, [0], processor.tokenizer.pad_token_id, (3, 32, 32))
+    with torch.no_grad():
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, pixel_values=mb.pixel_values).logits
+    assert logits.shape[:2] == mb.input_ids.shape

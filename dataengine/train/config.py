@@ -100,9 +100,10 @@ class TrainSpec(_Strict):
     stage2: StageSpec = Field(default_factory=_stage2_defaults)
     workers: int = Field(default=1, gt=0, json_schema_extra=OPERATIONAL)
     use_gpu: bool = Field(default=False, json_schema_extra=OPERATIONAL)
-    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs each training worker reserves; "
-                                   "scaled down (with a warning) when the workers would leave none for data loading.",
-                                   json_schema_extra=OPERATIONAL)
+    cpus_per_worker: float | None = Field(
+        default=None, gt=0, description="CPUs each training worker reserves (and PyTorch threads it uses). Default: "
+        "the cluster's CPUs shared among the workers, one left for data loading when the data streams; an "
+        "explicit value is scaled down (with a warning) when it would leave none.", json_schema_extra=OPERATIONAL)
     strategy: Literal["ddp", "fsdp"] = Field(default="ddp", description="fsdp needs use_gpu.",
                                              json_schema_extra=OPERATIONAL)
     precision: Literal["auto", "float32", "bfloat16"] = Field(

@@ -55,14 +55,12 @@ def apply_lora(model: Any, lora: dict[str, Any]) -> Any:
 
 
 def _plain_model(model: Any) -> Any:
-    inner = getattr(model, "module", model)
-    return inner
+    """The model inside a DDP/FSDP wrapper."""
+    return getattr(model, "module", model)
 
 
 def _state_dict_for_save(model: Any, strategy: str) -> dict[str, Any] | None:
     """Full weights as the stock LLaVA layout (LoRA merged); collective under FSDP (call on all ranks)."""
-    import torch
-
     inner = _plain_model(model)
     if strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -74,7 +72,7 @@ def _state_dict_for_save(model: Any, strategy: str) -> dict[str, Any] | None:
         state = {k: v.detach().clone() for k, v in base.state_dict().items() if "lora_" not in k}
         inner.unmerge_adapter()
         return {_strip_peft(k): v for k, v in state.items()}
-    return {k: v.detach() for k, v in inner.state_dict().items()} if torch else None
+    return {k: v.detach() for k, v in inner.state_dict().items()}
 
 
 def _strip_peft(key: str) -> str:
@@ -164,8 +162,11 @@ def train_loop(config: dict[str, Any]) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"], betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config["total_steps"], hp["warmup_ratio"], hp["schedule"]))
-    if optim_state is not None and not hp.get("lora"):
-        optimizer.load_state_dict(optim_state["optimizer"])
+    if optim_state is not None:
+        # LoRA adapters restart from the merged weights and FSDP shards its optimizer state differently
+        # from the full state saved here: both resume with fresh Adam moments (the schedule continues)
+        if not hp.get("lora") and config["strategy"] != "fsdp":
+            optimizer.load_state_dict(optim_state["optimizer"])
         scheduler.load_state_dict(optim_state["scheduler"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if config["bf16"] else nullcontext()
     pad_id = processor.tokenizer.pad_token_id

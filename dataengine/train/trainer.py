@@ -113,16 +113,18 @@ def pixel_shape(processor_dir: Path) -> list[int]:
     return [3, int(crop["height"]), int(crop["width"])]
 
 
-def worker_cpus(spec: TrainSpec) -> float:
-    """CPUs per worker, leaving at least one CPU of the cluster to the Ray Data tasks that feed them
-    (a lazily streamed dataset hangs when the workers hold every CPU)."""
+def worker_cpus(spec: TrainSpec, streaming: bool) -> float:
+    """CPUs per worker (Ray sets each worker's PyTorch thread count from it). A streamed dataset needs
+    a CPU of its own for the Ray Data tasks that feed the workers (it hangs when the workers hold every
+    CPU); a materialized one does not."""
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 1))
-    wanted = spec.cpus_per_worker
-    if spec.workers * wanted <= total - 1:
+    free = total - (1 if streaming else 0)
+    wanted = spec.cpus_per_worker or max(1.0, float(int(free // spec.workers)))
+    if spec.workers * wanted <= free:
         return wanted
-    scaled = max(0.1, (total - 1) / spec.workers) if total > 1 else 0.5 / spec.workers
+    scaled = max(0.1, free / spec.workers) if free > 0 else 0.5 / spec.workers
     log.warning("train: %d workers x %.2g CPUs leave no CPU for data loading on this %g-CPU cluster; "
                 "reserving %.2g CPUs per worker instead", spec.workers, wanted, total, scaled)
     return scaled
@@ -170,7 +172,8 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
     dataset = encoded_split(run_dir, train_split, stage, str(start), hp.max_length)
     shape = pixel_shape(start)
     encoded_mb = counts["train"] * (4 * shape[0] * shape[1] * shape[2] + 8 * hp.max_length) / 2**20
-    if config["epochs"] > 1 and encoded_mb <= spec.cache_encoded_mb:
+    streaming = not (config["epochs"] > 1 and encoded_mb <= spec.cache_encoded_mb)
+    if not streaming:
         dataset = dataset.materialize()  # later epochs read tokenized rows from the object store
     log.info("stage %d: %d train rows (%d held out), %d steps of %d (micro %d x accumulation %d x %d workers)%s",
              stage, counts["train"], counts["heldout"], plan.total_steps, hp.global_batch, plan.micro_batch,
@@ -178,7 +181,7 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu,
-                                                  resources_per_worker={"CPU": worker_cpus(spec)}),
+                                                  resources_per_worker={"CPU": worker_cpus(spec, streaming)}),
         torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=f"stage{stage}-{int(time.time())}", storage_path=str(checkpoints.resolve()),
