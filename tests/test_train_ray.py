@@ -129,6 +129,9 @@ def test_a_train_section_runs_after_the_data_stages_and_a_stopped_stage_resumes(
     held = trained["eval"]["heldout"]
     assert held["samples"] == lineage["samples"]["heldout"] > 0 and held["perplexity"] > 1
     assert (stage_dir(run, 1) / "final" / "config.json").is_file()
-    # a train: section does not change the data's hash: the run resumes under an edited train section
+    # a train: section does not change the data's hash, but a trained stage refuses another train: section
     edited = spec.model_copy(update={"train": spec.train.model_copy(update={"seed": 5})})
     assert edited.spec_hash() == spec.spec_hash()
+    assert train_stage(run, spec.train, 1)["steps"] == 3  # done: returned as it is
+    with pytest.raises(TrainError, match="trained with another train: section"):
+        train_stage(run, edited.train, 1)

@@ -142,8 +142,12 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
     out = stage_dir(run_dir, stage)
     fail_at_step = fail_at_step or int(os.environ.get(FAIL_ENV, "0")) or None
     if (out / RESULT_FILE).is_file() and not resume:
+        done = json.loads((out / RESULT_FILE).read_text())
+        if done["lineage"]["train_hash"] != spec.train_hash():
+            raise TrainError(f"{out} was trained with another train: section (hash {done['lineage']['train_hash']}, "
+                             f"this one {spec.train_hash()}); delete {out} to retrain it")
         log.info("stage %d already trained (%s); delete it to retrain", stage, out / RESULT_FILE)
-        return json.loads((out / RESULT_FILE).read_text())
+        return done
     checkpoints = out / "checkpoints"
     resume_from = latest_checkpoint(checkpoints) if resume else None
     if not resume:
