@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -58,6 +59,54 @@ def _cmd_export(args: argparse.Namespace) -> int:
     result = export_run(args.run, args.out, options)
     skipped = ", ".join(f"{k}={v}" for k, v in result.skipped.items()) or "none"
     print(f"exported {result.samples} samples to {result.out_dir} ({', '.join(result.files)}); skipped: {skipped}")
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from dataengine import jobs
+
+    job_id = jobs.submit(args.spec, args.address, args.job_id)
+    print(f"submitted {job_id} to {args.address}; follow with: dataengine logs {job_id} --follow --address {args.address}")
+    if not args.wait:
+        return 0
+    final = jobs.wait(args.address, job_id, timeout=args.timeout)
+    print(f"{job_id}: {final}")
+    return 0 if final == "SUCCEEDED" else EXIT_FAILED
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from dataengine import jobs
+
+    rows = jobs.list_jobs(args.address)
+    for job in sorted(rows, key=lambda j: j["start_time"] or 0):
+        print(f"{job['id']:<32} {job['status']:<10} {job['metadata'].get('dataengine_spec', '-'):<20} {job['entrypoint']}")
+    if not rows:
+        print(f"no jobs on {args.address}")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from dataengine import jobs
+
+    print(jobs.status(args.address, args.job))
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from dataengine import jobs
+
+    if args.follow:
+        jobs.follow_logs(args.address, args.job, lambda text: print(text, end="", flush=True))
+    else:
+        print(jobs.logs(args.address, args.job), end="")
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    from dataengine import jobs
+
+    stopped = jobs.stop(args.address, args.job)
+    print(f"{args.job}: {'stop requested' if stopped else 'not running'}")
     return 0
 
 
@@ -152,6 +201,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-images", action="store_true", help="do not copy image files")
     p.set_defaults(fn=_cmd_export)
 
+    default_api = os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265")
+    p = sub.add_parser("submit", help="submit a pipeline spec (and its train: section) as a Ray job")
+    p.add_argument("spec")
+    p.add_argument("--address", default=default_api, help="the head's Jobs API (default: %(default)s)")
+    p.add_argument("--job-id", help="submission id (default: Ray's)")
+    p.add_argument("--wait", action="store_true", help="block until the job ends; exit 1 unless it succeeded")
+    p.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds --wait waits")
+    p.set_defaults(fn=_cmd_submit)
+    for name, fn, text in (("status", _cmd_status, "a job's status"), ("logs", _cmd_logs, "a job's logs"),
+                           ("stop", _cmd_stop, "stop a job")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job")
+        p.add_argument("--address", default=default_api)
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="stream until the job ends")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("jobs", help="list the cluster's jobs")
+    p.add_argument("--address", default=default_api)
+    p.set_defaults(fn=_cmd_jobs)
+
     p = sub.add_parser("train", help="train the spec's `train:` section on a finished run's kept rows")
     p.add_argument("run", help="run directory (its run.json holds the spec)")
     p.add_argument("--stage", choices=["1", "2", "all"], default="all")
@@ -194,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from dataengine.inputs import InputError
     from dataengine.runner import AccountingError, RunError
+    from dataengine.jobs import JobError
     from dataengine.train.trainer import TrainError
 
     try:
@@ -201,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, InputError, RunError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except TrainError as e:
+    except (TrainError, JobError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     except AccountingError as e:

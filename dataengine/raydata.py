@@ -51,7 +51,9 @@ def ray_session(address: str | None, resources: ResourcesSpec) -> Iterator[None]
         return
     common = {"log_to_driver": True, "logging_level": logging.WARNING}
     hook = {"worker_process_setup_hook": "dataengine.raydata.quiet_worker_logs"}
-    if address:
+    if address and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        ray.init(address=address, **common)  # a Ray job (`dataengine submit`): its runtime env ships the code
+    elif address:
         # workers on other machines import dataengine from this checkout
         package_dir = str(Path(dataengine.__file__).resolve().parent)
         ray.init(address=address, runtime_env={"py_modules": [package_dir], **hook}, **common)

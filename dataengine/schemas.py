@@ -19,7 +19,9 @@ from dataengine import columns as C
 
 # In a checkout, `schemas/` beside the package; in a wheel install, `<prefix>/share/dataengine/schemas`
 # (pyproject's data-files).
-_CANDIDATE_DIRS = (Path(__file__).resolve().parent.parent / "schemas", Path(sys.prefix) / "share" / "dataengine" / "schemas")
+# (and in a Ray job's working directory, `dataengine submit` puts a copy in `./schemas`)
+_CANDIDATE_DIRS = (Path(__file__).resolve().parent.parent / "schemas", Path(sys.prefix) / "share" / "dataengine" / "schemas",
+                   Path.cwd() / "schemas")
 SCHEMA_DIR = next((d for d in _CANDIDATE_DIRS if d.is_dir()), _CANDIDATE_DIRS[0])
 
 _SCALAR_TYPES: dict[str, pa.DataType] = {

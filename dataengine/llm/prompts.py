@@ -29,7 +29,8 @@ RESPONSE_TYPES: tuple[str, ...] = ("conversation", "detail", "reasoning")
 
 # In a checkout, `pipelines/prompts` beside the package; in a wheel install, `<prefix>/share/dataengine/prompts`.
 _CANDIDATE_DIRS = (Path(__file__).resolve().parents[2] / "pipelines" / "prompts",
-                   Path(sys.prefix) / "share" / "dataengine" / "prompts")
+                   Path(sys.prefix) / "share" / "dataengine" / "prompts",
+                   Path.cwd() / "pipelines" / "prompts")  # a Ray job's copy (`dataengine submit`)
 
 FENCE_OPEN, FENCE_CLOSE = "<data>", "</data>"
 

@@ -1,0 +1,121 @@
+"""Pipeline (and training) jobs on a Ray cluster, through the Ray Jobs API.
+
+`submit` validates the spec here, makes its input and output paths absolute (a job runs in a copy of
+its working directory, where relative paths would point somewhere else), and submits
+`python -m dataengine.cli run spec.yaml` with a runtime env that carries the spec (working_dir) and
+this checkout's `dataengine` package (py_modules), so the cluster runs the code you have. The run
+directory must be on storage the cluster's nodes reach, as for `dataengine run --address`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import dataengine
+from dataengine.llm.prompts import default_prompts_dir
+from dataengine.schemas import SCHEMA_DIR
+from dataengine.spec import load_spec
+
+SPEC_NAME = "spec.yaml"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 60.0
+
+
+class JobError(RuntimeError):
+    """The Jobs API refused or could not be reached; the message says which address and why."""
+
+
+def client(address: str) -> Any:
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise JobError(f"cannot reach the Ray Jobs API at {address} (the head's dashboard, port 8265): {e}") from e
+
+
+def _absolute(path: str, base: Path) -> str:
+    return str((base / path).resolve()) if not Path(path).is_absolute() else path
+
+
+def job_spec(spec_path: str | Path) -> dict[str, Any]:
+    """The spec as submitted: validated, with input and output made absolute against the caller's cwd."""
+    spec = load_spec(spec_path)
+    data = spec.model_dump(mode="json", exclude_none=True)
+    cwd = Path.cwd()
+    data["input"]["path"] = _absolute(spec.input.path, cwd)
+    data["output"] = _absolute(spec.output, cwd)
+    return data
+
+
+def submit(spec_path: str | Path, address: str, job_id: str | None = None) -> str:
+    """Submit a spec as a job; returns the job's submission id."""
+    data = job_spec(spec_path)
+    staging = Path(tempfile.mkdtemp(prefix="dataengine-job-"))
+    try:
+        (staging / SPEC_NAME).write_text(yaml.safe_dump(data, sort_keys=False))
+        # the data files the package reads beside itself in a checkout (found in the job's cwd there)
+        shutil.copytree(SCHEMA_DIR, staging / "schemas")
+        shutil.copytree(default_prompts_dir(), staging / "pipelines" / "prompts")
+        package = str(Path(dataengine.__file__).resolve().parent)
+        runtime_env = {"working_dir": str(staging), "py_modules": [package],
+                       "worker_process_setup_hook": "dataengine.raydata.quiet_worker_logs"}
+        jobs_api = client(address)
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                return jobs_api.submit_job(
+                    entrypoint=f"python -m dataengine.cli run {SPEC_NAME} --address auto", runtime_env=runtime_env,
+                    submission_id=job_id, metadata={"dataengine_spec": data["name"], "output": data["output"]})
+            except RuntimeError as e:
+                # a head that has just started answers 500 until its job agent is up
+                if "No available agent" not in str(e) or time.monotonic() > deadline:
+                    raise JobError(f"{address}: the job was refused: {e}") from e
+                time.sleep(1.0)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # uploaded by submit_job
+
+
+def list_jobs(address: str) -> list[dict[str, Any]]:
+    return [{"id": j.submission_id, "status": str(j.status.value if hasattr(j.status, "value") else j.status),
+             "entrypoint": j.entrypoint, "start_time": j.start_time, "end_time": j.end_time,
+             "metadata": j.metadata or {}} for j in client(address).list_jobs() if j.submission_id]
+
+
+def status(address: str, job_id: str) -> str:
+    value = client(address).get_job_status(job_id)
+    return str(getattr(value, "value", value))
+
+
+def logs(address: str, job_id: str) -> str:
+    return client(address).get_job_logs(job_id)
+
+
+def follow_logs(address: str, job_id: str, write: Any) -> None:
+    """Stream a job's log lines to `write` until the job ends."""
+    async def tail() -> None:
+        async for chunk in client(address).tail_job_logs(job_id):
+            write(chunk)
+
+    asyncio.run(tail())
+
+
+def stop(address: str, job_id: str) -> bool:
+    return bool(client(address).stop_job(job_id))
+
+
+def wait(address: str, job_id: str, timeout: float = 600.0, poll: float = 0.5) -> str:
+    """Block until the job ends (or `timeout`); returns its last status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        current = status(address, job_id)
+        if current in TERMINAL or time.monotonic() > deadline:
+            return current
+        time.sleep(poll)
