@@ -145,8 +145,8 @@ def _cmd_synthweb(args: argparse.Namespace) -> int:
     if not args.serve:
         print(f"built {args.n} items in {out} (truth.parquet, files/); --serve to serve them")
         return 0
-    with SynthWebServer(out, port=args.port) as server:
-        urls = write_url_list(out, server.base_url)
+    with SynthWebServer(out, host=args.host, port=args.port) as server:
+        urls = write_url_list(out, args.public_url or server.base_url)
         print(f"serving {out} at {server.base_url}; URL list: {urls}; Ctrl-C stops", flush=True)
         try:
             server.serve_forever()
@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--serve", action="store_true")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    p.add_argument("--public-url", help="base URL written into urls.parquet, as other machines reach the "
+                   "server (default: the listening address)")
     p.set_defaults(fn=_cmd_synthweb)
 
     p = sub.add_parser("demo-models", help="train (or show) the demo's tiny CLIP and LM on the synthetic web")
