@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench schema clean
+.PHONY: demo test test-fast test-cluster bench schema clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,10 +16,13 @@ demo: $(STAMP)
 	$(BIN)/dataengine demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not cluster"
+
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -q -m cluster
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not cluster"
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test,bench]'

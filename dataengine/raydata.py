@@ -90,7 +90,24 @@ class _StageActor:
         self.op = get_op(step.config.op)(step.config)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        _maybe_crash()
         return run_step(self.step, self.op, batch, self.schema)
+
+
+CRASH_ENV = "DATAENGINE_FAULT_ACTOR_CRASH"  # fault injection for tests: a marker path; crash once
+
+
+def _maybe_crash() -> None:
+    """Kill this actor's process mid-batch, once per marker file (tests of Ray Data's actor restarts)."""
+    marker = os.environ.get(CRASH_ENV)
+    if marker:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # exactly one process wins
+        except FileExistsError:
+            return
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        os._exit(1)
 
 
 def _write_parts(batch: pa.Table, parts_dir: str) -> pa.Table:

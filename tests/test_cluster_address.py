@@ -1,4 +1,4 @@
-"""`dataengine run --address` joins an existing Ray cluster instead of starting its own."""
+"""`dataengine run --address` joins an existing 3-node Ray cluster instead of starting its own."""
 
 import json
 import subprocess
@@ -15,7 +15,8 @@ from tests.conftest import download_stage, write_spec
 @pytest.mark.slow
 def test_run_on_an_existing_cluster_matches_the_local_run(synthweb_dir, synthweb_run, tmp_path):
     local_spec, local_result, _ = synthweb_run
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})  # head + 2 workers: 3 nodes
+    cluster.add_node(num_cpus=1)
     cluster.add_node(num_cpus=1)
     try:
         with SynthWebServer(synthweb_dir) as server:
