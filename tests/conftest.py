@@ -47,6 +47,26 @@ def write_spec(path: Path, data: dict) -> Path:
     return path
 
 
+def synthweb_spec(tmp_path: Path, synthweb_dir: Path, base_url: str, stages: list[dict], shard_rows: int = 40) -> Path:
+    """A spec over a private copy of the synthetic web's URL list (served at `base_url`), output `tmp_path/run`."""
+    from dataengine.synthweb import write_url_list
+
+    urls = tmp_path / "urls.parquet"
+    urls.write_bytes(write_url_list(synthweb_dir, base_url).read_bytes())
+    return write_spec(tmp_path / "spec.yaml", {
+        "name": "t", "input": {"path": str(urls), "id_col": "id", "shard_rows": shard_rows},
+        "output": str(tmp_path / "run"), "stages": stages})
+
+
+def run_outcome(run_dir: Path) -> tuple[set, dict]:
+    """(kept source ids, {rejected source id: reason}); fails if a uid is in both tables or twice."""
+    kept = pl.read_parquet(run_dir / "dataset" / "*.parquet", columns=["uid", "source_id"])
+    rejected = pl.read_parquet(run_dir / "rejected" / "*.parquet", columns=["uid", "source_id", "reject_reason"])
+    uids = kept["uid"].to_list() + rejected["uid"].to_list()
+    assert len(uids) == len(set(uids)), "a uid appears twice across dataset/ and rejected/"
+    return set(kept["source_id"]), dict(zip(rejected["source_id"], rejected["reject_reason"]))
+
+
 def download_stage(**overrides) -> dict:
     """A download stage for tests: loopback allowed, short timeouts, small batches."""
     stage = {"op": "download", "allow_private_networks": True, "timeout": 1.0, "deadline": 3.0,

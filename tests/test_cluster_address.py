@@ -4,12 +4,11 @@ import json
 import subprocess
 import sys
 
-import polars as pl
 import pytest
 from ray.cluster_utils import Cluster
 
-from dataengine.synthweb import SynthWebServer, write_url_list
-from tests.conftest import download_stage, write_spec
+from dataengine.synthweb import SynthWebServer
+from tests.conftest import download_stage, run_outcome, synthweb_spec
 
 
 @pytest.mark.slow
@@ -20,11 +19,7 @@ def test_run_on_an_existing_cluster_matches_the_local_run(synthweb_dir, synthweb
     cluster.add_node(num_cpus=1)
     try:
         with SynthWebServer(synthweb_dir) as server:
-            urls = tmp_path / "urls.parquet"
-            urls.write_bytes(write_url_list(synthweb_dir, server.base_url).read_bytes())
-            spec_file = write_spec(tmp_path / "spec.yaml", {
-                "name": "t", "input": {"path": str(urls), "id_col": "id", "shard_rows": 40},
-                "output": str(tmp_path / "run"), "stages": [download_stage()]})
+            spec_file = synthweb_spec(tmp_path, synthweb_dir, server.base_url, [download_stage()])
             proc = subprocess.run([sys.executable, "-m", "dataengine.cli", "run", str(spec_file),
                                    "--address", cluster.address], capture_output=True, text=True, timeout=300,
                                   cwd=tmp_path)
@@ -33,10 +28,4 @@ def test_run_on_an_existing_cluster_matches_the_local_run(synthweb_dir, synthweb
         cluster.shutdown()
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())
     assert manifest["totals"] == local_result.manifest["totals"]
-
-    def outcome(run_dir):
-        kept = pl.read_parquet(run_dir / "dataset" / "*.parquet", columns=["source_id"])
-        rejected = pl.read_parquet(run_dir / "rejected" / "*.parquet", columns=["source_id", "reject_reason"])
-        return set(kept["source_id"]), dict(zip(rejected["source_id"], rejected["reject_reason"]))
-
-    assert outcome(tmp_path / "run") == outcome(local_result.run_dir)
+    assert run_outcome(tmp_path / "run") == run_outcome(local_result.run_dir)

@@ -15,17 +15,9 @@ from ray.cluster_utils import Cluster
 from dataengine.raydata import CRASH_ENV
 from dataengine.synthweb import SynthWebServer, write_url_list
 from dataengine.synthweb.models import build_random_open_clip
-from tests.conftest import download_stage, write_spec
+from tests.conftest import download_stage, run_outcome, synthweb_spec, write_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
-
-
-def _outcome(run_dir):
-    kept = pl.read_parquet(run_dir / "dataset" / "*.parquet", columns=["uid", "source_id"])
-    rejected = pl.read_parquet(run_dir / "rejected" / "*.parquet", columns=["uid", "source_id", "reject_reason"])
-    uids = kept["uid"].to_list() + rejected["uid"].to_list()
-    assert len(uids) == len(set(uids)), "a uid appears twice across dataset/ and rejected/"
-    return set(kept["source_id"]), dict(zip(rejected["source_id"], rejected["reject_reason"]))
 
 
 def _run(spec_file, cwd, address=None, env=None, wait=True):
@@ -44,11 +36,8 @@ def test_worker_node_removed_mid_run_loses_nothing(synthweb_dir, synthweb_run, t
     workers = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
     try:
         with SynthWebServer(synthweb_dir) as server:
-            urls = tmp_path / "urls.parquet"
-            urls.write_bytes(write_url_list(synthweb_dir, server.base_url).read_bytes())
-            spec = write_spec(tmp_path / "spec.yaml", {
-                "name": "t", "input": {"path": str(urls), "id_col": "id", "shard_rows": 10},
-                "output": str(tmp_path / "run"), "stages": [download_stage(batch_size=4, threads=2)]})
+            spec = synthweb_spec(tmp_path, synthweb_dir, server.base_url, [download_stage(batch_size=4, threads=2)],
+                                 shard_rows=10)
             proc = _run(spec, tmp_path, cluster.address, wait=False)
             committed = tmp_path / "run" / "_state" / "committed"
             deadline = time.monotonic() + 120
@@ -62,7 +51,7 @@ def test_worker_node_removed_mid_run_loses_nothing(synthweb_dir, synthweb_run, t
                 assert code == 0, out[-3000:]
     finally:
         cluster.shutdown()
-    assert _outcome(tmp_path / "run") == _outcome(local.run_dir)
+    assert run_outcome(tmp_path / "run") == run_outcome(local.run_dir)
 
 
 def test_model_actor_crash_on_a_batch_loses_nothing(ray_local, synthweb_dir, synthweb_run, tmp_path):
@@ -87,8 +76,8 @@ def test_model_actor_crash_on_a_batch_loses_nothing(ray_local, synthweb_dir, syn
         assert code == 0, out[-3000:]
         run_pipeline(load_spec(specs["calm"]))
     assert marker.exists(), "the fault was not injected"
-    crash, calm = _outcome(tmp_path / "crash"), _outcome(tmp_path / "calm")
-    assert crash == calm and crash[0] == _outcome(local.run_dir)[0]
+    crash, calm = run_outcome(tmp_path / "crash"), run_outcome(tmp_path / "calm")
+    assert crash == calm and crash[0] == run_outcome(local.run_dir)[0]
     scores = {name: pl.read_parquet(tmp_path / name / "dataset" / "*.parquet", columns=["uid", "clip_score"]).sort("uid")
               for name in ("crash", "calm")}
     assert scores["crash"].equals(scores["calm"])

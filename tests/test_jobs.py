@@ -8,13 +8,12 @@ import socket
 import sys
 from pathlib import Path
 
-import polars as pl
 import pytest
 from ray.cluster_utils import Cluster
 
 from dataengine import cli, jobs
 from dataengine.synthweb import SynthWebServer, write_url_list
-from tests.conftest import download_stage, write_spec
+from tests.conftest import download_stage, run_outcome, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +40,6 @@ def head():
     cluster.shutdown()
 
 
-def _outcome(run_dir):
-    kept = pl.read_parquet(run_dir / "dataset" / "*.parquet", columns=["source_id"])
-    rejected = pl.read_parquet(run_dir / "rejected" / "*.parquet", columns=["source_id", "reject_reason"])
-    return set(kept["source_id"]), dict(zip(rejected["source_id"], rejected["reject_reason"]))
-
-
 def test_submitted_spec_gives_the_local_runs_outputs(head, synthweb_dir, synthweb_run, tmp_path, monkeypatch, capsys):
     _, local_result, _ = synthweb_run
     monkeypatch.chdir(tmp_path)  # relative input/output paths are resolved here, before submitting
@@ -60,7 +53,7 @@ def test_submitted_spec_gives_the_local_runs_outputs(head, synthweb_dir, synthwe
     assert jobs.status(head, "dataengine-test-1") == "SUCCEEDED"
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())
     assert manifest["totals"] == local_result.manifest["totals"]
-    assert _outcome(tmp_path / "run") == _outcome(local_result.run_dir)
+    assert run_outcome(tmp_path / "run") == run_outcome(local_result.run_dir)
     capsys.readouterr()
     assert cli.main(["jobs", "--address", head]) == 0
     listed = capsys.readouterr().out
