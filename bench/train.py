@@ -69,6 +69,7 @@ def run_hf_trainer(run: Path, parts: dict[str, Path], steps: int) -> dict[str, f
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    from dataengine import columns as C
     from dataengine.train.batching import collate
     from dataengine.train.config import ModelSpec
     from dataengine.train.data import encode_row
@@ -81,7 +82,7 @@ def run_hf_trainer(run: Path, parts: dict[str, Path], steps: int) -> dict[str, f
     pad = processor.tokenizer.pad_token_id
 
     def collator(items: list[dict]) -> dict[str, torch.Tensor]:
-        batch = {k: [it[k] for it in items] for k in ("input_ids", "labels", "pixel_values", "length", "skip")}
+        batch = {k: [it[k] for it in items] for k in (C.INPUT_IDS, C.LABELS, C.PIXEL_VALUES, C.SAMPLE_LENGTH, C.SKIP)}
         mb = collate(batch, list(range(len(items))), pad, (3, 64, 64))
         return {"input_ids": mb.input_ids, "attention_mask": mb.attention_mask, "labels": mb.labels,
                 "pixel_values": mb.pixel_values}

@@ -201,3 +201,20 @@ def parallel_map(fn: Callable[..., T], args: list[tuple]) -> list[T]:
         return [fn(*a) for a in args]
     remote = ray.remote(num_cpus=1)(fn)
     return ray.get([remote.remote(*a) for a in args])
+
+
+# ---- the trainer's data: kept part files in, tokenized rows out ------------------------------
+
+def read_files(files: list[str], read: Callable[[str], pa.Table]) -> ray.data.Dataset:
+    """`read(path)` for each file in a task of its own, streamed: `read_parquet`'s threaded listing
+    races on an optional fsspec import in Ray 2.60 (see `stream_pipeline`)."""
+    def read_batch(batch: dict) -> pa.Table:
+        return pa.concat_tables([read(str(path)) for path in batch["path"]])
+
+    return ray.data.from_items([{"path": f} for f in files]).map_batches(read_batch, batch_size=1, batch_format="numpy")
+
+
+def map_tables(ds: ray.data.Dataset, fn: Callable[..., pa.Table], fn_kwargs: dict, batch_size: int,
+               num_cpus: float) -> ray.data.Dataset:
+    """`fn(table, **fn_kwargs)` over Arrow batches in tasks."""
+    return ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_format="pyarrow", batch_size=batch_size, num_cpus=num_cpus)

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from dataengine.llm.templates import Templates, grid_position
+from dataengine import columns as C
+from dataengine.llm.templates import Templates, grid_position, plural
 
 BENCHMARK_SEED = 7_000_003  # no synthetic web or demo model uses this seed stream
-QUESTION_TYPES = ("count", "colour", "position", "exists", "describe")
 _NUMBERS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6"}
 
 
@@ -35,10 +35,6 @@ class Question:
     kind: str
     question: str
     answer: str
-
-
-def _plural(label: str) -> str:
-    return label + ("es" if label.endswith(("s", "x", "ch", "sh")) else "s")
 
 
 def normalise(answer: str) -> str:
@@ -68,7 +64,7 @@ def build_benchmark(n_images: int, image_size: int = 64, seed: int = BENCHMARK_S
         for obj in scene.objects:
             by_kind[obj.kind].append(obj)
         for kind, objs in sorted(by_kind.items()):
-            questions.append(Question(i, "count", templates.count[0].format(plural=_plural(kind), label=kind), str(len(objs))))
+            questions.append(Question(i, "count", templates.count[0].format(plural=plural(kind), label=kind), str(len(objs))))
             if len(objs) == 1:
                 questions.append(Question(i, "colour", templates.colour[0].format(label=kind), objs[0].colour))
                 questions.append(Question(i, "position", templates.position[0].format(thing=kind),
@@ -163,8 +159,8 @@ def caption_perplexity(model: Any, processor: Any, images: list[Any], captions: 
     for k, (image, caption) in enumerate(zip(images, captions)):
         buf = io.BytesIO()
         image.save(buf, format="PNG")
-        rows.append(encode_row({"uid": str(k), "image": buf.getvalue(), "caption": caption}, processor, 1, 10**6))
-    batch = {key: [r.get(key) for r in rows] for key in ("input_ids", "labels", "pixel_values", "length", "skip")}
+        rows.append(encode_row({C.UID: str(k), C.IMAGE: buf.getvalue(), C.CAPTION: caption}, processor, 1, 10**6))
+    batch = {key: [r.get(key) for r in rows] for key in (C.INPUT_IDS, C.LABELS, C.PIXEL_VALUES, C.SAMPLE_LENGTH, C.SKIP)}
     size = int(processor.image_processor.crop_size["height"])
     return heldout_loss(model, processor, [batch], (3, size, size))["perplexity"]
 

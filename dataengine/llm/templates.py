@@ -61,7 +61,8 @@ def _position_phrase(position: str) -> str:
     return f"on the {position}" if position in ("left", "right") else f"at the {position}"
 
 
-def _plural(label: str) -> str:
+def plural(label: str) -> str:
+    """English plural of a label (box, boxes; star, stars)."""
     return label + ("es" if label.endswith(("s", "x", "ch", "sh")) else "s")
 
 
@@ -82,7 +83,7 @@ def detailed_description(objects: list[dict[str, Any]]) -> str:
     for o in objects:
         counts[o["label"]] = counts.get(o["label"], 0) + 1
     total = len(objects)
-    summary = ", ".join(f"{_NUMBER_WORDS.get(n, str(n))} {_plural(lbl) if n > 1 else lbl}" for lbl, n in counts.items())
+    summary = ", ".join(f"{_NUMBER_WORDS.get(n, str(n))} {plural(lbl) if n > 1 else lbl}" for lbl, n in counts.items())
     sentences = [f"The image shows {total} object{'s' if total != 1 else ''}: {summary}."]
     for o in objects:
         sentences.append(f"There is {_article(_describe(o))} {_position_phrase(grid_position(o['box']))}.")
@@ -97,7 +98,7 @@ def _qa_candidates(objects: list[dict[str, Any]], templates: Templates, rng: np.
     pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731 - one-line chooser
     qa = []
     for label, objs in by_label.items():
-        qa.append((pick(templates.count).format(plural=_plural(label), label=label), str(len(objs))))
+        qa.append((pick(templates.count).format(plural=plural(label), label=label), str(len(objs))))
         if len(objs) == 1:
             attributes = objs[0].get("attributes") or {}
             colour = attributes.get("colour") or attributes.get("color")

@@ -28,7 +28,7 @@ from dataengine.llm.validate import GPT, HUMAN, IMAGE_TOKEN
 
 IGNORE_INDEX = -100
 SOURCE_COLUMNS = (C.UID, C.IMAGE, C.CONVERSATIONS, C.CAPTION_BEST, C.CAPTION)
-INPUT_IDS, LABELS, PIXELS, LENGTH, SKIP = "input_ids", "labels", "pixel_values", "length", "skip"
+INPUT_IDS, LABELS, PIXELS, LENGTH, SKIP = C.INPUT_IDS, C.LABELS, C.PIXEL_VALUES, C.SAMPLE_LENGTH, C.SKIP
 
 
 def heldout_key(uid: str) -> float:
@@ -104,26 +104,15 @@ def to_messages(turns: list[dict[str, str]], image: Any) -> list[dict[str, Any]]
 
 
 def read_split(run_dir: str | Path, split: Split) -> Any:
-    """The kept rows of one split as a Ray dataset, image bytes included.
+    """The kept rows of one split as a Ray dataset, image bytes included, one task per part file."""
+    from dataengine.raydata import read_files
 
-    Each task reads one part file (`read_parquet`'s threaded listing races on an optional fsspec
-    import in Ray 2.60, see raydata.stream_pipeline), so rows stream in file order.
-    """
-    import ray.data
+    def read(path: str) -> pa.Table:
+        parquet = pq.ParquetFile(path)
+        table = parquet.read(columns=[c for c in SOURCE_COLUMNS if c in parquet.schema_arrow.names])
+        return table.filter(pa.array([split.contains(u) for u in table.column(C.UID).to_pylist()], pa.bool_()))
 
-    files = kept_files(run_dir)
-
-    def read(batch: dict[str, Any]) -> pa.Table:
-        tables = []
-        for path in batch["path"]:
-            parquet = pq.ParquetFile(str(path))
-            names = [c for c in SOURCE_COLUMNS if c in parquet.schema_arrow.names]
-            table = parquet.read(columns=names)
-            mask = [split.contains(u) for u in table.column(C.UID).to_pylist()]
-            tables.append(table.filter(pa.array(mask, pa.bool_())))
-        return pa.concat_tables(tables)
-
-    return ray.data.from_items([{"path": f} for f in files]).map_batches(read, batch_size=1, batch_format="numpy")
+    return read_files(kept_files(run_dir), read)
 
 
 @functools.lru_cache(maxsize=4)
@@ -172,6 +161,7 @@ def encode_batch(batch: pa.Table, processor_dir: str, stage: int, max_length: in
 def encoded_split(run_dir: str | Path, split: Split, stage: int, processor_dir: str, max_length: int,
                   num_cpus: float = 1.0) -> Any:
     """`read_split` tokenized by `encode_batch` in Ray Data tasks (streaming: nothing is materialised)."""
-    return read_split(run_dir, split).map_batches(
-        encode_batch, fn_kwargs={"processor_dir": processor_dir, "stage": stage, "max_length": max_length},
-        batch_format="pyarrow", batch_size=64, num_cpus=num_cpus)
+    from dataengine.raydata import map_tables
+
+    return map_tables(read_split(run_dir, split), encode_batch,
+                      {"processor_dir": processor_dir, "stage": stage, "max_length": max_length}, 64, num_cpus)

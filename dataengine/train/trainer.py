@@ -27,7 +27,7 @@ from dataengine.atomic import write_text_atomic
 from dataengine.train.config import StageSpec, TrainSpec
 from dataengine.train.data import encoded_split, kept_files, plan_splits
 from dataengine.train.loop import LINEAGE_FILE, STATE_FILE, train_loop
-from dataengine.train.model import build_llava, load_llava
+from dataengine.train.model import build_llava
 
 log = logging.getLogger(__name__)
 
@@ -160,13 +160,14 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
         raise TrainError(f"stage {stage}: no training samples in {run_dir}/dataset ({counts})")
     plan = batching(hp, spec.workers, counts["train"])
     start = _start_model(run_dir, spec, stage, out)
+    shape = pixel_shape(start)
     use_bf16 = spec.use_gpu and spec.precision in ("auto", "bfloat16")
     config = {
         "stage": stage, "seed": spec.seed, "init_dir": str(start), "strategy": spec.strategy, "bf16": use_bf16,
         "hyper": hp.model_dump(), "micro_batch": plan.micro_batch, "accumulation": plan.accumulation,
         "total_steps": plan.total_steps, "epochs": math.ceil(hp.epochs) if not hp.max_steps else 10**9,
         "checkpoint_every": hp.checkpoint_every, "group_by_length": spec.group_by_length, "max_grad_norm": 1.0,
-        "pixel_shape": pixel_shape(start), "metrics_path": str(out / METRICS_FILE),
+        "pixel_shape": shape, "metrics_path": str(out / METRICS_FILE),
         "lineage": lineage(run_dir, spec, stage, counts),
         "resume_from": str(resume_from) if resume_from else None, "fail_at_step": fail_at_step,
         "fail_rank": fail_rank,
@@ -174,7 +175,6 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
     data_context = ray.data.DataContext.get_current()  # a dataset keeps the context it was made in
     bars, data_context.enable_progress_bars = data_context.enable_progress_bars, False  # per-step metrics instead
     dataset = encoded_split(run_dir, train_split, stage, str(start), hp.max_length)
-    shape = pixel_shape(start)
     encoded_mb = counts["train"] * (4 * shape[0] * shape[1] * shape[2] + 8 * hp.max_length) / 2**20
     streaming = not (config["epochs"] > 1 and encoded_mb <= spec.cache_encoded_mb)
     if not streaming:
@@ -265,6 +265,3 @@ def format_train_summary(results: dict[str, Any]) -> str:
         lines.append(line)
     return "\n".join(lines)
 
-
-def load_stage_model(run_dir: str | Path, stage: int) -> tuple[Any, Any]:
-    return load_llava(str(stage_dir(Path(run_dir), stage) / "final"))
