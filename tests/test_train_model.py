@@ -264,3 +264,23 @@ def test_siglip_tower_uses_every_patch(tiny_vlm_parts, tmp_path):
     with torch.no_grad():
         logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, pixel_values=mb.pixel_values).logits
     assert logits.shape[:2] == mb.input_ids.shape
+
+
+def test_a_checkpoint_copy_cut_off_is_not_resumed_from(tmp_path):
+    """A restart takes the newest *complete* checkpoint: one whose copy was cut off (a file short or
+    missing) is passed over for the older complete one."""
+    from dataengine.train.checkpoints import STATE_FILE, is_complete, latest_checkpoint, write_file_list
+
+    storage = tmp_path / "checkpoints"
+    for step in (1, 2):
+        ckpt = storage / "stage2-1" / f"checkpoint_{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "model.safetensors").write_bytes(b"x" * 100)
+        (ckpt / STATE_FILE).write_text(json.dumps({"step": step}))
+        write_file_list(ckpt)
+    newest = storage / "stage2-1" / "checkpoint_2"
+    assert is_complete(newest) and latest_checkpoint(storage) == newest
+    (newest / "model.safetensors").write_bytes(b"x" * 40)  # the copy was cut off
+    assert not is_complete(newest) and latest_checkpoint(storage) == storage / "stage2-1" / "checkpoint_1"
+    (storage / "stage2-1" / "checkpoint_1" / "model.safetensors").unlink()
+    assert latest_checkpoint(storage) is None

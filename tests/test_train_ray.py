@@ -1,10 +1,11 @@
-"""The trainer on Ray Train: loss goes down; 2 workers = 1 worker even through a worker failure
-(restart from the last checkpoint); a spec's train: section runs after its data stages, and a
+"""The trainer on Ray Train: loss goes down; 2 workers = 1 worker even through a worker process
+killed mid-training (restart from the last checkpoint); a spec's train: section runs after its data stages, and a
 stopped stage resumes at the right step with the CLI."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -75,11 +76,17 @@ def _dataset_only(run: Path, dest: Path) -> Path:
 
 
 def test_two_workers_with_a_failure_give_the_result_of_one(reference, tiny_vlm_parts, tmp_path):
-    """2 DDP workers (gloo) reach the weights of 1 worker, even though rank 1 dies after step 2 (before
-    that step's checkpoint) and Ray Train restarts the group from step 1's checkpoint."""
+    """2 DDP workers (gloo) reach the weights of 1 worker, even though rank 1's process is killed after
+    step 2 (before that step's checkpoint) and Ray Train restarts the group from step 1's checkpoint.
+
+    The kill comes a fraction of a second after step 1's checkpoint, before Ray's controller has
+    registered it: the restart finds it on disk (`dataengine.train.checkpoints`)."""
     run_one, _ = reference
     run_two = _dataset_only(run_one, tmp_path / "two")
     result = train_stage(run_two, _spec(tiny_vlm_parts, workers=2, max_failures=1), 2, fail_at_step=2, fail_rank=1)
+    killed_pid = int((stage_dir(run_two, 2) / "failed-at-2").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed_pid, 0)  # the worker process really died
     assert [s["step"] for s in _steps(run_two)] == [1, 2, 2, 3]
     assert result["steps"] == 3 and result["samples_trained"] == 3 * 32
     assert _max_diff(_weights(run_one), _weights(run_two)) < 1e-4

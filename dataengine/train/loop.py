@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from dataengine.train.batching import MicroBatch, step_batches, token_loss_sum
+from dataengine.train.checkpoints import LINEAGE_FILE, OPTIMIZER_FILE, STATE_FILE, latest_checkpoint, write_file_list
 from dataengine.train.model import load_llava, set_trainable
 
 SKIP_REASONS = ("bad_image", "no_sample", "too_long")
-STATE_FILE, OPTIMIZER_FILE, LINEAGE_FILE = "trainer_state.json", "optimizer.pt", "dataengine_lineage.json"
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str) -> Any:
@@ -98,6 +98,7 @@ def _save_checkpoint(out: Path, model: Any, processor: Any, optimizer: Any, sche
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, out / OPTIMIZER_FILE)
     (out / STATE_FILE).write_text(json.dumps(state, indent=2))
     (out / LINEAGE_FILE).write_text(json.dumps(config["lineage"] | {"step": state["step"], "stage": config["stage"]}, indent=2))
+    write_file_list(out)
 
 
 def _dummy_batch(pad_id: int, image_token_id: int, image_tokens: int, pixel_shape: tuple[int, ...]) -> MicroBatch:
@@ -125,9 +126,10 @@ def _load_start(config: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], dict[
     import ray.train
     import torch
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(config["resume_from"])
+    # the newest complete one on disk: Ray's own can be older (see dataengine.train.checkpoints);
+    # it also covers `--resume`, which points the run at the same storage
+    on_disk = latest_checkpoint(Path(config["checkpoints_dir"]))
+    checkpoint = ray.train.Checkpoint(str(on_disk)) if on_disk else ray.train.get_checkpoint()
     if checkpoint is None:
         model, processor = load_llava(config["init_dir"])
         return model, processor, {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "skips": {}}, None
@@ -240,10 +242,13 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def _maybe_fail(config: dict[str, Any], step: int, rank: int) -> None:
-    """Fault injection for tests: `fail_at_step` raises once (a marker file remembers it happened)."""
+    """Fault injection for tests: at `fail_at_step` the `fail_rank` worker's process dies once (`os._exit`,
+    no exception, no cleanup: as if the OOM killer took it); a marker file remembers it happened."""
     fail = config.get("fail_at_step")
     if fail and step == fail and rank == config.get("fail_rank", 0):
         marker = Path(config["metrics_path"]).with_name(f"failed-at-{fail}")
         if not marker.exists():
             marker.write_text(str(os.getpid()))
-            raise RuntimeError(f"injected failure at step {step}")
+            print(f"injected failure: killing training worker rank {rank} (pid {os.getpid()}) at step {step}",
+                  flush=True)
+            os._exit(1)

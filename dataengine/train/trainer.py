@@ -26,7 +26,8 @@ from typing import Any
 from dataengine.atomic import write_text_atomic
 from dataengine.train.config import StageSpec, TrainSpec
 from dataengine.train.data import encoded_split, kept_files, plan_splits
-from dataengine.train.loop import LINEAGE_FILE, STATE_FILE, train_loop
+from dataengine.train.checkpoints import LINEAGE_FILE, STATE_FILE, latest_checkpoint
+from dataengine.train.loop import train_loop
 from dataengine.train.model import build_llava
 
 log = logging.getLogger(__name__)
@@ -78,14 +79,6 @@ def lineage(run_dir: Path, spec: TrainSpec, stage: int, counts: dict[str, int]) 
     return {"run_dir": str(run_dir.resolve()), "run_name": run.get("name"), "run_started_at": run.get("started_at"),
             "spec_hash": run.get("spec_hash"), "train_hash": spec.train_hash(), "stage": stage,
             "data_version": data_version(run_dir), "run_totals": run.get("totals"), "samples": counts}
-
-
-def latest_checkpoint(storage: Path) -> Path | None:
-    """The checkpoint with the highest step under a stage's Ray Train storage."""
-    found = []
-    for state in storage.glob("**/checkpoint_*/" + STATE_FILE):
-        found.append((json.loads(state.read_text())["step"], state.parent))
-    return max(found)[1] if found else None
 
 
 def _start_model(run_dir: Path, spec: TrainSpec, stage: int, out: Path) -> Path:
@@ -169,7 +162,7 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
         "checkpoint_every": hp.checkpoint_every, "group_by_length": spec.group_by_length, "max_grad_norm": 1.0,
         "pixel_shape": shape, "metrics_path": str(out / METRICS_FILE),
         "lineage": lineage(run_dir, spec, stage, counts),
-        "resume_from": str(resume_from) if resume_from else None, "fail_at_step": fail_at_step,
+        "checkpoints_dir": str(checkpoints.resolve()), "fail_at_step": fail_at_step,
         "fail_rank": fail_rank,
     }
     data_context = ray.data.DataContext.get_current()  # a dataset keeps the context it was made in

@@ -1,0 +1,45 @@
+"""Checkpoint files on disk: what a checkpoint holds, whether a copy is complete, which is newest.
+
+Ray Train registers a checkpoint only when its controller has collected every worker's report for
+that step, and it polls workers every couple of seconds: a worker killed within that window leaves a
+checkpoint that is complete on disk but unknown to Ray, which would restart from an older one (or
+from the start). So a restart takes the newest *complete* checkpoint on disk. A copy that was cut
+off (a kill during the upload) is told apart by the file list written into every checkpoint: each
+listed file must be there with its size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+STATE_FILE, OPTIMIZER_FILE, LINEAGE_FILE = "trainer_state.json", "optimizer.pt", "dataengine_lineage.json"
+FILES_FILE = "dataengine_files.json"
+
+
+def write_file_list(directory: Path) -> None:
+    """Record every file of a finished checkpoint directory with its size (call last)."""
+    files = {str(p.relative_to(directory)): p.stat().st_size
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != FILES_FILE}
+    (directory / FILES_FILE).write_text(json.dumps(files, indent=1))
+
+
+def is_complete(directory: Path) -> bool:
+    """Whether every file the checkpoint listed is present with its recorded size."""
+    try:
+        files = json.loads((directory / FILES_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return all((directory / name).is_file() and (directory / name).stat().st_size == size
+               for name, size in files.items())
+
+
+def checkpoint_step(directory: Path) -> int:
+    return int(json.loads((directory / STATE_FILE).read_text())["step"])
+
+
+def latest_checkpoint(storage: Path) -> Path | None:
+    """The complete checkpoint with the highest step under a stage's Ray Train storage, if any."""
+    found = [(checkpoint_step(state.parent), state.parent) for state in storage.glob("**/checkpoint_*/" + STATE_FILE)
+             if is_complete(state.parent)]
+    return max(found)[1] if found else None
