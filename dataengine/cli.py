@@ -138,6 +138,14 @@ def _cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from dataengine.report import write_report
+
+    path = write_report(args.run, args.out)
+    print(f"report: {path.resolve()}")
+    return 0
+
+
 def _cmd_synthweb(args: argparse.Namespace) -> int:
     from dataengine.synthweb import SynthWebServer, build_synthweb, write_url_list
 
@@ -234,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sql")
     p.add_argument("--limit", type=int, default=25, help="rows to print")
     p.set_defaults(fn=_cmd_query)
+
+    p = sub.add_parser("report", help="write RUN/report.html: funnel, score histograms, samples, duplicates, "
+                       "conversations, LLM cost, training curves (one self-contained page)")
+    p.add_argument("run")
+    p.add_argument("--out", help="write the page here instead of RUN/report.html")
+    p.set_defaults(fn=_cmd_report)
 
     p = sub.add_parser("synthweb", help="build (and serve) the synthetic web")
     p.add_argument("--n", type=int, default=1000)

@@ -62,7 +62,6 @@ LLM_REPLY_FINISH = "_llm_finish"
 LLM_REPLY_PROMPT_TOKENS = "_llm_prompt_tokens"
 LLM_REPLY_COMPLETION_TOKENS = "_llm_completion_tokens"
 
-#: columns a run reads from the input, before any stage
 # training samples (tokenized rows inside the trainer's Ray Data pipeline, never written to a run)
 INPUT_IDS = "input_ids"
 LABELS = "labels"  # input ids on assistant tokens, -100 elsewhere
@@ -70,4 +69,5 @@ PIXEL_VALUES = "pixel_values"  # the processor's image tensor, flattened float32
 SAMPLE_LENGTH = "length"  # tokens, image tokens included
 SKIP = "skip"  # why a row does not train (bad_image, no_sample, too_long), null when it does
 
+#: columns a run reads from the input, before any stage
 INPUT_COLUMNS = (UID, SOURCE_ID, URL, CAPTION, BOXES)

@@ -23,6 +23,7 @@ from dataengine.query import scan
 from dataengine.runner import MANIFEST, RunError, format_summary, run_pipeline
 from dataengine.models import DEMO_PREFIX
 from dataengine.spec import PipelineSpec, load_spec
+from dataengine.report import write_report
 from dataengine.synthweb import SynthWebServer, build_synthweb, write_url_list
 from dataengine.synthweb import build as T  # the truth table's column names
 from dataengine.synthweb.models import ensure_demo_models
@@ -278,6 +279,8 @@ def run_demo(n: int = 1000, seed: int = 0, spec_path: Path = Path("pipelines/dem
         (result.run_dir / TRAINING_FILE).write_text(json.dumps(dict(rows), indent=2))
         print("\n" + format_training(rows, samples))
         print(f"  models: {result.run_dir}/train/stage{{1,2}}/final (load with LlavaForConditionalGeneration.from_pretrained)")
+    report = write_report(result.run_dir)
     print(f"\noutputs in {result.run_dir}: dataset/ (kept), rejected/ (with reasons), run.json, {SCORES_FILE}")
+    print(f"report: {report.resolve()} (open it in a browser)")
     print(f'try: dataengine query {run_dir} "SELECT reject_reason, COUNT(*) AS n FROM rejected GROUP BY 1 ORDER BY n DESC"')
     return 0

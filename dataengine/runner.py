@@ -487,7 +487,7 @@ def format_summary(manifest: dict[str, Any]) -> str:
     header = f"{'stage':<{width}}{'in':>10}{'kept':>10}{'rejected':>10}{'busy s':>9}  top reasons"
     lines = [header, "-" * len(header)]
     for s in manifest["stages"]:
-        reasons = ", ".join(f"{r}={n}" for r, n in _reason_families(s["rejected_by_reason"])[:4])
+        reasons = ", ".join(f"{r}={n}" for r, n in reason_families(s["rejected_by_reason"])[:4])
         lines.append(f"{s['stage']:<{width}}{s['in']:>10}{s['kept']:>10}{s['rejected']:>10}{s['busy_seconds']:>9.1f}  {reasons}")
     t = manifest["totals"] or {"in": 0, "kept": 0, "rejected": 0}
     lines.append("-" * len(header))
@@ -495,7 +495,7 @@ def format_summary(manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _reason_families(reasons: dict[str, int]) -> list[tuple[str, int]]:
+def reason_families(reasons: dict[str, int]) -> list[tuple[str, int]]:
     """Reasons that name a row (`duplicate_of:<uid>`, `contaminates:<ref>`) counted as one family."""
     families: Counter[str] = Counter()
     for reason, n in reasons.items():
