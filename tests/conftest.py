@@ -122,3 +122,44 @@ def tiny_train_run(tmp_path_factory) -> Path:
     from dataengine.synthweb.train_rows import make_train_rows, write_train_run
 
     return write_train_run(tmp_path_factory.mktemp("train-run"), make_train_rows(32))
+
+
+# ---- browser: a page opened in headless Chromium (Debian's `chromium`; .ci/run installs it) ----------
+
+CHROMIUM = Path(os.environ.get("DATAENGINE_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-quic"]
+
+
+def open_in_chromium(path: Path, screenshot: Path | None = None) -> dict:
+    """Load a local HTML file in headless Chromium through Playwright and report what a reader would see:
+    console errors and page errors, dialogs opened, images (and how many failed to decode), the ids of the
+    sections rendered visible, the number of charts, the page's text and height."""
+    if not CHROMIUM.is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    seen: dict = {"errors": [], "dialogs": []}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 900})
+            page.on("console", lambda m: seen["errors"].append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: seen["errors"].append(str(e)))
+            page.on("requestfailed", lambda r: seen["errors"].append(f"request failed: {r.url}"))
+            page.on("dialog", lambda d: (seen["dialogs"].append(d.message), d.dismiss()))
+            page.goto(path.resolve().as_uri(), wait_until="load")
+            seen.update(page.evaluate("""() => ({
+                images: document.images.length,
+                broken_images: Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).length,
+                sections: Array.from(document.querySelectorAll('section[id]'))
+                               .filter(s => s.getBoundingClientRect().height > 0).map(s => s.id),
+                charts: document.querySelectorAll('figure.chart svg').length,
+                text: document.body.innerText,
+                height: document.body.scrollHeight,
+            })"""))
+            if screenshot is not None:
+                page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    return seen

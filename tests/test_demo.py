@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, open_in_chromium
 
 # Bars set from measurement (n=300, seed 0, with rows kept to the end counted as misses: download
 # 1.0/1.0, rules 1.0/0.86, perplexity 1.0/1.0, CLIP 0.72/0.81, dedup 1.0/0.60 as precision/recall).
@@ -43,6 +43,13 @@ def test_demo_runs_end_to_end_and_every_filter_beats_chance(tmp_path):
     samples = json.loads((tmp_path / "runs" / "demo" / "export" / "llava.json").read_text())
     assert len(samples) == manifest["totals"]["kept"] > 0
     assert all(s["conversations"][0]["value"].startswith("<image>\n") for s in samples)
+    report = tmp_path / "runs" / "demo" / "report.html"
+    assert f"report: {report.resolve()}" in proc.stdout
+    page = open_in_chromium(report)
+    assert page["errors"] == [] and page["broken_images"] == 0 and page["images"] > 30
+    assert {"funnel", "scores", "samples", "dedup", "conversations", "llm", "demo"} <= set(page["sections"])
+    assert page["charts"] == 3  # perplexity, CapFilt ITM and CLIP score histograms (no training: --no-train)
+    assert "planted copies" in page["text"] and "duplicate_of:" in page["text"]
 
 
 def test_training_table_says_who_wins_and_by_how_much():

@@ -62,7 +62,10 @@ class _Frame:
         bottom, left = HEIGHT - BOTTOM, LEFT
         self.parts.append(f'<line x1="{left}" y1="{bottom}" x2="{WIDTH - RIGHT}" y2="{bottom}" class="axis"/>')
         self.parts.append(f'<line x1="{left}" y1="{TOP}" x2="{left}" y2="{bottom}" class="axis"/>')
-        for tick in nice_ticks(self.x0, self.x1):
+        x_ticks = nice_ticks(self.x0, self.x1)
+        if log_x and self.x1 - self.x0 >= 1:  # whole powers of ten, not 3.16 and 31.6
+            x_ticks = [float(e) for e in range(math.ceil(self.x0), math.floor(self.x1) + 1)]
+        for tick in x_ticks:
             x = self.x(tick)
             self.parts.append(f'<line x1="{x:.1f}" y1="{bottom}" x2="{x:.1f}" y2="{bottom + 4}" class="axis"/>'
                               f'<text x="{x:.1f}" y="{bottom + 15}" text-anchor="middle">{escape(_label(tick, log_x))}</text>')
