@@ -65,7 +65,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from dataengine import jobs
 
-    job_id = jobs.submit(args.spec, args.address, args.job_id)
+    job_id = jobs.submit(args.spec, args.address, args.job_id, args.cluster_dir)
     print(f"submitted {job_id} to {args.address}; follow with: dataengine logs {job_id} --follow --address {args.address}")
     if not args.wait:
         return 0
@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--address", default=default_api, help="the head's Jobs API (default: %(default)s)")
     p.add_argument("--job-id", help="submission id (default: Ray's)")
+    p.add_argument("--cluster-dir", help="absolute directory on the cluster's nodes that the spec's relative input "
+                   "and output paths are resolved against (default: this machine's cwd, for a cluster that shares "
+                   "this filesystem; KubeRay manifests here: /home/ray/dataengine)")
     p.add_argument("--wait", action="store_true", help="block until the job ends; exit 1 unless it succeeded")
     p.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds --wait waits")
     p.set_defaults(fn=_cmd_submit)

@@ -1,7 +1,9 @@
 """Pipeline (and training) jobs on a Ray cluster, through the Ray Jobs API.
 
 `submit` validates the spec here, makes its input and output paths absolute (a job runs in a copy of
-its working directory, where relative paths would point somewhere else), and submits
+its working directory, where relative paths would point somewhere else) against this machine's cwd,
+or against `cluster_dir` when the cluster's filesystem is not this one's (KubeRay: the image's
+working directory, with the runs volume under it), and submits
 `python -m dataengine.cli run spec.yaml` with a runtime env that carries the spec (working_dir) and
 this checkout's `dataengine` package (py_modules), so the cluster runs the code you have. The run
 directory must be on storage the cluster's nodes reach, as for `dataengine run --address`.
@@ -10,10 +12,11 @@ directory must be on storage the cluster's nodes reach, as for `dataengine run -
 from __future__ import annotations
 
 import asyncio
+import posixpath
 import shutil
 import tempfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -41,23 +44,26 @@ def client(address: str) -> Any:
         raise JobError(f"cannot reach the Ray Jobs API at {address} (the head's dashboard, port 8265): {e}") from e
 
 
-def _absolute(path: str, base: Path) -> str:
-    return str((base / path).resolve()) if not Path(path).is_absolute() else path
+def _absolute(path: str, base: str) -> str:
+    return path if PurePosixPath(path).is_absolute() else posixpath.normpath(posixpath.join(base, path))
 
 
-def job_spec(spec_path: str | Path) -> dict[str, Any]:
-    """The spec as submitted: validated, with input and output made absolute against the caller's cwd."""
+def job_spec(spec_path: str | Path, cluster_dir: str | None = None) -> dict[str, Any]:
+    """The spec as submitted: validated, with input and output made absolute against `cluster_dir`
+    (a path on the cluster's nodes) or, by default, the caller's cwd (a cluster sharing this filesystem)."""
     spec = load_spec(spec_path)
+    if cluster_dir is not None and not PurePosixPath(cluster_dir).is_absolute():
+        raise ValueError(f"--cluster-dir must be an absolute path on the cluster's nodes, got {cluster_dir!r}")
+    base = cluster_dir or str(Path.cwd())
     data = spec.model_dump(mode="json", exclude_none=True)
-    cwd = Path.cwd()
-    data["input"]["path"] = _absolute(spec.input.path, cwd)
-    data["output"] = _absolute(spec.output, cwd)
+    data["input"]["path"] = _absolute(spec.input.path, base)
+    data["output"] = _absolute(spec.output, base)
     return data
 
 
-def submit(spec_path: str | Path, address: str, job_id: str | None = None) -> str:
+def submit(spec_path: str | Path, address: str, job_id: str | None = None, cluster_dir: str | None = None) -> str:
     """Submit a spec as a job; returns the job's submission id."""
-    data = job_spec(spec_path)
+    data = job_spec(spec_path, cluster_dir)
     staging = Path(tempfile.mkdtemp(prefix="dataengine-job-"))
     try:
         (staging / SPEC_NAME).write_text(yaml.safe_dump(data, sort_keys=False))

@@ -100,16 +100,56 @@ def test_compose_runs_a_head_two_workers_and_submits_the_demo():
 def test_kuberay_manifests_run_a_pipeline_from_pipelines():
     cluster = yaml.safe_load((DOCKER / "kuberay" / "raycluster.yaml").read_text())
     job = yaml.safe_load((DOCKER / "kuberay" / "rayjob.yaml").read_text())
+    web = list(yaml.safe_load_all((DOCKER / "kuberay" / "synthweb.yaml").read_text()))
+    workdir = next(args for word, args in _instructions(DOCKER / "Dockerfile.gpu") if word == "WORKDIR")
     assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    pods = [web[0]["spec"]["template"]]
     for spec in (cluster["spec"], job["spec"]["rayClusterSpec"]):
         assert spec["rayVersion"] == ray.__version__
-        pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
-        for pod in pods:
-            mounts = {m["name"] for c in pod["spec"]["containers"] for m in c.get("volumeMounts", [])}
-            assert "runs" in mounts, "every pod mounts the shared run storage"
-            assert all(c["image"] == "dataengine:gpu" for c in pod["spec"]["containers"])
-    argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[0] == "dataengine"
-    _check_dataengine_command(argv[1:], "rayjob entrypoint")
-    assert any(a.startswith("pipelines/") for a in argv)
+        pods += [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        mounts = {m["name"]: m["mountPath"] for c in pod["spec"]["containers"] for m in c.get("volumeMounts", [])}
+        # the specs' relative paths (runs/...) resolve under the image's working directory: the PVC is there
+        assert mounts.get("runs") == f"{workdir}/runs", "every pod mounts the shared run storage as runs/"
+        assert {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]} == {"dataengine-runs"}
+        assert all(c["image"] == "dataengine:gpu" for c in pod["spec"]["containers"])
+    commands = [shlex.split(part) for part in job["spec"]["entrypoint"].split("&&")]
+    for argv in commands:
+        assert argv[0] == "dataengine"
+        _check_dataengine_command(argv[1:], "rayjob entrypoint")
+    run = commands[-1]
+    assert run[1] == "run" and any(a.startswith("pipelines/") for a in run)
+    # the demo spec reads the URL list the synthetic web's pod writes, naming the service the Ray pods reach
+    demo = load_spec(REPO / next(a for a in run if a.startswith("pipelines/")))
+    container = web[0]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["dataengine"]
+    _check_dataengine_command(container["args"], "synthweb deployment")
+    args = build_parser().parse_args(container["args"])
+    assert demo.input.path == f"{args.out}/urls.parquet"
+    service = web[1]
+    assert service["kind"] == "Service" and args.public_url == f"http://{service['metadata']['name']}:{args.port}"
+    assert service["spec"]["selector"] == web[0]["spec"]["template"]["metadata"]["labels"]
+    # the submit line the RayCluster's header suggests parses, and points relative paths at the pods' directory
+    suggested = next(line.lstrip("# ").split() for line in (DOCKER / "kuberay" / "raycluster.yaml").read_text().splitlines()
+                     if "dataengine submit" in line)
+    parsed = build_parser().parse_args(suggested[1:])
+    assert parsed.cluster_dir == workdir
+
+
+def test_submit_resolves_relative_paths_where_the_job_runs(tmp_path, monkeypatch):
+    """Default: against the caller's cwd (a cluster sharing this filesystem); --cluster-dir: against a
+    directory on the cluster's nodes, untouched by this machine's filesystem."""
+    from dataengine.jobs import job_spec
+
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": "j", "input": {"path": "runs/web/urls.parquet"}, "output": "runs/out",
+                                    "stages": [{"op": "download"}]}))
+    here = job_spec(spec)
+    assert here["input"]["path"] == str(tmp_path / "runs/web/urls.parquet") and here["output"] == str(tmp_path / "runs/out")
+    there = job_spec(spec, "/home/ray/dataengine")
+    assert there["input"]["path"] == "/home/ray/dataengine/runs/web/urls.parquet"
+    assert there["output"] == "/home/ray/dataengine/runs/out"
+    with pytest.raises(ValueError, match="--cluster-dir must be an absolute path"):
+        job_spec(spec, "relative/dir")
