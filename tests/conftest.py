@@ -12,6 +12,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Tests never touch the internet. Set before anything imports huggingface_hub (it reads this once): a
+# hub id that is not cached fails at once instead of after ~70 s of DNS retries (a sandbox has no DNS).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 
 @pytest.fixture(scope="session")
 def ray_local():

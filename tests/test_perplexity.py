@@ -60,6 +60,27 @@ def test_missing_lm_is_a_clear_error(tmp_path, monkeypatch):
         load_causal_lm(str(tmp_path), device="cpu")
 
 
+def test_a_hub_id_is_looked_up_in_the_cache_then_the_hub(monkeypatch):
+    """Offline-first: the local cache, then the hub; with HF_HUB_OFFLINE the cache only. The error lists both."""
+    from dataengine.models import from_local_or_hub
+
+    calls = []
+
+    def load(source: str, local_only: bool):
+        calls.append((source, local_only))
+        raise OSError("not there")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(ModelNotFound, match=r"thing 'org/m' from the hub cache .* and the hub: cache: not there \| hub: not there"):
+        from_local_or_hub("org/m", load, "thing")
+    assert calls == [("org/m", True), ("org/m", False)]
+    calls.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFound, match="HF_HUB_OFFLINE is set, so not the hub"):
+        from_local_or_hub("org/m", load, "thing")
+    assert calls == [("org/m", True)]
+
+
 def test_config_refuses_two_thresholds():
     with pytest.raises(ValueError, match="not both"):
         PerplexityConfig(max_ppl=100, keep_lowest_fraction=0.2)
