@@ -48,7 +48,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run_pipeline(spec, output=args.output, address=args.address)
     print(format_summary(result.manifest))
     print(f"\noutputs: {result.run_dir}/dataset (kept), {result.run_dir}/rejected, {result.run_dir}/run.json")
+    if not args.no_report:
+        _write_report_after_run(result.run_dir)
     return 0
+
+
+def _write_report_after_run(run_dir: Path) -> None:
+    """The run's report page; the run's outputs stand even if the page cannot be made."""
+    from dataengine.report import write_report
+
+    try:
+        print(f"report: {write_report(run_dir).resolve()}")
+    except Exception as e:  # noqa: BLE001 - a report problem must not turn a finished run into a failure
+        logging.getLogger("dataengine").warning("the run finished but its report failed: %s "
+                                                "(retry with `dataengine report %s`)", e, run_dir)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -120,6 +133,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     with ray_session(args.address, ResourcesSpec()):
         results = train_run(args.run, spec, stages, resume=args.resume)
     print(format_train_summary(results))
+    _write_report_after_run(Path(args.run))  # now with the training curves and scores
     return 0
 
 
@@ -196,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--output", help="run directory (default: the spec's output)")
     p.add_argument("--address", help="Ray cluster address (default: start an embedded Ray)")
+    p.add_argument("--no-report", action="store_true", help="do not write RUN/report.html at the end")
     p.set_defaults(fn=_cmd_run)
 
     p = sub.add_parser("export", help="write a finished run's kept rows as LLaVA JSON + images and/or Parquet")

@@ -54,6 +54,8 @@ def test_submitted_spec_gives_the_local_runs_outputs(head, synthweb_dir, synthwe
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())
     assert manifest["totals"] == local_result.manifest["totals"]
     assert run_outcome(tmp_path / "run") == run_outcome(local_result.run_dir)
+    report = (tmp_path / "run" / "report.html").read_text()  # the job wrote the run's report beside it
+    assert f"<b>{manifest['totals']['kept']:,}</b>kept" in report
     capsys.readouterr()
     assert cli.main(["jobs", "--address", head]) == 0
     listed = capsys.readouterr().out

@@ -181,3 +181,12 @@ def test_the_page_renders_in_chromium_with_every_section(made_run, tmp_path):
     assert page["charts"] == 2 + 2  # two score histograms, the loss and the lr curves
     assert HOSTILE in page["text"]  # shown as text
     assert page["height"] > 2000 and (tmp_path / "report.png").stat().st_size > 50_000
+
+
+def test_a_report_that_cannot_be_made_does_not_fail_the_run(tmp_path, caplog, capsys):
+    """`dataengine run` writes the report at the end; if that fails, the finished run still succeeds."""
+    from dataengine import cli
+
+    cli._write_report_after_run(tmp_path / "not-a-run")
+    assert "its report failed" in caplog.text and "dataengine report" in caplog.text
+    assert "report:" not in capsys.readouterr().out
