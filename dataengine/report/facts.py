@@ -94,7 +94,7 @@ def _metadata(run_dir: Path) -> pl.DataFrame:
     kept = frames["dataset"].with_columns(pl.lit(None, pl.String).alias(C.REJECT_STAGE),
                                           pl.lit(None, pl.String).alias(C.REJECT_REASON))
     wanted = [C.UID, C.URL, C.CAPTION, C.CAPTION_BEST, C.CLIP_SCORE, C.TEXT_PPL, C.WEB_CAPTION_ITM,
-              C.INSTRUCTION_TYPE, C.CONVERSATIONS, C.LLM_MODEL, C.LLM_PROMPT_TOKENS, C.LLM_COMPLETION_TOKENS,
+              C.INSTRUCTION_TYPE, C.LLM_MODEL, C.LLM_PROMPT_TOKENS, C.LLM_COMPLETION_TOKENS,
               C.LLM_COST_USD, C.LLM_CACHED, C.REJECT_STAGE, C.REJECT_REASON]
     return pl.concat([kept.select(wanted), frames["rejected"].select(wanted)]).collect()
 
@@ -244,16 +244,18 @@ def dedup_groups(run_dir: Path, rows: pl.DataFrame) -> dict[str, Any]:
 
 
 def conversations(run_dir: Path, rows: pl.DataFrame) -> list[dict[str, Any]]:
-    """A few kept synthesized conversations, one per instruction type."""
-    kept = rows.filter(pl.col(C.REJECT_STAGE).is_null() & pl.col(C.CONVERSATIONS).is_not_null())
-    picked = [_pick(kept.filter(pl.col(C.INSTRUCTION_TYPE).eq_missing(kind)), CONVERSATIONS_PER_TYPE)
-              for kind in sorted(kept[C.INSTRUCTION_TYPE].drop_nulls().unique())[:CONVERSATION_TYPES]]
+    """A few kept synthesized conversations, one per instruction type (the text read for those rows only)."""
+    kept = rows.filter(pl.col(C.REJECT_STAGE).is_null() & pl.col(C.INSTRUCTION_TYPE).is_not_null())
+    picked = [_pick(kept.filter(pl.col(C.INSTRUCTION_TYPE) == kind), CONVERSATIONS_PER_TYPE)
+              for kind in sorted(kept[C.INSTRUCTION_TYPE].unique())[:CONVERSATION_TYPES]]
     chosen = pl.concat(picked) if picked else kept.head(0)
+    texts = dict(scan(run_dir, include_images=False)["dataset"].filter(pl.col(C.UID).is_in(chosen[C.UID].to_list()))
+                 .select(C.UID, C.CONVERSATIONS).collect().iter_rows())
     thumbs = read_thumbnails(run_dir, set(chosen[C.UID]))
     out = []
     for row in chosen.iter_rows(named=True):
         try:
-            turns = json.loads(row[C.CONVERSATIONS])
+            turns = json.loads(texts.get(row[C.UID]))
         except (TypeError, json.JSONDecodeError):
             continue
         out.append(_card(row, thumbs) | {
