@@ -137,13 +137,14 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-b
 
 def open_in_chromium(path: Path, screenshot: Path | None = None) -> dict:
     """Load a local HTML file in headless Chromium through Playwright and report what a reader would see:
-    console errors and page errors, dialogs opened, images (and how many failed to decode), the ids of the
-    sections rendered visible, the number of charts, the page's text and height."""
+    console errors and page errors, dialogs opened, every URL requested, images (and how many failed to
+    decode), the ids of the sections rendered visible, charts, scripts and inline event handlers, the
+    page's text and height."""
     if not CHROMIUM.is_file():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)")
-    from playwright.sync_api import sync_playwright
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
 
-    seen: dict = {"errors": [], "dialogs": []}
+    seen: dict = {"errors": [], "dialogs": [], "requests": []}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -152,6 +153,7 @@ def open_in_chromium(path: Path, screenshot: Path | None = None) -> dict:
             page.on("pageerror", lambda e: seen["errors"].append(str(e)))
             page.on("requestfailed", lambda r: seen["errors"].append(f"request failed: {r.url}"))
             page.on("dialog", lambda d: (seen["dialogs"].append(d.message), d.dismiss()))
+            page.on("request", lambda r: seen["requests"].append(r.url))
             page.goto(path.resolve().as_uri(), wait_until="load")
             seen.update(page.evaluate("""() => ({
                 images: document.images.length,
@@ -159,6 +161,9 @@ def open_in_chromium(path: Path, screenshot: Path | None = None) -> dict:
                 sections: Array.from(document.querySelectorAll('section[id]'))
                                .filter(s => s.getBoundingClientRect().height > 0).map(s => s.id),
                 charts: document.querySelectorAll('figure.chart svg').length,
+                scripts: document.querySelectorAll('script').length,
+                handlers: Array.from(document.querySelectorAll('*')).filter(
+                    e => Array.from(e.attributes).some(a => a.name.startsWith('on'))).length,
                 text: document.body.innerText,
                 height: document.body.scrollHeight,
             })"""))

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -172,10 +173,11 @@ def test_the_page_renders_in_chromium_with_every_section(made_run, tmp_path):
     assert path == made_run / "report.html"
     html = path.read_text()
     assert HOSTILE not in html and "&lt;script&gt;" in html  # web text is escaped
-    assert "http://" not in html.replace("http://web/", "")  # nothing fetched: every image is inline
     page = open_in_chromium(path, tmp_path / "report.png")
     assert page["errors"] == [], page["errors"]
-    assert page["dialogs"] == []  # the caption's script did not run
+    # self-contained: nothing but the file itself and inline images is loaded; no script of any kind
+    assert [u for u in page["requests"] if not u.startswith(("file:", "data:"))] == []
+    assert page["scripts"] == 0 and page["handlers"] == 0 and page["dialogs"] == []
     assert page["images"] >= 10 + 3 + 3 and page["broken_images"] == 0
     assert [s for s in SECTIONS if s not in page["sections"]] == []
     assert page["charts"] == 2 + 2  # two score histograms, the loss and the lr curves
@@ -190,3 +192,69 @@ def test_a_report_that_cannot_be_made_does_not_fail_the_run(tmp_path, caplog, ca
     cli._write_report_after_run(tmp_path / "not-a-run")
     assert "its report failed" in caplog.text and "dataengine report" in caplog.text
     assert "report:" not in capsys.readouterr().out
+
+
+def _bare_run(root: Path, manifest: dict) -> Path:
+    run = root / "bare"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps(manifest))
+    return run
+
+
+def test_a_stopped_run_with_no_outputs_and_an_old_manifest_still_renders(tmp_path):
+    """A run stopped before its first commit (no dataset/ or rejected/ files), with a run.json missing
+    the optional keys (no attempts, versions, totals, llm_usage), renders with every section saying so."""
+    spec = parse_spec({"name": "s", "input": {"path": "u.parquet"}, "output": "o",
+                       "stages": [{"op": "download"}, {"op": "clip_score_filter", "model": "clip", "min_score": 0.2}]})
+    run = _bare_run(tmp_path, {"name": "s", "status": "running", "spec": spec.model_dump(mode="json"),
+                               "versions": None})
+    facts = gather(run)
+    assert facts["run"]["totals"] == {"in": 0, "kept": 0, "rejected": 0} and facts["funnel"] == []
+    assert facts["scores"] == [] and facts["samples"] == {"kept": [], "rejected": []}
+    html = write_report(run).read_text()
+    assert "Nothing was rejected" in html and "This run did not train" in html
+
+
+def test_two_filters_of_one_kind_each_plot_the_rows_that_reached_them(tmp_path):
+    """clip_a (min 0.2) then clip_b (min 0.5): clip_a's rejections are not "rejected later" on clip_b's
+    chart, and clip_a's chart says the rows that went on carry clip_b's score."""
+    spec = parse_spec({"name": "two", "input": {"path": "u.parquet"}, "output": "o", "stages": [
+        {"op": "clip_score_filter", "name": "clip_a", "model": "clip", "min_score": 0.2},
+        {"op": "clip_score_filter", "name": "clip_b", "model": "clip", "min_score": 0.5}]})
+    run = _bare_run(tmp_path, {"name": "two", "status": "complete", "spec": spec.model_dump(mode="json"),
+                               "stage_names": ["input", "clip_a", "clip_b"]})
+    (run / "dataset").mkdir()
+    (run / "rejected").mkdir()
+    pq.write_table(pa.Table.from_pylist([{C.UID: f"k{i}", C.CLIP_SCORE: 0.6 + i / 100} for i in range(4)],
+                                        schema=sample_schema()), run / "dataset" / "part-000000.parquet")
+    rejected = [{C.UID: "a", C.CLIP_SCORE: 0.1, C.REJECT_STAGE: "clip_a", C.REJECT_REASON: "clip_score<0.2"},
+                {C.UID: "b", C.CLIP_SCORE: 0.3, C.REJECT_STAGE: "clip_b", C.REJECT_REASON: "clip_score<0.5"}]
+    pq.write_table(pa.Table.from_pylist(rejected, schema=rejected_schema()), run / "rejected" / "part-000000.parquet")
+    plots = {p["stage"]: p for p in gather(run)["scores"]}
+    a, b = plots["clip_a"], plots["clip_b"]
+    assert (sum(a["counts"][REJECTED_HERE]), sum(a["counts"]["rejected later"]), sum(a["counts"][KEPT])) == (1, 1, 4)
+    assert (sum(b["counts"][REJECTED_HERE]), sum(b["counts"]["rejected later"]), sum(b["counts"][KEPT])) == (1, 0, 4)
+    assert any("carry its clip_score" in note for note in a["notes"]) and b["notes"] == []
+
+
+def test_the_cut_is_a_bin_edge_and_a_non_finite_cut_is_not_drawn():
+    from dataengine.report.facts import bin_edges
+
+    edges = bin_edges(-0.2, 0.9, 0.3)
+    assert 0.3 in edges and edges[0] <= -0.2 and edges[-1] > 0.9
+    assert all(b - a == pytest.approx(edges[1] - edges[0]) for a, b in zip(edges, edges[1:]))
+    counts = np.histogram([0.29, 0.3, 0.301], bins=edges)[0]
+    at = edges.index(0.3)
+    assert counts[at - 1] == 1 and counts[at] == 2  # 0.29 left of the line; 0.3 and 0.301 right of it
+    assert bin_edges(0.5, 0.5, None) == pytest.approx(np.linspace(0.0, 1.0, 31).tolist())
+    assert bin_edges(0.1, 0.4, 0.4)[-1] > 0.4  # a cut at the maximum still has a bin right of it
+
+
+def test_a_restart_discards_the_steps_the_failed_attempt_logged_after_its_checkpoint():
+    from dataengine.report.facts import _curve
+
+    lines = [json.dumps({"step": s, "loss": float(s)}) for s in range(1, 11)]  # attempt 1: steps 1-10
+    lines += [json.dumps({"step": s, "loss": s + 0.5}) for s in (7, 8)]  # attempt 2 from the step-6 checkpoint
+    curve, restarts = _curve(lines + ["{torn"])
+    assert [(r["step"], r["loss"]) for r in curve] == [(s, float(s)) for s in range(1, 7)] + [(7, 7.5), (8, 8.5)]
+    assert restarts == 1

@@ -2,8 +2,9 @@
 
 Everything comes from the run's own files: `run.json` (funnel, LLM usage), `dataset/` and
 `rejected/` (scores, samples, duplicates, conversations), `_state/decision-*.json` (quantile cuts),
-`train/stageN/` (curves, benchmark scores). Images are read only for the rows shown, row group by
-row group, so a report over millions of rows reads a few hundred images, not the whole run.
+`train/stageN/` (curves, benchmark scores). Only the small columns of every row are loaded (uid,
+scores, outcome); captions, URLs, conversations and images are read for the ~100 rows shown, in one
+pass over the row groups that hold them, so a report over millions of rows stays quick.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ CONVERSATIONS_PER_TYPE, CONVERSATION_TYPES = 1, 4
 HISTOGRAM_BINS = 30
 THUMBNAIL_PX = 128
 TRAIN_DIR = "train"
+DETAIL_COLUMNS = (C.URL, C.CAPTION, C.CAPTION_BEST, C.CONVERSATIONS, C.IMAGE)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class ScorePlot:
     fraction_field: str | None
     higher_is_better: bool
     log_scale: bool
+    note: str = ""
 
 
 SCORE_PLOTS = {
@@ -51,7 +54,7 @@ SCORE_PLOTS = {
     "perplexity_filter": ScorePlot(C.TEXT_PPL, "caption perplexity (log scale)", "max_ppl",
                                    "keep_lowest_fraction", False, True),
     "capfilt_filter": ScorePlot(C.WEB_CAPTION_ITM, "ITM match probability of the web caption", "threshold",
-                                None, True, False),
+                                None, True, False, "a row left of the line stays when a synthetic caption passes"),
 }
 
 
@@ -63,15 +66,24 @@ def gather(run_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{run_dir} is not a run directory (no {MANIFEST})")
     manifest = json.loads(manifest_path.read_text())
     rows = _metadata(run_dir)
-    stages = list(zip(manifest.get("stage_names", ["input"])[1:], manifest["spec"]["stages"]))
+    spec_stages = (manifest.get("spec") or {}).get("stages", [])
+    names = (manifest.get("stage_names") or ["input"])[1:]
+    stages = list(zip(names, spec_stages))
+    kept, rejected = _pick_samples(rows)
+    groups, contaminated = _pick_dedup(rows)
+    talks = _pick_conversations(rows)
+    wanted = {*kept[C.UID], *rejected[C.UID], *contaminated[C.UID], *talks[C.UID]}
+    wanted |= {uid for original, copies in groups for uid in (original, *copies[C.UID])}
+    details = read_details(run_dir, wanted)
+    outcome = dict(zip(rows[C.UID], rows[C.REJECT_STAGE]))
     return {
         "run": _overview(run_dir, manifest),
         "funnel": funnel(manifest),
         "scores": [plot for i, (name, stage) in enumerate(stages)
-                   if (plot := score_histogram(run_dir, rows, i, name, stage)) is not None],
-        "samples": samples(run_dir, rows),
-        "dedup": dedup_groups(run_dir, rows),
-        "conversations": conversations(run_dir, rows),
+                   if (plot := score_histogram(run_dir, rows, i, stages)) is not None],
+        "samples": {"kept": _cards(kept, details), "rejected": _cards(rejected, details)},
+        "dedup": _dedup_section(rows, groups, contaminated, details, outcome),
+        "conversations": _conversation_cards(talks, details),
         "llm": llm_usage(manifest, rows, stages),
         "training": training(run_dir),
         "demo": demo_checks(run_dir),
@@ -85,34 +97,41 @@ def _overview(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             "ended_at": manifest.get("ended_at"), "attempts": len(attempts),
             "seconds": round(sum(a.get("seconds") or 0 for a in attempts), 1),
             "totals": manifest.get("totals") or {"in": 0, "kept": 0, "rejected": 0},
-            "description": manifest["spec"].get("description"), "versions": manifest.get("versions", {})}
+            "description": (manifest.get("spec") or {}).get("description"),
+            "versions": manifest.get("versions") or {}}
 
 
 def _metadata(run_dir: Path) -> pl.DataFrame:
-    """Every row of the run without images: kept rows with a null reject stage, then rejected ones."""
+    """The small columns of every row (no text, no images): kept rows with a null reject stage, then rejected ones."""
     frames = scan(run_dir, include_images=False)
     kept = frames["dataset"].with_columns(pl.lit(None, pl.String).alias(C.REJECT_STAGE),
                                           pl.lit(None, pl.String).alias(C.REJECT_REASON))
-    wanted = [C.UID, C.URL, C.CAPTION, C.CAPTION_BEST, C.CLIP_SCORE, C.TEXT_PPL, C.WEB_CAPTION_ITM,
-              C.INSTRUCTION_TYPE, C.LLM_MODEL, C.LLM_PROMPT_TOKENS, C.LLM_COMPLETION_TOKENS,
-              C.LLM_COST_USD, C.LLM_CACHED, C.REJECT_STAGE, C.REJECT_REASON]
+    wanted = [C.UID, C.CLIP_SCORE, C.TEXT_PPL, C.WEB_CAPTION_ITM, C.INSTRUCTION_TYPE, C.LLM_MODEL,
+              C.LLM_PROMPT_TOKENS, C.LLM_COMPLETION_TOKENS, C.LLM_COST_USD, C.LLM_CACHED, C.REJECT_STAGE,
+              C.REJECT_REASON]
     return pl.concat([kept.select(wanted), frames["rejected"].select(wanted)]).collect()
 
 
 def funnel(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows in and out of every stage, with rejections by reason (row-naming reasons as one family)."""
     return [{"stage": s["stage"], "in": s["in"], "kept": s["kept"], "rejected": s["rejected"],
-             "seconds": s.get("busy_seconds", 0.0), "reasons": reason_families(s["rejected_by_reason"])}
-            for s in manifest.get("stages", [])]
+             "seconds": s.get("busy_seconds", 0.0), "reasons": reason_families(s.get("rejected_by_reason") or {})}
+            for s in manifest.get("stages") or []]
 
 
-def score_histogram(run_dir: Path, rows: pl.DataFrame, index: int, name: str,
-                    stage: dict[str, Any]) -> dict[str, Any] | None:
-    """Counts of a filter's scores per bin, split into kept / rejected by it / rejected later, and its cut."""
+# ---- score histograms ---------------------------------------------------------------------------------
+
+def score_histogram(run_dir: Path, rows: pl.DataFrame, index: int,
+                    stages: list[tuple[str, dict[str, Any]]]) -> dict[str, Any] | None:
+    """Counts of stage `index`'s scores per bin over the rows that reached it, split into kept / rejected
+    by it / rejected later, with its cut on a bin edge."""
+    name, stage = stages[index]
     plot = SCORE_PLOTS.get(stage["op"])
     if plot is None:
         return None
-    scored = rows.filter(pl.col(plot.column).is_not_null() & pl.col(plot.column).is_finite())
+    later = [n for n, _ in stages[index + 1:]]
+    reached = pl.col(C.REJECT_STAGE).is_null() | pl.col(C.REJECT_STAGE).is_in([name, *later])
+    scored = rows.filter(reached & pl.col(plot.column).is_not_null() & pl.col(plot.column).is_finite())
     if plot.log_scale:
         scored = scored.filter(pl.col(plot.column) > 0)
     if scored.is_empty():
@@ -120,22 +139,42 @@ def score_histogram(run_dir: Path, rows: pl.DataFrame, index: int, name: str,
     threshold, rule = _threshold(run_dir, index, stage, plot)
     values = scored[plot.column].cast(pl.Float64).to_numpy()
     axis = np.log10(values) if plot.log_scale else values
-    cut = (math.log10(threshold) if plot.log_scale and threshold and threshold > 0 else threshold)
-    low, high = float(axis.min()), float(axis.max())
-    if cut is not None:
-        low, high = min(low, cut), max(high, cut)
-    if high - low < 1e-9:
-        low, high = low - 0.5, high + 0.5
-    edges = np.linspace(low, high, HISTOGRAM_BINS + 1)
+    cut = None
+    if threshold is not None and math.isfinite(threshold) and (threshold > 0 or not plot.log_scale):
+        cut = math.log10(threshold) if plot.log_scale else threshold
+    edges = bin_edges(float(axis.min()), float(axis.max()), cut)
     outcome = np.where(scored[C.REJECT_STAGE].is_null().to_numpy(), KEPT,
                        np.where((scored[C.REJECT_STAGE] == name).fill_null(False).to_numpy(),
                                 REJECTED_HERE, REJECTED_LATER))
     counts = {kind: np.histogram(axis[outcome == kind], bins=edges)[0].tolist()
               for kind in (KEPT, REJECTED_HERE, REJECTED_LATER)}
+    notes = [plot.note] if plot.note else []
+    rewritten_by = [n for n, s in stages[index + 1:] if s["op"] in SCORE_PLOTS
+                    and SCORE_PLOTS[s["op"]].column == plot.column]
+    if rewritten_by:
+        notes.append(f"rows that reached {rewritten_by[-1]} carry its {plot.column}, not this stage's")
     return {"stage": name, "op": stage["op"], "column": plot.column, "label": plot.label, "log_scale": plot.log_scale,
-            "edges": edges.tolist(), "counts": counts, "threshold": cut, "threshold_value": threshold, "rule": rule,
-            "rows": int(values.size), "median": float(np.median(values)),
+            "edges": edges, "counts": counts, "threshold": cut, "threshold_value": threshold, "rule": rule,
+            "rows": int(values.size), "median": float(np.median(values)), "notes": notes,
             "higher_is_better": plot.higher_is_better}
+
+
+def bin_edges(low: float, high: float, cut: float | None, bins: int = HISTOGRAM_BINS) -> list[float]:
+    """About `bins` equal bins covering [low, high] (and the cut), with the cut exactly on an edge, so no
+    bar mixes rows on both sides of it."""
+    if cut is not None:
+        low, high = min(low, cut), max(high, cut)
+    if high - low < 1e-9:
+        low, high = low - 0.5, high + 0.5
+    width = (high - low) / bins
+    if cut is None:
+        return np.linspace(low, high, bins + 1).tolist()
+    edges = [cut + width * k for k in range(-math.ceil((cut - low) / width), math.ceil((high - cut) / width) + 1)]
+    if edges[0] > low:  # rounding
+        edges.insert(0, edges[0] - width)
+    if edges[-1] <= high:  # a score on the cut belongs right of it, not in a last bin closed at the cut
+        edges.append(edges[-1] + width)
+    return edges
 
 
 def _threshold(run_dir: Path, index: int, stage: dict[str, Any], plot: ScorePlot) -> tuple[float | None, str]:
@@ -150,7 +189,74 @@ def _threshold(run_dir: Path, index: int, stage: dict[str, Any], plot: ScorePlot
     decision = json.loads(decision_path.read_text()) if decision_path.is_file() else {}
     score = decision.get("score")
     rule = f"{plot.fraction_field} = {fraction:g}"
-    return (float(score), f"{rule}: cut at {score:.4g}") if score is not None else (None, f"{rule} (not decided yet)")
+    if score is None:
+        return None, f"{rule} (not decided yet)"
+    return float(score), f"{rule}: cut at {float(score):.4g}"
+
+
+# ---- rows shown: picked from the small columns, then read in one pass ----------------------------------
+
+def _pick(frame: pl.DataFrame, n: int) -> pl.DataFrame:
+    """`n` rows spread evenly over the frame's uid order: the same rows on every report of a run."""
+    frame = frame.sort(C.UID)
+    if frame.height <= n:
+        return frame
+    return frame[np.linspace(0, frame.height - 1, n).round().astype(int).tolist()]
+
+
+def _pick_samples(rows: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Kept rows spread over the run, and a few rejected rows per reason family (most common first)."""
+    kept = _pick(rows.filter(pl.col(C.REJECT_STAGE).is_null()), GRID_KEPT)
+    rejected = rows.filter(pl.col(C.REJECT_STAGE).is_not_null()).with_columns(
+        pl.col(C.REJECT_REASON).str.replace(r"^(duplicate_of|contaminates):.*$", "$1:*").alias("family"))
+    families = rejected.group_by("family").len().sort(["len", "family"], descending=[True, False])["family"]
+    picked = []
+    for family in families:
+        picked.append(_pick(rejected.filter(pl.col("family") == family), GRID_PER_REASON))
+        if sum(p.height for p in picked) >= GRID_REJECTED:
+            break
+    return kept, (pl.concat(picked) if picked else rejected.head(0)).drop("family")
+
+
+def _pick_dedup(rows: pl.DataFrame) -> tuple[list[tuple[str, pl.DataFrame]], pl.DataFrame]:
+    """The largest duplicate groups as (original uid, its copies), and decontamination hits."""
+    reasons = pl.col(C.REJECT_REASON).fill_null("")
+    copies = rows.filter(reasons.str.starts_with("duplicate_of:")).with_columns(
+        reasons.str.strip_prefix("duplicate_of:").alias("original"))
+    sizes = copies.group_by("original").len().sort(["len", "original"], descending=[True, False])
+    groups = [(original, copies.filter(pl.col("original") == original).sort(C.UID))
+              for original in sizes.head(DEDUP_GROUPS)["original"]]
+    return groups, rows.filter(reasons.str.starts_with("contaminates:"))
+
+
+def _pick_conversations(rows: pl.DataFrame) -> pl.DataFrame:
+    """One kept row per instruction type (a few types)."""
+    kept = rows.filter(pl.col(C.REJECT_STAGE).is_null() & pl.col(C.INSTRUCTION_TYPE).is_not_null())
+    picked = [_pick(kept.filter(pl.col(C.INSTRUCTION_TYPE) == kind), CONVERSATIONS_PER_TYPE)
+              for kind in sorted(kept[C.INSTRUCTION_TYPE].unique())[:CONVERSATION_TYPES]]
+    return pl.concat(picked) if picked else kept.head(0)
+
+
+def read_details(run_dir: Path, uids: set[str]) -> dict[str, dict[str, Any]]:
+    """uid -> caption, URL, conversations and image thumbnail for the given rows: one pass over the
+    part files, reading the big columns only of the row groups that hold a wanted row."""
+    found: dict[str, dict[str, Any]] = {}
+    for directory in (DATASET_DIR, REJECTED_DIR):
+        for path in sorted((run_dir / directory).glob("part-*.parquet")):
+            if len(found) == len(uids):
+                return found
+            parquet = pq.ParquetFile(path)
+            columns = [c for c in DETAIL_COLUMNS if c in parquet.schema_arrow.names]
+            for group in range(parquet.num_row_groups):
+                ids = parquet.read_row_group(group, columns=[C.UID]).column(C.UID).to_pylist()
+                hits = [i for i, uid in enumerate(ids) if uid in uids]
+                if not hits:
+                    continue
+                table = parquet.read_row_group(group, columns=columns).take(hits)
+                for uid, row in zip((ids[i] for i in hits), table.to_pylist()):
+                    row[C.IMAGE] = thumbnail(row.get(C.IMAGE))
+                    found[uid] = row
+    return found
 
 
 def thumbnail(data: bytes | None) -> str | None:
@@ -164,106 +270,53 @@ def thumbnail(data: bytes | None) -> str | None:
         image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, format="JPEG", quality=80)
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - any undecodable image (PIL's DecompressionBombError included) shows as none
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def read_thumbnails(run_dir: Path, uids: set[str]) -> dict[str, str | None]:
-    """uid -> thumbnail for the given rows, reading only the row groups that hold them."""
-    found: dict[str, str | None] = {}
-    if not uids:
-        return found
-    for directory in (DATASET_DIR, REJECTED_DIR):
-        for path in sorted((run_dir / directory).glob("part-*.parquet")):
-            parquet = pq.ParquetFile(path)
-            for group in range(parquet.num_row_groups):
-                ids = parquet.read_row_group(group, columns=[C.UID]).column(C.UID).to_pylist()
-                hits = [i for i, uid in enumerate(ids) if uid in uids]
-                if not hits:
-                    continue
-                images = parquet.read_row_group(group, columns=[C.IMAGE]).column(C.IMAGE)
-                for i in hits:
-                    found[ids[i]] = thumbnail(images[i].as_py())
-    return found
-
-
-def _pick(frame: pl.DataFrame, n: int) -> pl.DataFrame:
-    """`n` rows spread evenly over the frame's uid order: the same rows on every report of a run."""
-    frame = frame.sort(C.UID)
-    if frame.height <= n:
-        return frame
-    return frame[np.linspace(0, frame.height - 1, n).round().astype(int).tolist()]
-
-
-def samples(run_dir: Path, rows: pl.DataFrame) -> dict[str, Any]:
-    """Kept rows, and rejected rows a few per reason (most common reasons first)."""
-    kept = _pick(rows.filter(pl.col(C.REJECT_STAGE).is_null()), GRID_KEPT)
-    rejected = rows.filter(pl.col(C.REJECT_STAGE).is_not_null()).with_columns(
-        pl.col(C.REJECT_REASON).str.replace(r"^(duplicate_of|contaminates):.*$", "$1:*").alias("family"))
-    families = rejected.group_by("family").len().sort(["len", "family"], descending=[True, False])["family"]
-    picked = []
-    for family in families:
-        picked.append(_pick(rejected.filter(pl.col("family") == family), GRID_PER_REASON))
-        if sum(p.height for p in picked) >= GRID_REJECTED:
-            break
-    chosen = pl.concat(picked) if picked else rejected.head(0)
-    thumbs = read_thumbnails(run_dir, set(kept[C.UID]) | set(chosen[C.UID]))
-    return {"kept": [_card(r, thumbs) for r in kept.iter_rows(named=True)],
-            "rejected": [_card(r, thumbs) for r in chosen.iter_rows(named=True)]}
-
-
-def _card(row: dict[str, Any], thumbs: dict[str, str | None]) -> dict[str, Any]:
-    best = row.get(C.CAPTION_BEST)
-    return {"uid": row[C.UID], "image": thumbs.get(row[C.UID]), "caption": row.get(C.CAPTION),
-            "caption_best": best if best and best != row.get(C.CAPTION) else None, "url": row.get(C.URL),
+def _card(row: dict[str, Any], details: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    more = details.get(row[C.UID], {})
+    caption, best = more.get(C.CAPTION), more.get(C.CAPTION_BEST)
+    return {"uid": row[C.UID], "image": more.get(C.IMAGE), "caption": caption,
+            "caption_best": best if best and best != caption else None, "url": more.get(C.URL),
             "stage": row.get(C.REJECT_STAGE), "reason": row.get(C.REJECT_REASON),
+            "outcome": "rejected" if row.get(C.REJECT_STAGE) else "kept",
             "clip_score": row.get(C.CLIP_SCORE), "text_ppl": row.get(C.TEXT_PPL)}
 
 
-def dedup_groups(run_dir: Path, rows: pl.DataFrame) -> dict[str, Any]:
-    """The largest duplicate groups (the row kept first, its copies after) and decontamination hits."""
-    reasons = pl.col(C.REJECT_REASON).fill_null("")
-    copies = rows.filter(reasons.str.starts_with("duplicate_of:")).with_columns(
-        reasons.str.strip_prefix("duplicate_of:").alias("original"))
-    sizes = copies.group_by("original").len().sort(["len", "original"], descending=[True, False])
-    originals = sizes.head(DEDUP_GROUPS)["original"].to_list()
-    contaminated = _pick(rows.filter(reasons.str.starts_with("contaminates:")), DEDUP_GROUPS)
-    members = {o: copies.filter(pl.col("original") == o).sort(C.UID).head(DEDUP_PER_GROUP) for o in originals}
-    by_uid = {r[C.UID]: r for r in rows.filter(pl.col(C.UID).is_in(originals)).iter_rows(named=True)}
-    uids = set(originals) | {u for m in members.values() for u in m[C.UID]} | set(contaminated[C.UID])
-    thumbs = read_thumbnails(run_dir, uids)
-    groups = []
-    for original in originals:
-        head = by_uid.get(original, {C.UID: original})
-        groups.append({"original": _card(head, thumbs), "copies": [_card(r, thumbs) for r in members[original].iter_rows(named=True)],
-                       "size": int(sizes.filter(pl.col("original") == original)["len"][0])})
-    return {"duplicates": copies.height, "groups_total": sizes.height, "groups": groups,
-            "contaminated_total": int(rows.filter(reasons.str.starts_with("contaminates:")).height),
-            "contaminated": [_card(r, thumbs) for r in contaminated.iter_rows(named=True)]}
+def _cards(frame: pl.DataFrame, details: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [_card(row, details) for row in frame.iter_rows(named=True)]
 
 
-def conversations(run_dir: Path, rows: pl.DataFrame) -> list[dict[str, Any]]:
-    """A few kept synthesized conversations, one per instruction type (the text read for those rows only)."""
-    kept = rows.filter(pl.col(C.REJECT_STAGE).is_null() & pl.col(C.INSTRUCTION_TYPE).is_not_null())
-    picked = [_pick(kept.filter(pl.col(C.INSTRUCTION_TYPE) == kind), CONVERSATIONS_PER_TYPE)
-              for kind in sorted(kept[C.INSTRUCTION_TYPE].unique())[:CONVERSATION_TYPES]]
-    chosen = pl.concat(picked) if picked else kept.head(0)
-    texts = dict(scan(run_dir, include_images=False)["dataset"].filter(pl.col(C.UID).is_in(chosen[C.UID].to_list()))
-                 .select(C.UID, C.CONVERSATIONS).collect().iter_rows())
-    thumbs = read_thumbnails(run_dir, set(chosen[C.UID]))
+def _dedup_section(rows: pl.DataFrame, groups: list[tuple[str, pl.DataFrame]], contaminated: pl.DataFrame,
+                   details: dict[str, dict[str, Any]], outcome: dict[str, str | None]) -> dict[str, Any]:
+    originals = {r[C.UID]: r for r in rows.filter(pl.col(C.UID).is_in([o for o, _ in groups])).iter_rows(named=True)}
+    duplicates = rows.filter(pl.col(C.REJECT_REASON).fill_null("").str.starts_with("duplicate_of:"))
+    return {"duplicates": duplicates.height,
+            "groups_total": duplicates[C.REJECT_REASON].n_unique() if duplicates.height else 0,
+            "groups": [{"original": _card(originals.get(o, {C.UID: o, C.REJECT_STAGE: outcome.get(o)}), details),
+                        "copies": _cards(copies.head(DEDUP_PER_GROUP), details), "size": copies.height}
+                       for o, copies in groups],
+            "contaminated_total": contaminated.height,
+            "contaminated": _cards(_pick(contaminated, DEDUP_GROUPS), details)}
+
+
+def _conversation_cards(talks: pl.DataFrame, details: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    for row in chosen.iter_rows(named=True):
+    for row in talks.iter_rows(named=True):
         try:
-            turns = json.loads(texts.get(row[C.UID]))
+            turns = json.loads(details.get(row[C.UID], {}).get(C.CONVERSATIONS))
         except (TypeError, json.JSONDecodeError):
             continue
-        out.append(_card(row, thumbs) | {
+        out.append(_card(row, details) | {
             "type": row[C.INSTRUCTION_TYPE], "model": row.get(C.LLM_MODEL),
             "turns": [{"role": "user" if t.get("from") == "human" else "assistant",
                        "text": str(t.get("value", "")).replace("<image>", "").strip()} for t in turns]})
     return out
 
+
+# ---- LLM, training, demo --------------------------------------------------------------------------------
 
 def llm_usage(manifest: dict[str, Any], rows: pl.DataFrame, stages: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """What the run paid its LLM (every request, failed attempts included) and what the kept rows cost."""
@@ -284,19 +337,29 @@ def training(run_dir: Path) -> list[dict[str, Any]]:
     stages = []
     for stage_dir in sorted((run_dir / TRAIN_DIR).glob("stage*")):
         metrics_path, result_path = stage_dir / "metrics.jsonl", stage_dir / "result.json"
-        steps = []
-        if metrics_path.is_file():
-            for line in metrics_path.read_text().splitlines():
-                try:
-                    steps.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a torn last line of a killed run
-        # a restarted run rewrites steps after its checkpoint: the last record of each step is the one kept
-        curve = sorted({int(s["step"]): s for s in steps if "step" in s and "loss" in s}.values(), key=lambda s: s["step"])
+        curve, restarts = _curve(metrics_path.read_text().splitlines() if metrics_path.is_file() else [])
         result = json.loads(result_path.read_text()) if result_path.is_file() else None
-        stages.append({"stage": stage_dir.name, "curve": curve, "result": result,
-                       "restarts": len(steps) - len(curve), "finished": result is not None})
+        stages.append({"stage": stage_dir.name, "curve": curve, "result": result, "restarts": restarts,
+                       "finished": result is not None})
     return stages
+
+
+def _curve(lines: list[str]) -> tuple[list[dict[str, Any]], int]:
+    """The steps of the attempt that counts, and how many restarts there were: a step number going back
+    means a restart from a checkpoint, and the earlier attempt's steps from there on were thrown away."""
+    curve: list[dict[str, Any]] = []
+    restarts = 0
+    for line in lines:
+        try:
+            record = json.loads(line)
+            step, loss = int(record["step"]), float(record["loss"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # a torn last line of a killed run
+        if curve and step <= curve[-1]["step"]:
+            restarts += 1
+            curve = [r for r in curve if r["step"] < step]
+        curve.append(record | {"step": step, "loss": loss})
+    return curve, restarts
 
 
 def demo_checks(run_dir: Path) -> dict[str, Any] | None:

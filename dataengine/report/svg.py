@@ -35,7 +35,7 @@ def _label(value: float, log_scale: bool = False) -> str:
     magnitude = abs(value)
     if magnitude >= 1e6:
         return f"{value / 1e6:.3g}M"
-    if magnitude >= 1e4:
+    if magnitude >= 1e3:
         return f"{value / 1e3:.3g}k"
     if value != 0 and magnitude < 1e-4:
         return f"{value:.0e}"
@@ -63,8 +63,10 @@ class _Frame:
         self.parts.append(f'<line x1="{left}" y1="{bottom}" x2="{WIDTH - RIGHT}" y2="{bottom}" class="axis"/>')
         self.parts.append(f'<line x1="{left}" y1="{TOP}" x2="{left}" y2="{bottom}" class="axis"/>')
         x_ticks = nice_ticks(self.x0, self.x1)
-        if log_x and self.x1 - self.x0 >= 1:  # whole powers of ten, not 3.16 and 31.6
-            x_ticks = [float(e) for e in range(math.ceil(self.x0), math.floor(self.x1) + 1)]
+        if log_x and self.x1 - self.x0 >= 1:  # whole powers of ten, not 3.16 and 31.6; at most ~8 of them
+            first, last = math.ceil(self.x0), math.floor(self.x1)
+            step = max(1, math.ceil((last - first + 1) / 8))
+            x_ticks = [float(e) for e in range(first, last + 1, step)]
         for tick in x_ticks:
             x = self.x(tick)
             self.parts.append(f'<line x1="{x:.1f}" y1="{bottom}" x2="{x:.1f}" y2="{bottom + 4}" class="axis"/>'
@@ -107,8 +109,10 @@ def histogram(edges: Sequence[float], counts: dict[str, Sequence[int]], x_label:
     frame.axes(x_label, "rows", log_x)
     if threshold is not None:
         x = frame.x(threshold)
+        right_half = x > (LEFT + WIDTH - RIGHT) / 2  # the label goes where the chart has room for it
         frame.parts.append(f'<line x1="{x:.1f}" y1="{TOP}" x2="{x:.1f}" y2="{HEIGHT - BOTTOM}" class="threshold"/>'
-                           f'<text x="{x + 4:.1f}" y="{TOP + 10}" class="threshold-label">{escape(threshold_label)}</text>')
+                           f'<text x="{x - 4 if right_half else x + 4:.1f}" y="{TOP + 10}" class="threshold-label" '
+                           f'text-anchor="{"end" if right_half else "start"}">{escape(threshold_label)}</text>')
     return frame.svg(x_label, [(n, PALETTE[k % len(PALETTE)]) for k, n in enumerate(names)])
 
 
@@ -119,11 +123,14 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], x_lab
     if not xs or not ys:
         return Markup("")
     low, high = min(ys), max(ys)
-    pad = (high - low) * 0.08 or 0.5
+    pad = (high - low) * 0.08 or abs(high) * 0.1 or 0.5  # a constant series (a fixed lr) sits mid-chart
     frame = _Frame((min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1), (max(0.0, low - pad), high + pad))
     frame.axes(x_label, y_label)
     for k, (name, (x_values, y_values)) in enumerate(series.items()):
-        points = " ".join(f"{frame.x(x):.1f},{frame.y(y):.1f}" for x, y in zip(x_values, y_values) if math.isfinite(y))
-        frame.parts.append(f'<polyline points="{points}" fill="none" stroke="{PALETTE[(k + 3) % len(PALETTE)]}" '
-                           f'stroke-width="1.6"><title>{escape(name)}</title></polyline>')
+        color = PALETTE[(k + 3) % len(PALETTE)]
+        points = [(frame.x(x), frame.y(y)) for x, y in zip(x_values, y_values) if math.isfinite(y)]
+        frame.parts.append(f'<polyline points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in points)}" fill="none" '
+                           f'stroke="{color}" stroke-width="1.6"><title>{escape(name)}</title></polyline>')
+        if len(points) <= 3:  # a line of one point is invisible: mark the points
+            frame.parts.extend(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>' for x, y in points)
     return frame.svg(y_label, [(n, PALETTE[(k + 3) % len(PALETTE)]) for k, n in enumerate(series)])
