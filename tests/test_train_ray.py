@@ -140,5 +140,9 @@ def test_a_train_section_runs_after_the_data_stages_and_a_stopped_stage_resumes(
     edited = spec.model_copy(update={"train": spec.train.model_copy(update={"seed": 5})})
     assert edited.spec_hash() == spec.spec_hash()
     assert train_stage(run, spec.train, 1)["steps"] == 3  # done: returned as it is
+    before = (stage_dir(run, 1) / "metrics.jsonl").read_text()
+    assert train_stage(run, spec.train, 1, resume=True) == trained  # --resume on a finished stage: nothing to do
+    assert (stage_dir(run, 1) / "metrics.jsonl").read_text() == before
+    assert "<h3>stage1" in (run / "report.html").read_text()  # `dataengine train` rewrote the report with it
     with pytest.raises(TrainError, match="trained with another train: section"):
         train_stage(run, edited.train, 1)

@@ -11,7 +11,10 @@ listed file must be there with its size.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 STATE_FILE, OPTIMIZER_FILE, LINEAGE_FILE = "trainer_state.json", "optimizer.pt", "dataengine_lineage.json"
 FILES_FILE = "dataengine_files.json"
@@ -28,18 +31,27 @@ def is_complete(directory: Path) -> bool:
     """Whether every file the checkpoint listed is present with its recorded size."""
     try:
         files = json.loads((directory / FILES_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+        return all((directory / name).stat().st_size == size for name, size in files.items())
+    except (OSError, json.JSONDecodeError, AttributeError):  # missing, cut off, or deleted while we look
         return False
-    return all((directory / name).is_file() and (directory / name).stat().st_size == size
-               for name, size in files.items())
 
 
-def checkpoint_step(directory: Path) -> int:
-    return int(json.loads((directory / STATE_FILE).read_text())["step"])
+def checkpoint_step(directory: Path) -> int | None:
+    try:
+        return int(json.loads((directory / STATE_FILE).read_text())["step"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def latest_checkpoint(storage: Path) -> Path | None:
     """The complete checkpoint with the highest step under a stage's Ray Train storage, if any."""
-    found = [(checkpoint_step(state.parent), state.parent) for state in storage.glob("**/checkpoint_*/" + STATE_FILE)
-             if is_complete(state.parent)]
+    found = []
+    for state in storage.glob("**/checkpoint_*/" + STATE_FILE):
+        directory = state.parent
+        if not (directory / FILES_FILE).exists():
+            log.warning("%s has no %s (written before checkpoints listed their files, or cut off): not resumed from",
+                        directory, FILES_FILE)
+        step = checkpoint_step(directory)
+        if step is not None and is_complete(directory):
+            found.append((step, directory))
     return max(found)[1] if found else None

@@ -121,14 +121,25 @@ def _all_reduce(values: list[float], op: str) -> list[float]:
     return t.tolist()
 
 
+def _broadcast(value: Any) -> Any:
+    """Rank 0's `value` on every rank (as is without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _load_start(config: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], dict[str, Any] | None]:
     """(model, processor, state, optimizer state) from the last checkpoint if any, else the stage's start."""
     import ray.train
     import torch
 
     # the newest complete one on disk: Ray's own can be older (see dataengine.train.checkpoints);
-    # it also covers `--resume`, which points the run at the same storage
-    on_disk = latest_checkpoint(Path(config["checkpoints_dir"]))
+    # it also covers `--resume`, which points the run at the same storage. Rank 0 chooses for all.
+    on_disk = _broadcast(latest_checkpoint(Path(config["checkpoints_dir"])))
     checkpoint = ray.train.Checkpoint(str(on_disk)) if on_disk else ray.train.get_checkpoint()
     if checkpoint is None:
         model, processor = load_llava(config["init_dir"])
@@ -194,6 +205,9 @@ def train_loop(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=None)
 
     last_saved = state["step"]
+    if state["step"] >= config["total_steps"]:  # restarted from the last step's checkpoint: only the final report
+        report(final=True)
+        return
     for epoch in range(state["epoch"], config["epochs"]):
         for index, batch in enumerate(shard.iter_batches(batch_size=per_worker, batch_format="numpy")):
             if epoch == state["epoch"] and index < state["batch_in_epoch"]:

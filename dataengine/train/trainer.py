@@ -134,7 +134,7 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
     run_dir = Path(run_dir)
     out = stage_dir(run_dir, stage)
     fail_at_step = fail_at_step or int(os.environ.get(FAIL_ENV, "0")) or None
-    if (out / RESULT_FILE).is_file() and not resume:
+    if (out / RESULT_FILE).is_file():  # finished: `--resume` continues only a stage that did not finish
         done = json.loads((out / RESULT_FILE).read_text())
         if done["lineage"]["train_hash"] != spec.train_hash():
             raise TrainError(f"{out} was trained with another train: section (hash {done['lineage']['train_hash']}, "
