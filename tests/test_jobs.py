@@ -40,22 +40,30 @@ def head():
     cluster.shutdown()
 
 
-def test_submitted_spec_gives_the_local_runs_outputs(head, synthweb_dir, synthweb_run, tmp_path, monkeypatch, capsys):
+def test_submitted_spec_gives_the_local_runs_outputs(head, synthweb_dir, synthweb_run, tiny_vlm_parts, tmp_path,
+                                                    monkeypatch, capsys):
+    """The job's data outputs equal the local run's, and its train: section trains on the cluster (one step)."""
     _, local_result, _ = synthweb_run
     monkeypatch.chdir(tmp_path)  # relative input/output paths are resolved here, before submitting
+    train = {"model": {"vision": str(tiny_vlm_parts["vision"]), "lm": str(tiny_vlm_parts["lm"])}, "stages": [1],
+             "stage1": {"global_batch": 8, "micro_batch": 8, "max_steps": 1, "max_length": 512},
+             "eval": {"heldout_fraction": 0.0}}
     with SynthWebServer(synthweb_dir) as server:
         (tmp_path / "urls.parquet").write_bytes(write_url_list(synthweb_dir, server.base_url).read_bytes())
         spec = write_spec(tmp_path / "spec.yaml", {
             "name": "t", "input": {"path": "urls.parquet", "id_col": "id", "shard_rows": 40},
-            "output": "run", "stages": [download_stage()]})
+            "output": "run", "stages": [download_stage()], "train": train})
         assert cli.main(["submit", str(spec), "--address", head, "--job-id", "dataengine-test-1", "--wait",
                          "--timeout", "300"]) == 0, jobs.logs(head, "dataengine-test-1")[-3000:]
     assert jobs.status(head, "dataengine-test-1") == "SUCCEEDED"
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())
     assert manifest["totals"] == local_result.manifest["totals"]
     assert run_outcome(tmp_path / "run") == run_outcome(local_result.run_dir)
+    trained = json.loads((tmp_path / "run" / "train" / "stage1" / "result.json").read_text())
+    assert trained["steps"] == 1 and trained["lineage"]["run_totals"] == manifest["totals"]
+    assert (tmp_path / "run" / "train" / "stage1" / "final" / "config.json").is_file()
     report = (tmp_path / "run" / "report.html").read_text()  # the job wrote the run's report beside it
-    assert f"<b>{manifest['totals']['kept']:,}</b>kept" in report
+    assert f"<b>{manifest['totals']['kept']:,}</b>kept" in report and "<h3>stage1" in report
     capsys.readouterr()
     assert cli.main(["jobs", "--address", head]) == 0
     listed = capsys.readouterr().out

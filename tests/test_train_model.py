@@ -171,6 +171,13 @@ def test_spec_errors_name_the_field():
     assert (spec.stage1.warmup_ratio, spec.stage1.weight_decay, spec.stage1.schedule) == (0.03, 0.0, "cosine")
     # workers and GPUs do not change what is trained: same hash
     assert spec.train_hash() == TrainSpec.model_validate({"model": {"vision": "x", "lm": "y"}, "workers": 4}).train_hash()
+    # a stage given in part keeps that stage's defaults for what it leaves out
+    partial = TrainSpec.model_validate({"model": {"vision": "x", "lm": "y"}, "stage1": {"max_steps": 3},
+                                        "stage2": {"epochs": 2}})
+    assert (partial.stage1.lr, partial.stage1.global_batch, partial.stage1.max_steps) == (1e-3, 256, 3)
+    assert (partial.stage2.lr, partial.stage2.global_batch, partial.stage2.epochs) == (2e-5, 128, 2)
+    with pytest.raises(ValidationError, match="stage2.lr"):
+        TrainSpec.model_validate({"model": {"vision": "x", "lm": "y"}, "stage2": {"lr": -1}})
 
 
 def test_batching_reaches_the_global_batch():

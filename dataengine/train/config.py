@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from dataengine.ops.base import OPERATIONAL
 
@@ -56,11 +56,18 @@ class LoraSpec(_Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+def _optional_in_schema(schema: dict) -> None:
+    """`lr` and `global_batch` left out of a stage fall back to that stage's defaults (see TrainSpec)."""
+    schema.pop("required", None)
+
+
 class StageSpec(_Strict):
     """Hyperparameters of one stage. `global_batch` = micro_batch x workers x accumulation steps."""
 
-    lr: float = Field(gt=0)
-    global_batch: int = Field(gt=0)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_optional_in_schema)
+
+    lr: float = Field(gt=0, description="Peak learning rate (default: 1e-3 in stage 1, 2e-5 in stage 2).")
+    global_batch: int = Field(gt=0, description="Samples per optimizer step (default: 256 in stage 1, 128 in stage 2).")
     micro_batch: int = Field(default=16, gt=0, description="Samples per worker per forward pass.")
     epochs: float = Field(default=1.0, gt=0)
     max_steps: int | None = Field(default=None, gt=0, description="Stop after this many optimizer steps.")
@@ -120,6 +127,15 @@ class TrainSpec(_Strict):
                                   json_schema_extra=OPERATIONAL)
     seed: int = 0
     eval: EvalSpec = EvalSpec()
+
+    @field_validator("stage1", "stage2", mode="before")
+    @classmethod
+    def _over_stage_defaults(cls, value: object, info: ValidationInfo) -> object:
+        """A stage given in part keeps that stage's LLaVA-1.5 lr and global batch."""
+        if isinstance(value, dict):
+            defaults = _stage1_defaults() if info.field_name == "stage1" else _stage2_defaults()
+            return {"lr": defaults.lr, "global_batch": defaults.global_batch, **value}
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSpec:
