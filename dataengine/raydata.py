@@ -36,11 +36,23 @@ T = TypeVar("T")
 
 
 def quiet_worker_logs() -> None:
-    """Worker setup hook: Ray Train's placement-group cleaner polls the State API, which needs the
-    dashboard; without one (the embedded default) it warns every few seconds for the whole training.
-    Train workers also log every checkpoint report at INFO; our trainer logs its own progress."""
+    """Worker setup hook (and called again by the training loop, after Ray Train sets up its logging):
+    Ray Train's placement-group cleaner polls the State API, which needs the dashboard; without one (the
+    embedded default) it warns every few seconds for the whole training. Train workers also log every
+    checkpoint report at INFO (under a logger named by its file path), Ray Data announces the datasets a
+    worker runs (the trainer's and evaluator's tokenizing), and transformers draws progress bars for every
+    save and load: our trainer and evaluator log their own progress."""
+    from ray.train.v2._internal.execution import context as train_context
+
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    for name in ("ray.train", train_context.__file__, "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 @contextlib.contextmanager

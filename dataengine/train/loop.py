@@ -157,6 +157,9 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
+    from dataengine.raydata import quiet_worker_logs
+
+    quiet_worker_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     stage, hp = config["stage"], config["hyper"]
