@@ -41,18 +41,13 @@ def quiet_worker_logs() -> None:
     embedded default) it warns every few seconds for the whole training. Train workers also log every
     checkpoint report at INFO (under a logger named by its file path), Ray Data announces the datasets a
     worker runs (the trainer's and evaluator's tokenizing), and transformers draws progress bars for every
-    save and load: our trainer and evaluator log their own progress."""
-    from ray.train.v2._internal.execution import context as train_context
-
+    save and load: our trainer and evaluator log their own progress. It imports nothing: it runs in every
+    worker process, and importing Ray Train or transformers there would cost seconds per worker."""
+    report_logger = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-    for name in ("ray.train", train_context.__file__, "ray.data"):
+    for name in ("ray.train", report_logger, "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers reads it when first imported
 
 
 @contextlib.contextmanager

@@ -291,3 +291,21 @@ def test_a_checkpoint_copy_cut_off_is_not_resumed_from(tmp_path):
     assert not is_complete(newest) and latest_checkpoint(storage) == storage / "stage2-1" / "checkpoint_1"
     (storage / "stage2-1" / "checkpoint_1" / "model.safetensors").unlink()
     assert latest_checkpoint(storage) is None
+
+
+def test_a_finished_stage_keeps_only_its_newest_complete_checkpoints(tmp_path):
+    from dataengine.train.checkpoints import STATE_FILE, prune_checkpoints, write_file_list
+
+    storage = tmp_path / "checkpoints"
+    for attempt, steps in (("stage1-1", (1, 2, 3)), ("stage1-2", (4, 5))):  # a second attempt after --resume
+        for step in steps:
+            ckpt = storage / attempt / f"checkpoint_{step}"
+            ckpt.mkdir(parents=True)
+            (ckpt / STATE_FILE).write_text(json.dumps({"step": step}))
+            (ckpt / "model.safetensors").write_bytes(b"x" * 10)
+            write_file_list(ckpt)
+    (storage / "stage1-2" / "checkpoint_5" / "model.safetensors").write_bytes(b"x")  # cut off: not kept
+    (storage / "stage1-2" / "checkpoint_6").mkdir()  # an empty copy from a kill
+    deleted = prune_checkpoints(storage, keep=2)
+    left = sorted(p.name for p in storage.glob("*/checkpoint_*"))
+    assert left == ["checkpoint_3", "checkpoint_4"] and len(deleted) == 4

@@ -55,3 +55,20 @@ def latest_checkpoint(storage: Path) -> Path | None:
         if step is not None and is_complete(directory):
             found.append((step, directory))
     return max(found)[1] if found else None
+
+
+def prune_checkpoints(storage: Path, keep: int = 2) -> list[Path]:
+    """After a stage finished: delete every checkpoint under `storage` but the newest `keep` complete ones
+    (Ray's `num_to_keep` only prunes those it registered, not cut-off copies or ones a kill kept from it).
+    Returns what was deleted."""
+    import shutil
+
+    directories = {state.parent for state in storage.glob("**/checkpoint_*/" + STATE_FILE)}
+    directories |= {d for d in storage.glob("**/checkpoint_*") if d.is_dir()}
+    ranked = sorted(((checkpoint_step(d), d) for d in directories if is_complete(d) and checkpoint_step(d) is not None),
+                    reverse=True)
+    kept = {d for _, d in ranked[:keep]}
+    deleted = sorted(d for d in directories if d not in kept)
+    for directory in deleted:
+        shutil.rmtree(directory, ignore_errors=True)
+    return deleted

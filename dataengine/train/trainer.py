@@ -26,13 +26,14 @@ from typing import Any
 from dataengine.atomic import write_text_atomic
 from dataengine.train.config import StageSpec, TrainSpec
 from dataengine.train.data import encoded_split, kept_files, plan_splits
-from dataengine.train.checkpoints import LINEAGE_FILE, STATE_FILE, latest_checkpoint
+from dataengine.train.checkpoints import LINEAGE_FILE, STATE_FILE, latest_checkpoint, prune_checkpoints
 from dataengine.train.loop import train_loop
 from dataengine.train.model import build_llava
 
 log = logging.getLogger(__name__)
 
 TRAIN_DIR, RESULT_FILE, METRICS_FILE = "train", "result.json", "metrics.jsonl"
+CHECKPOINTS_KEPT = 2  # per stage, besides final/
 FAIL_ENV = "DATAENGINE_TRAIN_FAIL_AT_STEP"  # fault injection for tests: one worker failure at this step
 
 
@@ -183,7 +184,7 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
         run_config=ray.train.RunConfig(
             name=f"stage{stage}-{int(time.time())}", storage_path=str(checkpoints.resolve()),
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         datasets={"train": dataset})
     started = time.perf_counter()
@@ -205,6 +206,7 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
                "batching": plan.__dict__, "hyperparameters": hp.model_dump(), "workers": spec.workers,
                "lineage": json.loads((final / LINEAGE_FILE).read_text()), "model": str(final)}
     write_text_atomic(out / RESULT_FILE, json.dumps(summary, indent=2))
+    prune_checkpoints(checkpoints, keep=CHECKPOINTS_KEPT)
     log.info("stage %d: %d steps, %d samples, skipped %s -> %s", stage, summary["steps"], summary["samples_trained"],
              summary["skipped"] or "none", final)
     return summary
