@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/dataengine demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not cluster"
+	$(BIN)/python -m pytest -q -m "not cluster" --durations=15
 
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -q -m cluster

@@ -47,6 +47,8 @@ def evaluate_stage(run_dir: Path, spec: TrainSpec, stage: int) -> dict[str, Any]
     from dataengine.train.trainer import stage_dir
 
     model_dir = str(stage_dir(run_dir, stage) / "final")
+    if spec.eval.heldout_fraction == 0 and spec.eval.benchmark is None:
+        return {"model": model_dir}  # nothing to measure: no task, no model load
     task = ray.remote(num_cpus=1, num_gpus=1 if spec.use_gpu else 0)(evaluate_model)
     result = ray.get(task.remote(model_dir, str(run_dir), stage, spec))
     held = result.get("heldout", {})
