@@ -121,6 +121,7 @@ def test_the_facts_are_the_runs_numbers(made_run):
     assert ppl["log_scale"] and ppl["threshold"] == pytest.approx(math.log10(50)) and ppl["rule"] == "max_ppl = 50"
     assert sum(ppl["counts"][REJECTED_HERE]) == 2 and ppl["rows"] == 10 + 2 + 3 + 3
     # the two rejected perplexities (80, 120) sit right of the cut, every kept one (3..12) left of it
+    assert ppl["edges"].count(ppl["threshold"]) == 1
     right = [i for i, edge in enumerate(ppl["edges"][:-1]) if edge >= ppl["threshold"]]
     assert sum(ppl["counts"][REJECTED_HERE][i] for i in right) == 2 and sum(ppl["counts"][KEPT][i] for i in right) == 0
 
@@ -258,3 +259,19 @@ def test_a_restart_discards_the_steps_the_failed_attempt_logged_after_its_checkp
     curve, restarts = _curve(lines + ["{torn"])
     assert [(r["step"], r["loss"]) for r in curve] == [(s, float(s)) for s in range(1, 7)] + [(7, 7.5), (8, 8.5)]
     assert restarts == 1
+
+
+def test_a_kept_score_on_the_cut_is_drawn_on_the_kept_side(tmp_path):
+    """`max_ppl: 50` keeps 50 (rejects > 50); `min_score: 0.3` keeps 0.3 (rejects < 0.3): each lands in the bin
+    on its kept side of the line."""
+    import polars as pl
+
+    from dataengine.report.facts import score_histogram
+
+    rows = pl.DataFrame({C.UID: ["a", "b", "c"], C.TEXT_PPL: [50.0, 3.0, 80.0], C.CLIP_SCORE: [0.3, 0.9, 0.1],
+                         C.REJECT_STAGE: [None, None, "x"]}, schema_overrides={C.REJECT_STAGE: pl.String})
+    for stage, value in (({"op": "perplexity_filter", "max_ppl": 50}, 50.0), ({"op": "clip_score_filter", "min_score": 0.3}, 0.3)):
+        plot = score_histogram(tmp_path, rows, 0, [("f", stage)])
+        at = plot["edges"].index(plot["threshold"])
+        kept_side = range(at) if stage["op"] == "perplexity_filter" else range(at, len(plot["counts"][KEPT]))
+        assert sum(plot["counts"][KEPT][i] for i in kept_side) == 2, (stage, value)

@@ -143,6 +143,8 @@ def score_histogram(run_dir: Path, rows: pl.DataFrame, index: int,
     if threshold is not None and math.isfinite(threshold) and (threshold > 0 or not plot.log_scale):
         cut = math.log10(threshold) if plot.log_scale else threshold
     edges = bin_edges(float(axis.min()), float(axis.max()), cut)
+    if cut is not None and not plot.higher_is_better:  # `> max` rejects: a score on the cut is kept, left of it
+        axis = np.where(axis == cut, np.nextafter(cut, -np.inf), axis)
     outcome = np.where(scored[C.REJECT_STAGE].is_null().to_numpy(), KEPT,
                        np.where((scored[C.REJECT_STAGE] == name).fill_null(False).to_numpy(),
                                 REJECTED_HERE, REJECTED_LATER))
