@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,10 @@ def test_stop_a_running_job_and_errors_name_the_address(head, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     client = jobs.client(head)
     job = client.submit_job(entrypoint="python -c 'import time; time.sleep(120)'", submission_id="dataengine-sleeper")
-    assert jobs.wait(head, job, timeout=30) == "RUNNING" or jobs.status(head, job) in ("PENDING", "RUNNING")
+    deadline = time.monotonic() + 30
+    while jobs.status(head, job) != "RUNNING" and time.monotonic() < deadline:  # stop it while it runs
+        time.sleep(0.2)
+    assert jobs.status(head, job) == "RUNNING"
     assert cli.main(["stop", job, "--address", head]) == 0
     assert jobs.wait(head, job, timeout=60) == "STOPPED"
     assert cli.main(["status", job, "--address", head]) == 0 and "STOPPED" in capsys.readouterr().out
