@@ -23,6 +23,7 @@ import yaml
 
 import dataengine
 from dataengine.llm.prompts import default_prompts_dir
+from dataengine.raydata import QUIET_WORKERS
 from dataengine.schemas import SCHEMA_DIR
 from dataengine.spec import load_spec
 
@@ -71,8 +72,7 @@ def submit(spec_path: str | Path, address: str, job_id: str | None = None, clust
         shutil.copytree(SCHEMA_DIR, staging / "schemas")
         shutil.copytree(default_prompts_dir(), staging / "pipelines" / "prompts")
         package = str(Path(dataengine.__file__).resolve().parent)
-        runtime_env = {"working_dir": str(staging), "py_modules": [package],
-                       "worker_process_setup_hook": "dataengine.raydata.quiet_worker_logs"}
+        runtime_env = {"working_dir": str(staging), "py_modules": [package], **QUIET_WORKERS}
         jobs_api = client(address)
         deadline = time.monotonic() + AGENT_WAIT_S
         while True:

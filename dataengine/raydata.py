@@ -50,6 +50,10 @@ def quiet_worker_logs() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers reads it when first imported
 
 
+#: runtime-env entry that runs `quiet_worker_logs` in every worker process (embedded Ray, clusters, jobs)
+QUIET_WORKERS = {"worker_process_setup_hook": f"{__name__}.quiet_worker_logs"}
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None, resources: ResourcesSpec) -> Iterator[None]:
     """Use the Ray already initialised in this process, connect to `address`, or start an embedded one."""
@@ -57,17 +61,16 @@ def ray_session(address: str | None, resources: ResourcesSpec) -> Iterator[None]
         yield
         return
     common = {"log_to_driver": True, "logging_level": logging.WARNING}
-    hook = {"worker_process_setup_hook": "dataengine.raydata.quiet_worker_logs"}
     if address and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
         ray.init(address=address, **common)  # a Ray job (`dataengine submit`): its runtime env ships the code
     elif address:
         # workers on other machines import dataengine from this checkout
         package_dir = str(Path(dataengine.__file__).resolve().parent)
-        ray.init(address=address, runtime_env={"py_modules": [package_dir], **hook}, **common)
+        ray.init(address=address, runtime_env={"py_modules": [package_dir], **QUIET_WORKERS}, **common)
     else:
         ray.init(
             address="local", num_cpus=resources.num_cpus or os.cpu_count(), num_gpus=resources.num_gpus,
-            object_store_memory=resources.object_store_memory, include_dashboard=False, runtime_env=hook, **common,
+            object_store_memory=resources.object_store_memory, include_dashboard=False, runtime_env=QUIET_WORKERS, **common,
         )
     try:
         yield

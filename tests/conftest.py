@@ -22,10 +22,12 @@ def ray_local():
     """One embedded Ray for the whole session (a Ray start costs seconds here)."""
     import ray
 
+    from dataengine.raydata import QUIET_WORKERS
+
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
                  object_store_memory=512 * 1024 * 1024,
-                 runtime_env={"worker_process_setup_hook": "dataengine.raydata.quiet_worker_logs"})
+                 runtime_env=QUIET_WORKERS)
     yield ray
     ray.shutdown()
 

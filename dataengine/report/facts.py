@@ -10,28 +10,29 @@ pass over the row groups that hold them, so a report over millions of rows stays
 from __future__ import annotations
 
 import base64
-import io
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
 from dataengine import columns as C
+from dataengine.imaging import ImageOptions, ImageRejected, process_image
 from dataengine.query import scan
 from dataengine.runner import DATASET_DIR, MANIFEST, REJECTED_DIR, STATE_DIR, reason_families
+from dataengine.train.trainer import METRICS_FILE, RESULT_FILE, TRAIN_DIR
 
 KEPT, REJECTED_HERE, REJECTED_LATER = "kept", "rejected here", "rejected later"
 GRID_KEPT, GRID_PER_REASON, GRID_REJECTED = 12, 3, 36
 DEDUP_GROUPS, DEDUP_PER_GROUP = 8, 4
 CONVERSATIONS_PER_TYPE, CONVERSATION_TYPES = 1, 4
 HISTOGRAM_BINS = 30
-THUMBNAIL_PX = 128
-TRAIN_DIR = "train"
+THUMBNAIL = ImageOptions(image_size=128, resize_mode="keep_ratio_largest", resize_only_if_bigger=True,
+                         encode_format="jpeg", encode_quality=80)
 DETAIL_COLUMNS = (C.URL, C.CAPTION, C.CAPTION_BEST, C.CONVERSATIONS, C.IMAGE)
 
 
@@ -70,19 +71,17 @@ def gather(run_dir: str | Path) -> dict[str, Any]:
     names = (manifest.get("stage_names") or ["input"])[1:]
     stages = list(zip(names, spec_stages))
     kept, rejected = _pick_samples(rows)
-    groups, contaminated = _pick_dedup(rows)
+    dedup = _pick_dedup(rows)
     talks = _pick_conversations(rows)
-    wanted = {*kept[C.UID], *rejected[C.UID], *contaminated[C.UID], *talks[C.UID]}
-    wanted |= {uid for original, copies in groups for uid in (original, *copies[C.UID])}
+    wanted = {*kept[C.UID], *rejected[C.UID], *dedup.contaminated[C.UID], *talks[C.UID]}
+    wanted |= {uid for original, copies in dedup.groups for uid in (original, *copies[C.UID])}
     details = read_details(run_dir, wanted)
-    outcome = dict(zip(rows[C.UID], rows[C.REJECT_STAGE]))
     return {
         "run": _overview(run_dir, manifest),
         "funnel": funnel(manifest),
-        "scores": [plot for i, (name, stage) in enumerate(stages)
-                   if (plot := score_histogram(run_dir, rows, i, stages)) is not None],
+        "scores": [plot for i in range(len(stages)) if (plot := score_histogram(run_dir, rows, i, stages)) is not None],
         "samples": {"kept": _cards(kept, details), "rejected": _cards(rejected, details)},
-        "dedup": _dedup_section(rows, groups, contaminated, details, outcome),
+        "dedup": _dedup_section(rows, dedup, details),
         "conversations": _conversation_cards(talks, details),
         "llm": llm_usage(manifest, rows, stages),
         "training": training(run_dir),
@@ -220,15 +219,24 @@ def _pick_samples(rows: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     return kept, (pl.concat(picked) if picked else rejected.head(0)).drop("family")
 
 
-def _pick_dedup(rows: pl.DataFrame) -> tuple[list[tuple[str, pl.DataFrame]], pl.DataFrame]:
-    """The largest duplicate groups as (original uid, its copies), and decontamination hits."""
+class DedupPick(NamedTuple):
+    groups: list[tuple[str, pl.DataFrame]]  # the largest groups: (original uid, its copies)
+    duplicates: int  # rows rejected as copies, in all
+    groups_total: int
+    contaminated: pl.DataFrame  # the decontamination hits shown
+    contaminated_total: int
+
+
+def _pick_dedup(rows: pl.DataFrame) -> DedupPick:
+    """The largest duplicate groups and a few decontamination hits."""
     reasons = pl.col(C.REJECT_REASON).fill_null("")
     copies = rows.filter(reasons.str.starts_with("duplicate_of:")).with_columns(
         reasons.str.strip_prefix("duplicate_of:").alias("original"))
     sizes = copies.group_by("original").len().sort(["len", "original"], descending=[True, False])
     groups = [(original, copies.filter(pl.col("original") == original).sort(C.UID))
               for original in sizes.head(DEDUP_GROUPS)["original"]]
-    return groups, rows.filter(reasons.str.starts_with("contaminates:"))
+    contaminated = rows.filter(reasons.str.starts_with("contaminates:"))
+    return DedupPick(groups, copies.height, sizes.height, _pick(contaminated, DEDUP_GROUPS), contaminated.height)
 
 
 def _pick_conversations(rows: pl.DataFrame) -> pl.DataFrame:
@@ -262,19 +270,15 @@ def read_details(run_dir: Path, uids: set[str]) -> dict[str, dict[str, Any]]:
 
 
 def thumbnail(data: bytes | None) -> str | None:
-    """A small JPEG data URI of encoded image bytes, or None if they do not decode."""
+    """A small JPEG data URI of encoded image bytes (the downloader's decoder and its pixel guard), or
+    None if they do not decode."""
     if not data:
         return None
-    from PIL import Image
-
     try:
-        image = Image.open(io.BytesIO(data))
-        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format="JPEG", quality=80)
-    except Exception:  # noqa: BLE001 - any undecodable image (PIL's DecompressionBombError included) shows as none
+        small = process_image(data, THUMBNAIL)
+    except ImageRejected:
         return None
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return "data:image/jpeg;base64," + base64.b64encode(small.data).decode("ascii")
 
 
 def _card(row: dict[str, Any], details: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -291,17 +295,14 @@ def _cards(frame: pl.DataFrame, details: dict[str, dict[str, Any]]) -> list[dict
     return [_card(row, details) for row in frame.iter_rows(named=True)]
 
 
-def _dedup_section(rows: pl.DataFrame, groups: list[tuple[str, pl.DataFrame]], contaminated: pl.DataFrame,
-                   details: dict[str, dict[str, Any]], outcome: dict[str, str | None]) -> dict[str, Any]:
-    originals = {r[C.UID]: r for r in rows.filter(pl.col(C.UID).is_in([o for o, _ in groups])).iter_rows(named=True)}
-    duplicates = rows.filter(pl.col(C.REJECT_REASON).fill_null("").str.starts_with("duplicate_of:"))
-    return {"duplicates": duplicates.height,
-            "groups_total": duplicates[C.REJECT_REASON].n_unique() if duplicates.height else 0,
-            "groups": [{"original": _card(originals.get(o, {C.UID: o, C.REJECT_STAGE: outcome.get(o)}), details),
+def _dedup_section(rows: pl.DataFrame, dedup: DedupPick, details: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    wanted = [o for o, _ in dedup.groups]
+    originals = {r[C.UID]: r for r in rows.filter(pl.col(C.UID).is_in(wanted)).iter_rows(named=True)}
+    return {"duplicates": dedup.duplicates, "groups_total": dedup.groups_total,
+            "groups": [{"original": _card(originals.get(o, {C.UID: o}), details),
                         "copies": _cards(copies.head(DEDUP_PER_GROUP), details), "size": copies.height}
-                       for o, copies in groups],
-            "contaminated_total": contaminated.height,
-            "contaminated": _cards(_pick(contaminated, DEDUP_GROUPS), details)}
+                       for o, copies in dedup.groups],
+            "contaminated_total": dedup.contaminated_total, "contaminated": _cards(dedup.contaminated, details)}
 
 
 def _conversation_cards(talks: pl.DataFrame, details: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -338,7 +339,7 @@ def training(run_dir: Path) -> list[dict[str, Any]]:
     """Per trained stage: the loss/lr curve, the result summary and its benchmark scores."""
     stages = []
     for stage_dir in sorted((run_dir / TRAIN_DIR).glob("stage*")):
-        metrics_path, result_path = stage_dir / "metrics.jsonl", stage_dir / "result.json"
+        metrics_path, result_path = stage_dir / METRICS_FILE, stage_dir / RESULT_FILE
         curve, restarts = _curve(metrics_path.read_text().splitlines() if metrics_path.is_file() else [])
         result = json.loads(result_path.read_text()) if result_path.is_file() else None
         stages.append({"stage": stage_dir.name, "curve": curve, "result": result, "restarts": restarts,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,8 @@ def checkpoint_step(directory: Path) -> int | None:
         return None
 
 
-def latest_checkpoint(storage: Path) -> Path | None:
-    """The complete checkpoint with the highest step under a stage's Ray Train storage, if any."""
+def complete_checkpoints(storage: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every complete checkpoint under a stage's Ray Train storage, newest first."""
     found = []
     for state in storage.glob("**/checkpoint_*/" + STATE_FILE):
         directory = state.parent
@@ -54,21 +55,21 @@ def latest_checkpoint(storage: Path) -> Path | None:
         step = checkpoint_step(directory)
         if step is not None and is_complete(directory):
             found.append((step, directory))
-    return max(found)[1] if found else None
+    return sorted(found, reverse=True)
+
+
+def latest_checkpoint(storage: Path) -> Path | None:
+    """The complete checkpoint with the highest step, if any."""
+    found = complete_checkpoints(storage)
+    return found[0][1] if found else None
 
 
 def prune_checkpoints(storage: Path, keep: int = 2) -> list[Path]:
     """After a stage finished: delete every checkpoint under `storage` but the newest `keep` complete ones
     (Ray's `num_to_keep` only prunes those it registered, not cut-off copies or ones a kill kept from it).
     Returns what was deleted."""
-    import shutil
-
-    directories = {state.parent for state in storage.glob("**/checkpoint_*/" + STATE_FILE)}
-    directories |= {d for d in storage.glob("**/checkpoint_*") if d.is_dir()}
-    ranked = sorted(((checkpoint_step(d), d) for d in directories if is_complete(d) and checkpoint_step(d) is not None),
-                    reverse=True)
-    kept = {d for _, d in ranked[:keep]}
-    deleted = sorted(d for d in directories if d not in kept)
+    kept = {directory for _, directory in complete_checkpoints(storage)[:keep]}
+    deleted = sorted(d for d in storage.glob("**/checkpoint_*") if d.is_dir() and d not in kept)
     for directory in deleted:
         shutil.rmtree(directory, ignore_errors=True)
     return deleted

@@ -110,11 +110,18 @@ def _dummy_batch(pad_id: int, image_token_id: int, image_tokens: int, pixel_shap
     return MicroBatch(ids, torch.ones_like(ids), torch.full_like(ids, -100), torch.zeros((1, *pixel_shape)), 0)
 
 
+def _distributed() -> bool:
+    """Whether there are other ranks to talk to."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _all_reduce(values: list[float], op: str) -> list[float]:
     import torch
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return values
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
@@ -125,7 +132,7 @@ def _broadcast(value: Any) -> Any:
     """Rank 0's `value` on every rank (as is without a process group)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
