@@ -9,20 +9,37 @@ private, link-local, multicast and reserved addresses refused unless allowed; ch
 redirect hop), redirect count, status code, opt-out headers, declared and actual body size, and a
 total deadline per image that covers retries, redirects and slow bodies (a server sending one byte
 per second never holds a thread past it).
+
+The host is resolved once, here, and the connection goes to the address that was checked (the
+Host header and TLS SNI keep the name): a DNS server that answers a public address to the check
+and a private one to the connect (DNS rebinding) cannot steer a fetch past the address guard.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import random
 import socket
 import time
+from collections import namedtuple
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
-from urllib3.exceptions import HTTPError, NewConnectionError, ProtocolError, TimeoutError as Urllib3Timeout
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    NewConnectionError,
+    ProtocolError,
+    TimeoutError as Urllib3Timeout,
+)
+from urllib3.util import connection as urllib3_connection
+from urllib3.util import parse_url
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +90,61 @@ class _Reject(Exception):
         self.retryable, self.retry_after, self.final_url = retryable, retry_after, final_url
 
 
+class _PinnedConnectionMixin:
+    """Connects to `pinned_address` instead of resolving the host again; `host` (the Host header, TLS
+    SNI and certificate checks) stays the name from the URL."""
+
+    def __init__(self, *args: Any, pinned_address: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pinned_address = pinned_address
+
+    def _new_conn(self) -> socket.socket:
+        conn: Any = self
+        try:
+            return urllib3_connection.create_connection(
+                (self.pinned_address, conn.port), conn.timeout, source_address=conn.source_address,
+                socket_options=conn.socket_options)
+        except socket.timeout as e:
+            raise ConnectTimeoutError(conn, f"Connection to {conn.host} ({self.pinned_address}) timed out") from e
+        except OSError as e:
+            raise NewConnectionError(conn, f"Failed to connect to {conn.host} ({self.pinned_address}): {e}") from e
+
+
+class _PinnedHTTPConnection(_PinnedConnectionMixin, HTTPConnection):
+    pass
+
+
+class _PinnedHTTPSConnection(_PinnedConnectionMixin, HTTPSConnection):
+    pass
+
+
+class _PinnedHTTPConnectionPool(HTTPConnectionPool):
+    ConnectionCls = _PinnedHTTPConnection
+
+
+class _PinnedHTTPSConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = _PinnedHTTPSConnection
+
+
+#: urllib3's pool key plus the address: one pool per (scheme, host, port, checked address)
+_PinnedPoolKey = namedtuple("_PinnedPoolKey", (*urllib3.poolmanager.PoolKey._fields, "key_pinned_address"))  # type: ignore[misc]
+
+
+class _PinnedPoolManager(urllib3.PoolManager):
+    """urllib3's pool manager (keep-alive pools, least recently used evicted) over pinned connections."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pool_classes_by_scheme = {"http": _PinnedHTTPConnectionPool, "https": _PinnedHTTPSConnectionPool}
+        key_fn = functools.partial(urllib3.poolmanager._default_key_normalizer, _PinnedPoolKey)
+        self.key_fn_by_scheme = {"http": key_fn, "https": key_fn}
+
+    def pool_for(self, url: str, address: str) -> HTTPConnectionPool:
+        parts = parse_url(url)
+        return self.connection_from_host(parts.host, parts.port, parts.scheme or "http",
+                                         pool_kwargs={"pinned_address": address})
+
+
 def blocked_reason(address: str) -> str | None:
     """Why an IP address is not a public destination, or None if it is."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
@@ -116,8 +188,8 @@ class Fetcher:
 
     def __init__(self, options: FetchOptions) -> None:
         self.options = options
-        self._pool = urllib3.PoolManager(num_pools=256, maxsize=options.pool_size, block=False, retries=False)
-        self._address_cache: dict[tuple[str, int], str | None] = {}
+        self._pools = _PinnedPoolManager(num_pools=256, maxsize=options.pool_size, block=False, retries=False)
+        self._addresses: dict[tuple[str, int], tuple[str | None, str | None]] = {}  # (address, problem)
 
     def fetch(self, url: str | None) -> FetchResult:
         """Fetch one URL within the per-image deadline, retrying transient failures."""
@@ -149,14 +221,14 @@ class Fetcher:
         opts = self.options
         current = url
         for hop in range(opts.max_redirects + 1):
-            self._check_destination(current)
+            address = self._destination(current)
             remaining = deadline_at - time.monotonic()
             if remaining <= 0:
                 raise _Reject("timeout", f"deadline of {opts.deadline}s passed", retryable=False, final_url=current)
             per_request = min(opts.timeout, remaining)
             try:
-                resp = self._pool.request(
-                    "GET", current, redirect=False, retries=False, preload_content=False,
+                resp = self._pools.pool_for(current, address).urlopen(
+                    "GET", parse_url(current).request_uri, redirect=False, retries=False, preload_content=False,
                     timeout=urllib3.Timeout(connect=per_request, read=per_request),
                     headers={"User-Agent": opts.user_agent, "Accept": "image/*,*/*;q=0.8"},
                 )
@@ -224,19 +296,20 @@ class Fetcher:
             raise _Reject("connection_error", f"body read failed: {type(e).__name__}: {e}", status=status, final_url=url) from None
         return b"".join(chunks), status, url, {k.lower(): v for k, v in resp.headers.items()}
 
-    def _check_destination(self, url: str) -> None:
-        if self.options.allow_private_networks:
-            return
+    def _destination(self, url: str) -> str:
+        """The address to connect to for `url`: resolved once per host and port, checked, then reused."""
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "https" else 80)
         key = (host, port)
-        if key not in self._address_cache:
-            self._address_cache[key] = _resolve_blocked(host, port)
-        problem = self._address_cache[key]
+        if key not in self._addresses:
+            self._addresses[key] = resolve_destination(host, port, self.options.allow_private_networks)
+        address, problem = self._addresses[key]
         if problem:
             reason = "dns_error" if problem.startswith("dns:") else "blocked_address"
             raise _Reject(reason, f"{host}: {problem}", final_url=url)
+        assert address is not None
+        return address
 
 
 def _finish(resp: urllib3.BaseHTTPResponse, consumed: bool) -> None:
@@ -251,18 +324,21 @@ def _finish(resp: urllib3.BaseHTTPResponse, consumed: bool) -> None:
     resp.release_conn()
 
 
-def _resolve_blocked(host: str, port: int) -> str | None:
-    """None if every address `host` resolves to is public, else why not."""
+def resolve_destination(host: str, port: int, allow_private: bool) -> tuple[str | None, str | None]:
+    """(address to connect to, None), or (None, why not): one DNS answer, every address in it checked
+    unless `allow_private`; the connection then goes to the first address, never to a new answer."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
-        return f"dns: cannot resolve: {e}"
-    for info in infos:
-        address = info[4][0]
+        return None, f"dns: cannot resolve: {e}"
+    addresses = [str(info[4][0]) for info in infos]
+    if not addresses:
+        return None, "dns: no addresses"
+    for address in addresses if not allow_private else ():
         why = blocked_reason(address)
         if why:
-            return f"resolves to {why} address {address} (set allow_private_networks: true to allow)"
-    return None
+            return None, f"resolves to {why} address {address} (set allow_private_networks: true to allow)"
+    return addresses[0], None
 
 
 def _url_problem(url: str | None) -> str | None:

@@ -1,6 +1,7 @@
 """The fetcher's guards against a real local server: schemes, addresses, redirects, sizes, time."""
 
 import http.server
+import socket
 import threading
 import time
 from urllib.parse import quote
@@ -134,8 +135,6 @@ def test_transient_503_then_success_is_retried(web):
 
 
 def test_connection_refused_is_a_connection_error():
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -164,3 +163,137 @@ def test_backoff_grows_is_jittered_and_honours_retry_after():
     assert all(0.5 * 2**a <= p <= 2**a for a, p in enumerate(pauses))
     assert _backoff(0, base=0.1, cap=10.0, retry_after=4.0) == 4.0
     assert _backoff(0, base=0.1, cap=2.0, retry_after=30.0) == 2.0  # capped
+
+
+# ---- DNS rebinding: the connection goes to the address the guard checked ---------------------------
+
+class _Recording(http.server.BaseHTTPRequestHandler):
+    """Answers `/ok` with a few bytes, `/hop?to=URL` with a redirect; records each request's Host header."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self.server.hosts.append(self.headers.get("Host"))
+        if self.path.startswith("/hop?to="):
+            self.send_response(302)
+            self.send_header("Location", self.path.removeprefix("/hop?to="))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = b"image bytes from " + self.server.server_address[0].encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def rebinding(monkeypatch):
+    """A "public" server on 127.0.0.2 (the address guard is told 127.0.0.2 is public) and an internal one on
+    127.0.0.1, same port; a resolver that answers 127.0.0.2 the first time a `.test` name is asked and
+    127.0.0.1 every time after (DNS rebinding); and every socket connect recorded."""
+    servers = {}
+    for address in ("127.0.0.2", "127.0.0.1"):
+        port = servers["127.0.0.2"].server_address[1] if servers else 0
+        server = http.server.ThreadingHTTPServer((address, port), _Recording)
+        server.hosts = []
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers[address] = server
+    port = servers["127.0.0.2"].server_address[1]
+    real_getaddrinfo, real_blocked = socket.getaddrinfo, fetch.blocked_reason
+    asked: dict[str, int] = {}
+
+    def rebinding_resolver(host, *args, **kwargs):
+        if not str(host).endswith(".test"):
+            return real_getaddrinfo(host, *args, **kwargs)
+        asked[host] = asked.get(host, 0) + 1
+        address = "127.0.0.2" if asked[host] == 1 else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    connects: list = []
+    real_connect = socket.socket.connect
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding_resolver)
+    monkeypatch.setattr(socket.socket, "connect", lambda s, a: (connects.append(a), real_connect(s, a))[1])
+    monkeypatch.setattr(fetch, "blocked_reason", lambda a: None if a == "127.0.0.2" else real_blocked(a))
+    yield {"port": port, "public": servers["127.0.0.2"], "internal": servers["127.0.0.1"], "connects": connects,
+           "asked": asked}
+    for server in servers.values():
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_rebinding_resolver_never_gets_a_connect_to_the_internal_address(rebinding):
+    port = rebinding["port"]
+    fetcher = Fetcher(FetchOptions(**FAST))  # private networks refused (the default)
+    result = fetcher.fetch(f"http://public.test:{port}/ok")
+    assert result.reason is None and result.body == b"image bytes from 127.0.0.2"
+    # a second request (a new connection: the pool is empty after a close) still goes to the checked address
+    fetcher._pools.clear()
+    assert fetcher.fetch(f"http://public.test:{port}/ok").body == b"image bytes from 127.0.0.2"
+    assert rebinding["asked"]["public.test"] == 1  # one DNS answer, checked and then used
+    assert rebinding["public"].hosts == [f"public.test:{port}"] * 2  # the Host header keeps the name
+    assert rebinding["internal"].hosts == []
+    assert ("127.0.0.1", port) not in rebinding["connects"]
+
+
+def test_a_redirect_hop_to_a_rebinding_name_connects_to_its_checked_address(rebinding):
+    port = rebinding["port"]
+    fetcher = Fetcher(FetchOptions(**FAST))
+    result = fetcher.fetch(f"http://public.test:{port}/hop?to=http://second.test:{port}/ok")
+    assert result.reason is None and result.final_url == f"http://second.test:{port}/ok"
+    assert result.body == b"image bytes from 127.0.0.2"
+    assert rebinding["public"].hosts == [f"public.test:{port}", f"second.test:{port}"]
+    assert rebinding["internal"].hosts == [] and ("127.0.0.1", port) not in rebinding["connects"]
+    # a hop whose name answers a private address at the check is refused, as before
+    rebinding["asked"]["third.test"] = 1  # its next answer is 127.0.0.1
+    result = fetcher.fetch(f"http://public.test:{port}/hop?to=http://third.test:{port}/ok")
+    assert result.reason == "blocked_address" and rebinding["internal"].hosts == []
+
+
+def test_tls_to_a_checked_address_keeps_the_name_for_sni(rebinding, tmp_path):
+    """HTTPS through the pinned connection: the TCP connect goes to the checked address and the TLS
+    handshake names the host (SNI); the self-signed certificate is then refused as it should be."""
+    import ssl
+
+    crypto = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    import datetime
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = crypto.Name([crypto.NameAttribute(crypto.oid.NameOID.COMMON_NAME, "tls.test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (crypto.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    sni: list = []
+    context.sni_callback = lambda sock, server_name, ctx: sni.append(server_name)
+    listener = socket.create_server(("127.0.0.2", 0))
+    port = listener.getsockname()[1]
+
+    def handshake_once():
+        conn, _ = listener.accept()
+        try:
+            context.wrap_socket(conn, server_side=True).close()
+        except (ssl.SSLError, OSError):
+            pass  # the client refuses the self-signed certificate
+
+    thread = threading.Thread(target=handshake_once, daemon=True)
+    thread.start()
+    try:
+        result = Fetcher(FetchOptions(**{**FAST, "retries": 0})).fetch(f"https://tls.test:{port}/ok")
+        thread.join(timeout=5)
+    finally:
+        listener.close()
+    assert result.reason == "connection_error" and "CERTIFICATE_VERIFY_FAILED" in result.detail
+    assert sni == ["tls.test"]
+    assert ("127.0.0.2", port) in rebinding["connects"] and ("127.0.0.1", port) not in rebinding["connects"]
