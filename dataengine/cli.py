@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from dataengine.spec import SpecError
 
@@ -45,12 +46,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from dataengine.spec import load_spec
 
     spec = load_spec(args.spec)
-    result = run_pipeline(spec, output=args.output, address=args.address)
+    with _run_console(Path(args.output or spec.output), args):
+        result = run_pipeline(spec, output=args.output, address=args.address)
     print(format_summary(result.manifest))
     print(f"\noutputs: {result.run_dir}/dataset (kept), {result.run_dir}/rejected, {result.run_dir}/run.json")
     if not args.no_report:
         _write_report_after_run(result.run_dir)
     return 0
+
+
+def _run_console(run_dir: Path, args: argparse.Namespace) -> Any:
+    """The console for a command that writes into `run_dir`: live progress here, the rest in its log."""
+    from dataengine import console
+    from dataengine.raydata import show_ray_progress
+
+    show_ray_progress(args.verbose)  # our lines replace Ray Data's; --verbose shows both
+    return console.run_log(run_dir.expanduser(), args.verbose)
 
 
 def _write_report_after_run(run_dir: Path) -> None:
@@ -78,12 +89,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from dataengine import jobs
 
-    job_id = jobs.submit(args.spec, args.address, args.job_id, args.cluster_dir)
+    job_id = jobs.submit(args.spec, args.address, args.job_id, args.cluster_dir, args.python)
     print(f"submitted {job_id} to {args.address}; follow with: dataengine logs {job_id} --follow --address {args.address}")
     if not args.wait:
         return 0
     final = jobs.wait(args.address, job_id, timeout=args.timeout)
     print(f"{job_id}: {final}")
+    if final == "FAILED":
+        why = jobs.failure_line(args.address, job_id)
+        print(why or f"error: the job failed; its log: dataengine logs {job_id} --address {args.address}", file=sys.stderr)
     return 0 if final == "SUCCEEDED" else EXIT_FAILED
 
 
@@ -130,7 +144,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     spec = train_spec_for(args.run, args.spec)
     stages = [1, 2] if args.stage == "all" else [int(args.stage)]
-    with ray_session(args.address, ResourcesSpec()):
+    with _run_console(Path(args.run), args), ray_session(args.address, ResourcesSpec()):
         results = train_run(args.run, spec, stages, resume=args.resume)
     print(format_train_summary(results))
     _write_report_after_run(Path(args.run))  # now with the training curves and scores
@@ -178,9 +192,12 @@ def _cmd_synthweb(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dataengine.demo import run_demo
+    from dataengine.demo import fresh_run_dir, run_demo
 
-    return run_demo(n=args.n, seed=args.seed, spec_path=Path(args.spec), output=args.output, train=not args.no_train)
+    run_dir = fresh_run_dir(Path(args.spec), args.output)
+    with _run_console(run_dir, args):
+        return run_demo(n=args.n, seed=args.seed, spec_path=Path(args.spec), output=str(run_dir),
+                        train=not args.no_train)
 
 
 def _cmd_demo_models(args: argparse.Namespace) -> int:
@@ -191,9 +208,16 @@ def _cmd_demo_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verbose_flag(p: argparse.ArgumentParser) -> None:
+    """`-v` after the command too (`dataengine run spec.yaml -v`); SUPPRESS keeps a `-v` given before it."""
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="every log line on the console (the full log is in RUN/dataengine.log either way)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dataengine", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="every log line on the console (Ray's included), not only progress and warnings")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check pipeline specs without running them")
@@ -211,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="run directory (default: the spec's output)")
     p.add_argument("--address", help="Ray cluster address (default: start an embedded Ray)")
     p.add_argument("--no-report", action="store_true", help="do not write RUN/report.html at the end")
+    _verbose_flag(p)
     p.set_defaults(fn=_cmd_run)
 
     p = sub.add_parser("export", help="write a finished run's kept rows as LLaVA JSON + images and/or Parquet")
@@ -232,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster-dir", help="absolute directory on the cluster's nodes that the spec's relative input "
                    "and output paths are resolved against (default: this machine's cwd, for a cluster that shares "
                    "this filesystem; KubeRay manifests here: /home/ray/dataengine)")
+    p.add_argument("--python", default="python", help="the Python on the cluster that runs the job, with dataengine's "
+                   "dependencies installed (default: the `python` on the head's PATH)")
     p.add_argument("--wait", action="store_true", help="block until the job ends; exit 1 unless it succeeded")
     p.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds --wait waits")
     p.set_defaults(fn=_cmd_submit)
@@ -253,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", help="take the train: section from this spec instead of the run's")
     p.add_argument("--resume", action="store_true", help="continue a stopped stage from its last checkpoint")
     p.add_argument("--address", help="Ray cluster address (default: start an embedded Ray)")
+    _verbose_flag(p)
     p.set_defaults(fn=_cmd_train)
 
     p = sub.add_parser("query", help="polars SQL over a run's tables `dataset` and `rejected`")
@@ -288,14 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", default="pipelines/demo.yaml")
     p.add_argument("--output", default=None, help="run directory (default: the spec's output)")
     p.add_argument("--no-train", action="store_true", help="skip the spec's train: section (data stages only)")
+    _verbose_flag(p)
     p.set_defaults(fn=_cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from dataengine import console
+
+    console.setup(args.verbose)
     from dataengine.inputs import InputError
     from dataengine.runner import AccountingError, RunError
     from dataengine.jobs import JobError

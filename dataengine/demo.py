@@ -20,7 +20,7 @@ import polars as pl
 
 from dataengine import columns as C
 from dataengine.query import scan
-from dataengine.runner import MANIFEST, RunError, format_summary, run_pipeline
+from dataengine.runner import LOG_FILE, MANIFEST, RunError, format_summary, run_pipeline
 from dataengine.models import DEMO_PREFIX
 from dataengine.spec import PipelineSpec, load_spec
 from dataengine.report import write_report
@@ -166,11 +166,9 @@ def _benchmark_before_training(run_dir: Path, spec: PipelineSpec) -> dict[str, A
     import ray
 
     from dataengine.eval.run_eval import evaluate_model
-    from dataengine.raydata import ray_session
 
-    with ray_session(None, spec.resources):
-        task = ray.remote(num_cpus=1)(evaluate_model)
-        return ray.get(task.remote(str(run_dir / "train" / "stage1" / "init"), None, 1, spec.train))["benchmark"]
+    task = ray.remote(num_cpus=1)(evaluate_model)
+    return ray.get(task.remote(str(run_dir / "train" / "stage1" / "init"), None, 1, spec.train))["benchmark"]
 
 
 def unfiltered_spec(spec: PipelineSpec, run_dir: Path, train_rows: int) -> PipelineSpec:
@@ -226,24 +224,35 @@ def format_training(rows: list[tuple[str, dict[str, Any]]], samples: int) -> str
     return "\n".join(lines)
 
 
+def fresh_run_dir(spec_path: Path, output: str | None = None) -> Path:
+    """The demo's run directory, emptied: the synthetic web's port changes every time, so each demo is a
+    new run. Refuses a directory that holds something other than a run."""
+    run_dir = Path(output or load_spec(spec_path).output)
+    if run_dir.exists():
+        if not (run_dir / MANIFEST).exists() and any(p.name != LOG_FILE for p in run_dir.iterdir()):
+            raise RunError(f"{run_dir} exists and is not a run directory; refusing to replace it")
+        shutil.rmtree(run_dir)
+    return run_dir
+
+
 def run_demo(n: int = 1000, seed: int = 0, spec_path: Path = Path("pipelines/demo.yaml"), output: str | None = None,
              train: bool = True) -> int:
+    """Build and serve the synthetic web, run the demo spec into `output` (see `fresh_run_dir`), score it."""
     spec = load_spec(spec_path)
     if not train:
         spec = spec.model_copy(update={"train": None})
     input_path = Path(spec.input.path)
     web_dir = input_path.parent
     run_dir = Path(output or spec.output)
-    if run_dir.exists():
-        if not (run_dir / MANIFEST).exists() and any(run_dir.iterdir()):
-            raise RunError(f"{run_dir} exists and is not a run directory; refusing to replace it")
-        shutil.rmtree(run_dir)  # the synthetic web's port changes every time, so each demo is a new run
     print(f"building the synthetic web ({n} items, seed {seed}) in {web_dir} ...", flush=True)
     build_synthweb(web_dir, n=n, seed=seed)
     if any(str(getattr(stage, "model", "")).startswith(DEMO_PREFIX) for stage in spec.stages):
         print("demo models (trained once on clean synthetic pairs, then cached) ...", flush=True)
         ensure_demo_models(vlm=spec.train is not None)
-    with SynthWebServer(web_dir) as server:
+    from dataengine.raydata import ray_session
+
+    # one Ray for the curated run, its training, the baseline and the floor (each start costs seconds)
+    with SynthWebServer(web_dir) as server, ray_session(None, spec.resources):
         urls = write_url_list(web_dir, server.base_url)
         if urls.resolve() != input_path.resolve():
             shutil.copyfile(urls, input_path)
@@ -256,6 +265,7 @@ def run_demo(n: int = 1000, seed: int = 0, spec_path: Path = Path("pipelines/dem
             print(f"\nthe same {rows} rows' worth of unfiltered data for comparison: {baseline.output} ...", flush=True)
             shutil.rmtree(baseline.output, ignore_errors=True)
             unfiltered = run_pipeline(baseline).manifest.get("train")
+        before = _benchmark_before_training(result.run_dir, spec) if spec.train is not None else None
     truth = pl.read_parquet(web_dir / T.TRUTH_FILE)
     scores = score_stages(result.run_dir, truth, result.manifest["stage_names"])
     capfilt = capfilt_report(result.run_dir, truth, result.manifest["stage_names"])
@@ -272,8 +282,7 @@ def run_demo(n: int = 1000, seed: int = 0, spec_path: Path = Path("pipelines/dem
     if export.exists():
         print(f"\ninstruction data: {json.loads(export.read_text())['samples']} LLaVA samples in {export.parent} "
               "(llava.json, images/, conversations.parquet)")
-    if spec.train is not None:
-        before = _benchmark_before_training(result.run_dir, spec)
+    if spec.train is not None and before is not None:
         rows = training_rows(before, result.manifest["train"], unfiltered)
         samples = result.manifest["train"]["stage2"]["lineage"]["samples"]["train"]
         (result.run_dir / TRAINING_FILE).write_text(json.dumps(dict(rows), indent=2))

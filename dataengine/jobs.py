@@ -4,15 +4,20 @@
 its working directory, where relative paths would point somewhere else) against this machine's cwd,
 or against `cluster_dir` when the cluster's filesystem is not this one's (KubeRay: the image's
 working directory, with the runs volume under it), and submits
-`python -m dataengine.cli run spec.yaml` with a runtime env that carries the spec (working_dir) and
-this checkout's `dataengine` package (py_modules), so the cluster runs the code you have. The run
+`python -m dataengine.job_entry run spec.yaml` with a runtime env that carries the spec (working_dir)
+and this checkout's `dataengine` package (py_modules), so the cluster runs the code you have. The run
 directory must be on storage the cluster's nodes reach, as for `dataengine run --address`.
+
+Heads started with `ray start --head` (Ray 2.60) authenticate clients with a token once one exists;
+every request here carries it, found where Ray's own clients look (`auth_token`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import posixpath
+import shlex
 import shutil
 import tempfile
 import time
@@ -36,11 +41,48 @@ class JobError(RuntimeError):
     """The Jobs API refused or could not be reached; the message says which address and why."""
 
 
+TOKEN_ENV, TOKEN_PATH_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+
+
+def default_token_path() -> Path:
+    return Path.home() / ".ray" / "auth_token"
+
+
+def auth_token() -> tuple[str | None, str]:
+    """(token, where it came from), looked up as Ray's clients do: `RAY_AUTH_TOKEN`, the file that
+    `RAY_AUTH_TOKEN_PATH` names, `~/.ray/auth_token`; (None, "") when there is none."""
+    if os.environ.get(TOKEN_ENV, "").strip():
+        return os.environ[TOKEN_ENV].strip(), f"${TOKEN_ENV}"
+    for path, where in ((os.environ.get(TOKEN_PATH_ENV), f"${TOKEN_PATH_ENV}"), (str(default_token_path()), None)):
+        if path and Path(path).expanduser().is_file():
+            token = Path(path).expanduser().read_text().strip()
+            if token:
+                return token, f"{path} ({where})" if where else path
+    return None, ""
+
+
+def _auth_problem(address: str, error: Exception, where: str) -> str:
+    if where and ("invalid" in str(error).lower() or "Forbidden" in str(error)):
+        return (f"{address} refused the authentication token from {where}: it is not this head's token. On the head, "
+                f"`ray get-auth-token` prints the right one; set {TOKEN_ENV} to it (or {TOKEN_PATH_ENV} to a file "
+                "holding it)")
+    return (f"{address} requires Ray's authentication token (the head runs with token authentication) and none is "
+            f"set here: dataengine looks where Ray's clients do, {TOKEN_ENV}, the file {TOKEN_PATH_ENV} names, then "
+            f"{default_token_path()}. On the head, `ray get-auth-token` prints the token: export {TOKEN_ENV}=<token>, "
+            f"or copy the head's ~/.ray/auth_token to {default_token_path()}")
+
+
 def client(address: str) -> Any:
+    """A Jobs API client for `address` that sends the authentication token when one is found."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    token, where = auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=headers)
+    except AuthenticationError as e:
+        raise JobError(_auth_problem(address, e, where)) from None
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise JobError(f"cannot reach the Ray Jobs API at {address} (the head's dashboard, port 8265): {e}") from e
 
@@ -62,8 +104,10 @@ def job_spec(spec_path: str | Path, cluster_dir: str | None = None) -> dict[str,
     return data
 
 
-def submit(spec_path: str | Path, address: str, job_id: str | None = None, cluster_dir: str | None = None) -> str:
-    """Submit a spec as a job; returns the job's submission id."""
+def submit(spec_path: str | Path, address: str, job_id: str | None = None, cluster_dir: str | None = None,
+           python: str = "python") -> str:
+    """Submit a spec as a job; returns the job's submission id. `python` is the interpreter on the
+    cluster that runs it (default: the `python` on the head's PATH)."""
     data = job_spec(spec_path, cluster_dir)
     staging = Path(tempfile.mkdtemp(prefix="dataengine-job-"))
     try:
@@ -78,7 +122,8 @@ def submit(spec_path: str | Path, address: str, job_id: str | None = None, clust
         while True:
             try:
                 return jobs_api.submit_job(
-                    entrypoint=f"python -m dataengine.cli run {SPEC_NAME} --address auto", runtime_env=runtime_env,
+                    entrypoint=f"{shlex.quote(python)} -m dataengine.job_entry run {SPEC_NAME} --address auto",
+                    runtime_env=runtime_env,
                     submission_id=job_id, metadata={"dataengine_spec": data["name"], "output": data["output"]})
             except RuntimeError as e:
                 # a head that has just started answers 500 until its job agent is up
@@ -115,6 +160,12 @@ def follow_logs(address: str, job_id: str, write: Any) -> None:
 
 def stop(address: str, job_id: str) -> bool:
     return bool(client(address).stop_job(job_id))
+
+
+def failure_line(address: str, job_id: str) -> str | None:
+    """The last `error:` line a failed job's log ends with (dataengine's own one-line diagnosis), if any."""
+    lines = [line for line in logs(address, job_id).splitlines() if line.startswith("error: ")]
+    return lines[-1] if lines else None
 
 
 def wait(address: str, job_id: str, timeout: float = 600.0, poll: float = 0.5) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ from dataengine.spec import ResourcesSpec
 
 log = logging.getLogger(__name__)
 
-SUMMARY_SHARD, SUMMARY_PART, SUMMARY_ROWS = "shard", "part", "rows"
+SUMMARY_SHARD, SUMMARY_PART, SUMMARY_ROWS, SUMMARY_REJECTED = "shard", "part", "rows", "rejected"
 T = TypeVar("T")
 
 
@@ -52,6 +53,12 @@ def quiet_worker_logs() -> None:
 
 #: runtime-env entry that runs `quiet_worker_logs` in every worker process (embedded Ray, clusters, jobs)
 QUIET_WORKERS = {"worker_process_setup_hook": f"{__name__}.quiet_worker_logs"}
+
+
+def show_ray_progress(show: bool) -> None:
+    """Whether Ray Data draws (or, off a terminal, logs) its own per-operator progress in this process;
+    the CLI turns it off and draws one line per stage instead."""
+    ray.data.DataContext.get_current().enable_progress_bars = show
 
 
 @contextlib.contextmanager
@@ -121,21 +128,24 @@ def _maybe_crash() -> None:
 
 
 def _write_parts(batch: pa.Table, parts_dir: str) -> pa.Table:
-    """Write a batch's rows as one Parquet part per shard; return a small summary for the driver.
+    """Write a batch's rows as one Parquet part per shard; return a small summary for the driver
+    (per part: its shard, name, rows, and rows rejected per stage as JSON, for the progress lines).
 
     A part's name is a hash of its uids, so a retried task that rewrites the same rows overwrites
     its own part instead of duplicating it.
     """
-    shards, parts, counts = [], [], []
+    shards, parts, counts, rejected = [], [], [], []
     shard_col = batch.column(C.SHARD)
     for shard in pc.unique(shard_col).to_pylist():
         rows = batch.filter(pc.equal(shard_col, shard))
         rows = rows.sort_by(C.UID)
         digest = hashlib.sha1("\n".join(rows.column(C.UID).to_pylist()).encode()).hexdigest()[:20]
         write_parquet_atomic(rows, Path(parts_dir) / shard / f"{digest}.parquet")
+        by_stage = pc.value_counts(rows.column(C.REJECT_STAGE).drop_null()).to_pylist()
         shards.append(shard), parts.append(digest), counts.append(rows.num_rows)
+        rejected.append(json.dumps({entry["values"]: entry["counts"] for entry in by_stage}))
     return pa.table({SUMMARY_SHARD: pa.array(shards, pa.string()), SUMMARY_PART: pa.array(parts, pa.string()),
-                     SUMMARY_ROWS: pa.array(counts, pa.int64())})
+                     SUMMARY_ROWS: pa.array(counts, pa.int64()), SUMMARY_REJECTED: pa.array(rejected, pa.string())})
 
 
 def stream_pipeline(shard_paths: list[Path], steps: list[Step], parts_dir: Path) -> Iterator[dict]:
@@ -184,7 +194,7 @@ def _actor_cpu_scale(steps: list[Step]) -> float:
     if not pools or total <= 0 or sum(pools) <= budget:
         return 1.0
     scale = max(budget, 0.5) / sum(pools)
-    log.warning("model stages reserve %.2g CPUs for their actors on a cluster of %.0g; scaling each reservation "
+    log.info("model stages reserve %.2g CPUs for their actors on a cluster of %.0g; scaling each reservation "
                 "by %.2f so the other stages can run (set num_cpus per stage to choose yourself)",
                 sum(pools), total, scale)
     return scale

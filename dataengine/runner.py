@@ -4,6 +4,7 @@ The run directory:
     dataset/part-<shard>.parquet    kept rows (schemas/sample.schema.json)
     rejected/part-<shard>.parquet   rejected rows with reject_stage, reject_reason
     run.json                        spec, hash, versions, attempts, per-stage counts and times
+    dataengine.log                  the command's full log (the console shows progress and warnings)
     _shards/                        the input cut into shards (written once, reused on rerun)
     _parts/segment-<k>/<shard>/     rows written by workers, not yet committed
     _segments/<k>/<shard>.parquet   a shard's rows at a barrier (kept until the run completes)
@@ -47,6 +48,7 @@ from dataengine.atomic import remove_stale_temporaries, write_parquet_atomic, wr
 from dataengine.inputs import INPUT_STAGE, Shard, plan_shards
 from dataengine.ops import OpConfig, get_op, stage_name
 from dataengine.ops.base import Step
+from dataengine.progress import note
 from dataengine.schemas import conform, rejected_schema, sample_schema
 from dataengine.spec import PipelineSpec
 
@@ -56,6 +58,7 @@ DATASET_DIR, REJECTED_DIR, PARTS_DIR, SEGMENTS_DIR = "dataset", "rejected", "_pa
 STATE_DIR = "_state"
 COMMITTED_DIR = f"{STATE_DIR}/committed"
 MANIFEST = "run.json"
+LOG_FILE = "dataengine.log"  # what the console does not show (written by the CLI)
 
 
 class RunError(RuntimeError):
@@ -196,8 +199,7 @@ def _barrier_decision(run_dir: Path, segment: Segment, config: OpConfig, shards:
     alive = table.filter(pc.is_null(table.column(C.REJECT_REASON))).drop_columns([C.REJECT_REASON])
     started = time.perf_counter()
     decision = op.decide(config, alive)
-    log.info("stage %s decided over %d rows in %.2fs", stage_name(config), alive.num_rows,
-             time.perf_counter() - started)
+    note("%s decided over %d rows in %.2fs", stage_name(config), alive.num_rows, time.perf_counter() - started)
     write_text_atomic(path, json.dumps(decision))
     return decision
 
@@ -208,22 +210,60 @@ def _prepare_segment(run_dir: Path, segment: Segment, shards: list[Shard], stage
     recovered = _recover(run_dir, segment, shards, stage_names)
     attempt["shards_recovered"] += recovered
     pending = [s for s in shards if not segment.marker(run_dir, s.id).exists()]
-    log.info("segment %d (stages %s): %d shards, %d done, %d to run", segment.index, list(segment.stages),
-             len(shards), len(shards) - len(pending), len(pending))
+    decision = [f"{stage_names[segment.decision_of]}'s decision"] if segment.decision_of is not None else []
+    names = " -> ".join(decision + [stage_names[i] for i in segment.stages])
+    if pending:
+        note("running %s: %d of %d shards to do", names, len(pending), len(shards))
+    else:
+        log.info("segment %d (%s): all %d shards done", segment.index, names, len(shards))
     return pending
+
+
+class SegmentProgress:
+    """Rows in, kept and rejected per stage of a running segment, from the parts' summaries, reported
+    as progress events (at most every `every` seconds, and once more when the segment ends)."""
+
+    def __init__(self, run_dir: Path, segment: Segment, stage_names: list[str], every: float = 0.5) -> None:
+        shown = ([segment.decision_of] if segment.decision_of is not None else []) + list(segment.stages)
+        self.order = [INPUT_STAGE, *stage_names]
+        self.shown = [stage_names[i] for i in shown]
+        self.key = f"{run_dir}/segment-{segment.index}"
+        self.rows = 0
+        self.rejected: Counter[str] = Counter()
+        self.started = time.perf_counter()
+        self.every, self.reported_at = every, 0.0
+
+    def add(self, rows: int, rejected_by_stage: dict[str, int]) -> None:
+        self.rows += rows
+        self.rejected.update(rejected_by_stage)
+        if time.perf_counter() - self.reported_at >= self.every:
+            self.report()
+
+    def report(self, done: bool = False) -> None:
+        from dataengine.progress import StageProgress, report
+
+        self.reported_at = time.perf_counter()
+        seconds = self.reported_at - self.started
+        for name in self.shown:
+            earlier = self.order[:self.order.index(name)]
+            rows_in = self.rows - sum(self.rejected[s] for s in earlier)
+            rejected = self.rejected[name]
+            report(StageProgress(f"{self.key}/{name}", name, rows_in, rows_in - rejected, rejected, seconds, done))
 
 
 def _run_segment(run_dir: Path, segment: Segment, steps: list[Step], shards: list[Shard], pending: list[Shard],
                  stage_names: list[str], attempt: dict[str, Any]) -> None:
     """Stream the pending shards through the segment's steps, committing each shard when complete."""
-    from dataengine.raydata import SUMMARY_PART, SUMMARY_ROWS, SUMMARY_SHARD, stream_pipeline
+    from dataengine.raydata import SUMMARY_PART, SUMMARY_REJECTED, SUMMARY_ROWS, SUMMARY_SHARD, stream_pipeline
 
     by_id = {s.id: s for s in pending}
     received: Counter[str] = Counter()
     parts: dict[str, list[str]] = defaultdict(list)
     done = len(shards) - len(pending)
     inputs = [segment.input_path(run_dir, s) for s in pending]
+    progress = SegmentProgress(run_dir, segment, stage_names)
     for row in stream_pipeline(inputs, steps, segment.parts_dir(run_dir)):
+        progress.add(row[SUMMARY_ROWS], json.loads(row[SUMMARY_REJECTED]))
         shard = by_id[row[SUMMARY_SHARD]]
         received[shard.id] += row[SUMMARY_ROWS]
         parts[shard.id].append(row[SUMMARY_PART])
@@ -236,6 +276,7 @@ def _run_segment(run_dir: Path, segment: Segment, steps: list[Step], shards: lis
             attempt["shards_processed"] += 1
             log.info("committed shard %s of segment %d (%d rows, %.2fs): %d/%d shards", shard.id, segment.index,
                      shard.rows, time.perf_counter() - commit_started, done, len(shards))
+    progress.report(done=True)
     missing = {s.id: s.rows - received[s.id] for s in pending if not segment.marker(run_dir, s.id).exists()}
     if missing:
         raise AccountingError(f"rows never came back from the pipeline: {missing} (shard: missing rows)")

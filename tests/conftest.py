@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -15,6 +16,15 @@ REPO = Path(__file__).resolve().parent.parent
 # Tests never touch the internet. Set before anything imports huggingface_hub (it reads this once): a
 # hub id that is not cached fails at once instead of after ~70 s of DNS retries (a sandbox has no DNS).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _console_handlers_removed():
+    """`cli.main` called in a test installs its console on the root logger: take it off afterwards."""
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_dataengine", False)]:
+        root.removeHandler(handler)
 
 
 @pytest.fixture(scope="session")
@@ -104,6 +114,15 @@ def synthweb_run(ray_local, synthweb_dir, tmp_path_factory):
 
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def demo_models() -> dict[str, Path]:
+    """The demo's trained CLIP, LM, BLIP captioner and ITM filter, from the model cache, trained there on
+    first use (about a minute on 2 cores; a test that may be first to ask allows for it with a timeout)."""
+    from dataengine.synthweb.models import ensure_demo_models
+
+    return ensure_demo_models(vlm=False)
 
 
 # ---- training: tiny model parts and a run directory made directly (no pipeline needed) -----------

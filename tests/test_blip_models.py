@@ -205,15 +205,15 @@ def test_training_saves_models_the_ops_load(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_recipe_quality(tmp_path):
-    """The demo recipe (about two minutes on 2 cores): ITM accepts true and rejects other images' captions.
+@pytest.mark.timeout(900)  # the first user of `demo_models` trains them on an empty cache
+def test_demo_recipe_quality(demo_models):
+    """The demo recipe (about 35 s on 2 cores): ITM accepts true and rejects other images' captions.
 
-    The captioner names the right colours; which shape, a 2-layer ViT trained from scratch for this
-    long mostly does not learn, so only colours are held to a bar here.
+    Measured for BLIP_RECIPE version 2 on this machine: accept_true 0.97, reject_other 0.92, colours 0.85
+    (version 1, twice the training time: 0.97, 0.93, 0.91). The captioner names the right colours; which
+    shape, a 2-layer ViT trained from scratch for this long mostly does not learn, so only colours are
+    held to a bar here.
     """
-    from dataengine.synthweb.models import ensure_demo_models
-
-    models = ensure_demo_models(vlm=False)  # the demo's own cache: trained once per machine, shared with the demo test
-    q = _quality(models["blip-captioner"], models["blip-itm"])
-    assert q["accept_true"] >= 0.9 and q["reject_other"] >= 0.9, q
+    q = _quality(demo_models["blip-captioner"], demo_models["blip-itm"])
+    assert q["accept_true"] >= 0.9 and q["reject_other"] >= 0.88, q
     assert q["colours"] >= 0.75, q

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, open_in_chromium
+from tests.test_console import NOISE
 
 # Bars set from measurement (n=300, seed 0, with rows kept to the end counted as misses: download
 # 1.0/1.0, rules 1.0/0.86, perplexity 1.0/1.0, CLIP 0.72/0.81, dedup 1.0/0.60 as precision/recall).
@@ -22,12 +23,16 @@ BARS = {
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_every_filter_beats_chance(tmp_path):
+@pytest.mark.timeout(900)  # the demo models are trained here if no test before asked for them
+def test_demo_runs_end_to_end_and_every_filter_beats_chance(demo_models, tmp_path):
     shutil.copytree(REPO / "pipelines", tmp_path / "pipelines")
     proc = subprocess.run([sys.executable, "-m", "dataengine.cli", "demo", "--n", "300", "--no-train"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=580)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "every stage against the synthetic web's truth" in proc.stdout and "total" in proc.stdout
+    for noise in NOISE:  # a console that reads like a tool: stage lines, no Ray or loader chatter
+        assert noise not in proc.stdout + proc.stderr, noise
+    assert "clip_score_filter: " in proc.stderr and (tmp_path / "runs" / "demo" / "dataengine.log").is_file()
     scores = {s["stage"]: s for s in json.loads((tmp_path / "runs" / "demo" / "demo_scores.json").read_text())}
     assert set(scores) == set(BARS)
     for stage, (precision, recall) in BARS.items():

@@ -5,13 +5,11 @@ Runs in a Ray task, on a GPU when the training did, so the driver never needs on
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
+from dataengine.progress import note
 from dataengine.train.config import TrainSpec
-
-log = logging.getLogger(__name__)
 
 
 def evaluate_model(model_dir: str, run_dir: str | None, stage: int, spec: TrainSpec) -> dict[str, Any]:
@@ -49,11 +47,13 @@ def evaluate_stage(run_dir: Path, spec: TrainSpec, stage: int) -> dict[str, Any]
     model_dir = str(stage_dir(run_dir, stage) / "final")
     if spec.eval.heldout_fraction == 0 and spec.eval.benchmark is None:
         return {"model": model_dir}  # nothing to measure: no task, no model load
+    note("stage %d: evaluating%s%s ...", stage, " on held-out rows" if spec.eval.heldout_fraction else "",
+         f" and {spec.eval.benchmark_size} benchmark scenes" if spec.eval.benchmark else "")
     task = ray.remote(num_cpus=1, num_gpus=1 if spec.use_gpu else 0)(evaluate_model)
     result = ray.get(task.remote(model_dir, str(run_dir), stage, spec))
     held = result.get("heldout", {})
     bench = result.get("benchmark", {})
-    log.info("stage %d eval: held-out loss %.3f (ppl %.2f) on %s samples%s", stage, held.get("loss", float("nan")),
+    note("stage %d eval: held-out loss %.3f (ppl %.2f) on %s samples%s", stage, held.get("loss", float("nan")),
              held.get("perplexity", float("nan")), held.get("samples", 0),
              f"; benchmark exact match {bench['exact_match']:.3f}, POPE F1 {bench['pope']['f1']:.3f}" if bench else "")
     return result

@@ -8,8 +8,8 @@ conventions of the Salesforce checkpoints (BERT WordPiece, `[DEC]` as bos = the 
 `[ENC]`, pad 0, `[SEP]` 102 ends a caption), so the ops load them exactly as they would load
 `Salesforce/blip-image-captioning-large` or `Salesforce/blip-itm-base-coco`.
 
-What the demo models learn in BLIP_RECIPE's two CPU-minutes: the captioner names the right colours
-(about 9 in 10 held-out images) and writes well-formed captions, but picks the shape little better than
+What the demo models learn in BLIP_RECIPE's half a CPU-minute: the captioner names the right colours
+(about 85 in 100 held-out images) and writes well-formed captions, but picks the shape little better than
 chance, because a ViT trained from scratch learns shape far more slowly than a CNN does; the ITM model
 accepts true captions and rejects other images' captions (each over 90%), and so does not tell
 a caption with the wrong shape from the right one.
@@ -224,14 +224,17 @@ def hard_negative(caption: str, rng: Any) -> str:
 
 # ---- demo models trained on the synthetic web -------------------------------------------------
 
-#: sized for about two minutes on 2 CPU cores for both models; the ITM model starts from the captioner
+#: sized for about 35 s on 2 CPU cores for both models; the ITM model starts from the captioner
 #: (`train_demo_blip_itm(..., init_from=captioner_dir)`), as BLIP's filter and captioner start from one
 #: pretrained model. "vocab": "captions" keeps BERT's ids 0-103 and only the WordPiece tokens the
 #: captions use (161 tokens instead of 30524), which makes the LM head about five times cheaper.
+#: Version 2: 16-pixel patches (16 image tokens instead of 64) and 30% hard negatives: 33 s instead of
+#: 57 s; on 100 held-out scenes colours 0.85 (was 0.91), ITM accepts 0.97 of true captions (0.97) and
+#: rejects 0.92 of other scenes' captions (0.93).
 BLIP_RECIPE: dict[str, Any] = {
-    "version": 1, "pairs": 4000, "image_size": 64, "patch_size": 8, "hidden": 96, "layers": 2, "heads": 4,
+    "version": 2, "pairs": 4000, "image_size": 64, "patch_size": 16, "hidden": 96, "layers": 2, "heads": 4,
     "vocab": "captions", "cap_epochs": 6, "cap_batch": 64, "cap_lr": 2e-3, "cap_prompt_frac": 0.5,
-    "itm_epochs": 3, "itm_batch": 64, "itm_lr": 1e-3, "itm_hard_frac": 0.5, "seed": 1234,
+    "itm_epochs": 3, "itm_batch": 64, "itm_lr": 1e-3, "itm_hard_frac": 0.3, "seed": 1234,
 }
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dataengine.atomic import write_text_atomic
+from dataengine.progress import note, watch_steps
 from dataengine.train.config import StageSpec, TrainSpec
 from dataengine.train.data import encoded_split, kept_files, plan_splits
 from dataengine.train.checkpoints import LINEAGE_FILE, STATE_FILE, latest_checkpoint, prune_checkpoints
@@ -173,7 +174,7 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
     streaming = not (config["epochs"] > 1 and encoded_mb <= spec.cache_encoded_mb)
     if not streaming:
         dataset = dataset.materialize()  # later epochs read tokenized rows from the object store
-    log.info("stage %d: %d train rows (%d held out), %d steps of %d (micro %d x accumulation %d x %d workers)%s",
+    note("stage %d: %d train rows (%d held out), %d steps of %d (micro %d x accumulation %d x %d workers)%s",
              stage, counts["train"], counts["heldout"], plan.total_steps, hp.global_batch, plan.micro_batch,
              plan.accumulation, spec.workers, f", resuming from {resume_from}" if resume_from else "")
     trainer = TorchTrainer(
@@ -189,7 +190,8 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
         datasets={"train": dataset})
     started = time.perf_counter()
     try:
-        result = trainer.fit()
+        with watch_steps(out / METRICS_FILE, f"{out}/steps", f"train stage {stage}", plan.total_steps):
+            result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - Ray wraps the worker's error; name the stage and keep the cause
         raise TrainError(f"stage {stage} failed: {e}") from e
     finally:
@@ -207,7 +209,7 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
                "lineage": json.loads((final / LINEAGE_FILE).read_text()), "model": str(final)}
     write_text_atomic(out / RESULT_FILE, json.dumps(summary, indent=2))
     prune_checkpoints(checkpoints, keep=CHECKPOINTS_KEPT)
-    log.info("stage %d: %d steps, %d samples, skipped %s -> %s", stage, summary["steps"], summary["samples_trained"],
+    note("stage %d: %d steps, %d samples, skipped %s -> %s", stage, summary["steps"], summary["samples_trained"],
              summary["skipped"] or "none", final)
     return summary
 

@@ -1,0 +1,120 @@
+"""Progress events: what a run is doing now, for whoever shows it.
+
+The library logs and never draws. Stages and training report through the `dataengine.progress`
+logger with the event attached (`extra={"progress": event}`): in a log file each is a plain line,
+and the CLI's console (`dataengine.console`) draws them live. Plain messages on the same logger are
+milestones ("stage 1: 642 train rows ..."), shown on the console too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+PROGRESS_LOGGER = "dataengine.progress"
+log = logging.getLogger(PROGRESS_LOGGER)
+
+
+@dataclass(frozen=True)
+class StageProgress:
+    """One stage's rows so far in the running part of a pipeline (one console line)."""
+
+    key: str
+    stage: str
+    rows_in: int
+    kept: int
+    rejected: int
+    seconds: float
+    done: bool = False
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_in / self.seconds if self.seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        state = "done" if self.done else f"{self.rows_per_second:,.1f} rows/s"
+        return (f"{self.stage}: {self.rows_in:,} in, {self.kept:,} kept, {self.rejected:,} rejected, "
+                f"{state}" + (f" ({self.rows_per_second:,.1f} rows/s, {self.seconds:.1f}s)" if self.done else ""))
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """A training stage's optimizer steps so far (one bar on a terminal)."""
+
+    key: str
+    label: str
+    step: int
+    total: int
+    loss: float | None
+    seconds: float  # since the stage started (worker start-up included)
+    step_seconds: float | None = None  # the last step's own time
+    done: bool = False
+
+    def describe(self) -> str:
+        loss = f", loss {self.loss:.3f}" if self.loss is not None else ""
+        pace = f", {self.step_seconds:.2f} s/step" if self.step_seconds is not None else ""
+        tail = f", done in {self.seconds:.1f}s" if self.done else pace
+        return f"{self.label}: step {self.step}/{self.total}{loss}{tail}"
+
+
+ProgressEvent = StageProgress | StepProgress
+
+
+def report(event: ProgressEvent) -> None:
+    """Log `event` on the progress logger (the console draws it; a log file gets its line)."""
+    log.info(event.describe(), extra={"progress": event})
+
+
+def note(message: str, *args: object) -> None:
+    """A milestone line for the console and the log (what started, what finished, where it went)."""
+    log.info(message, *args)
+
+
+@contextlib.contextmanager
+def watch_steps(metrics_path: Path, key: str, label: str, total: int, poll: float = 0.5) -> Iterator[None]:
+    """Report the steps a training loop appends to `metrics_path` (one JSON line per step, from
+    whichever process trains) while the body runs, then the last one as done."""
+    stop = threading.Event()
+    started = time.perf_counter()
+    # steps an earlier attempt wrote (a resumed stage) are not this run's progress
+    seen: dict = {"step": 0, "loss": None, "seconds": None,
+                  "offset": metrics_path.stat().st_size if metrics_path.exists() else 0}
+
+    def read_new() -> None:
+        try:
+            with metrics_path.open("rb") as f:
+                f.seek(seen["offset"])
+                chunk = f.read()
+        except FileNotFoundError:
+            return
+        complete = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+        for line in complete.splitlines():
+            row = json.loads(line)
+            seen["step"], seen["loss"], seen["seconds"] = row.get("step", seen["step"]), row.get("loss"), row.get("seconds")
+        seen["offset"] += len(complete)
+
+    def follow() -> None:
+        last = 0
+        while not stop.wait(poll):
+            read_new()
+            if seen["step"] != last:
+                last = seen["step"]
+                report(StepProgress(key, label, last, total, seen["loss"], time.perf_counter() - started,
+                                    seen["seconds"]))
+        read_new()
+
+    thread = threading.Thread(target=follow, name=f"watch-{key}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    report(StepProgress(key, label, seen["step"], total, seen["loss"], time.perf_counter() - started,
+                        seen["seconds"], done=True))

@@ -1,0 +1,159 @@
+"""The console: live lines on a terminal, plain lines in a pipe, everything else in RUN/dataengine.log."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from dataengine.console import Console
+from dataengine.progress import StageProgress, StepProgress, note, report, watch_steps
+from tests.conftest import download_stage, synthweb_spec
+
+# what must never reach the console by default: Ray Data's operator reports, Ray's auth notice, C++
+# core-worker messages, worker output prefixes, loader chatter, third-party progress bars
+NOISE = ["logging_progress", "streaming_executor", "Token authentication", "core_worker", "pid=", "faiss.loader",
+         "Loading weights", "Writing model shards", "Progress bars disabled", "Execution plan"]
+
+
+@pytest.fixture
+def console():
+    """A Console on a StringIO, attached to the root logger for the test."""
+    consoles = []
+
+    def attach(live: bool, interval: float = 60.0) -> tuple[Console, io.StringIO]:
+        stream = io.StringIO()
+        handler = Console(stream, live=live, interval=interval)
+        logging.getLogger().addHandler(handler)
+        consoles.append(handler)
+        return handler, stream
+
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.INFO)
+    yield attach
+    for handler in consoles:
+        logging.getLogger().removeHandler(handler)
+    logging.getLogger().setLevel(level)
+
+
+def _stage(rows_in: int, rejected: int, done: bool = False, stage: str = "download") -> StageProgress:
+    return StageProgress(f"run/segment-0/{stage}", stage, rows_in, rows_in - rejected, rejected, 2.0, done)
+
+
+def test_plain_lines_per_stage_at_most_every_interval_and_when_done(console):
+    _, out = console(live=False, interval=60.0)
+    note("running download -> caption_rules_filter: 4 of 4 shards to do")
+    report(_stage(100, 5))
+    report(_stage(200, 9))  # within the interval: not printed
+    report(_stage(80, 2, stage="caption_rules_filter"))  # another stage has its own interval
+    report(_stage(400, 20, done=True))
+    logging.getLogger("dataengine.runner").info("committed shard 000001")  # log file only
+    logging.getLogger("ray.data").warning("Progress bars disabled")  # log file only
+    logging.getLogger("dataengine.raydata").warning("a dataengine warning")
+    assert out.getvalue().splitlines() == [
+        "running download -> caption_rules_filter: 4 of 4 shards to do",
+        "download: 100 in, 95 kept, 5 rejected, 50.0 rows/s",
+        "caption_rules_filter: 80 in, 78 kept, 2 rejected, 40.0 rows/s",
+        "download: 400 in, 380 kept, 20 rejected, done (200.0 rows/s, 2.0s)",
+        "warning: a dataengine warning",
+    ]
+    assert "\x1b[" not in out.getvalue()
+
+
+def test_a_terminal_gets_live_lines_redrawn_in_place_and_finished_ones_kept(console):
+    handler, out = console(live=True)
+    report(_stage(100, 5))
+    time.sleep(0.12)  # redraws are at most every 0.1 s
+    report(StepProgress("t/steps", "train stage 1", 6, 24, 2.5, 3.0, 0.5))
+    time.sleep(0.12)
+    report(_stage(200, 9))
+    screen = out.getvalue()
+    assert "\x1b[1F\x1b[J" in screen and "\x1b[2F\x1b[J" in screen  # back up over the 1, then 2 live lines
+    last = screen.rsplit("\x1b[J", 1)[1].splitlines()
+    assert re.match(r"\s+download\s+200 in\s+191 kept\s+9 rejected\s+100.0 rows/s", last[0]), last
+    assert re.match(r"\s+train stage 1\s+\[######\.{18}\] 6/24 steps  loss 2.500  0.50 s/step", last[1]), last
+    note("stage 1: evaluating ...")  # a milestone is printed above the live lines, which are drawn again
+    report(StepProgress("t/steps", "train stage 1", 24, 24, 1.5, 9.0, 0.4, done=True))
+    report(_stage(400, 20, done=True))
+    assert handler._running == {}
+    tail = out.getvalue().rsplit("\x1b[J", 1)[1].splitlines()
+    assert tail[-1].strip().startswith("download") and tail[-1].endswith("done")
+    assert "stage 1: evaluating ..." in out.getvalue()
+    assert re.search(r"train stage 1\s+\[#{24}\] 24/24 steps  loss 1.500  9.0s", out.getvalue())
+
+
+def test_watch_steps_reports_each_new_step_of_a_metrics_file_and_the_last_as_done(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 7, "loss": 9.0}) + "\n")  # an earlier attempt's steps are not this run's
+    seen: list = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            if hasattr(record, "progress"):
+                seen.append(record.progress)
+
+    collect = Collect()
+    logging.getLogger("dataengine.progress").addHandler(collect)
+    logging.getLogger("dataengine.progress").setLevel(logging.INFO)
+
+    def train() -> None:
+        for step in (1, 2, 3):
+            with metrics.open("a") as f:
+                f.write(json.dumps({"step": step, "loss": 3.0 - step, "seconds": 0.1 * step}) + "\n")
+            time.sleep(0.08)
+
+    try:
+        with watch_steps(metrics, "t/steps", "train stage 2", total=3, poll=0.02):
+            worker = threading.Thread(target=train)
+            worker.start()
+            worker.join()
+    finally:
+        logging.getLogger("dataengine.progress").removeHandler(collect)
+    assert [e.step for e in seen if not e.done] == [1, 2, 3]
+    final = seen[-1]
+    assert final.done and (final.step, final.total, final.loss, final.label) == (3, 3, 0.0, "train stage 2")
+    assert final.step_seconds == pytest.approx(0.3) and final.describe().startswith("train stage 2: step 3/3, loss 0.000, done")
+
+
+@pytest.mark.slow
+def test_dataengine_run_in_a_pipe_prints_stage_lines_and_logs_the_rest(synthweb_dir, synthweb_server, tmp_path):
+    """The real command, its output not a terminal (as in CI, `make demo | tee` or a Ray job's log)."""
+    spec = synthweb_spec(tmp_path, synthweb_dir, synthweb_server.base_url,
+                         [download_stage(), {"op": "caption_rules_filter"}, {"op": "dedup", "descriptor": "phash"}])
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "dataengine.cli", "run", str(spec), "--no-report"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    for noise in NOISE:
+        assert noise not in console, noise
+    manifest = json.loads((run / "run.json").read_text())
+    for stage in manifest["stages"][1:]:  # the last line of each stage is its done line, with run.json's counts
+        lines = [line for line in proc.stderr.splitlines() if line.startswith(stage["stage"] + ":")]
+        assert lines, stage["stage"]
+        assert lines[-1].startswith(f"{stage['stage']}: {stage['in']:,} in, {stage['kept']:,} kept, "
+                                    f"{stage['rejected']:,} rejected, done"), (lines, stage)
+    assert "dedup decided over" in proc.stderr
+    assert proc.stdout.splitlines()[0].split() == ["stage", "in", "kept", "rejected", "busy", "s", "top", "reasons"]
+    log = (run / "dataengine.log").read_text()
+    assert "INFO dataengine.runner: committed shard" in log and "download: 120 in" in log  # all of our log
+
+
+
+def test_verbose_prints_every_log_line_on_the_console(ray_local, synthweb_dir, synthweb_server, tmp_path, capfd):
+    """`--verbose` after the command: our INFO lines on the console, no redirection (in-process, on the
+    session's Ray)."""
+    from dataengine import cli
+
+    spec = synthweb_spec(tmp_path, synthweb_dir, synthweb_server.base_url, [download_stage()])
+    assert cli.main(["run", str(spec), "--no-report", "--verbose"]) == 0
+    err = capfd.readouterr().err
+    assert "INFO dataengine.runner: committed shard" in err and "INFO dataengine.progress: download: 120 in" in err
+    assert "committed shard" in (tmp_path / "run" / "dataengine.log").read_text()
