@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/dataengine demo
 
+# two pytest workers, one per core (a test file stays on one worker: its fixtures are built once)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not cluster" --durations=15
+	$(BIN)/python -m pytest -q -m "not cluster" -n 2 --dist loadfile --durations=15
 
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -q -m cluster

@@ -18,6 +18,13 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with slow tests first (order kept within a file): `make test` hands whole files to its two
+    workers in this order, so the long ones start early instead of running alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 @pytest.fixture(autouse=True)
 def _console_handlers_removed():
     """`cli.main` called in a test installs its console on the root logger: take it off afterwards."""

@@ -32,7 +32,8 @@ def test_demo_runs_end_to_end_and_every_filter_beats_chance(demo_models, tmp_pat
     assert "every stage against the synthetic web's truth" in proc.stdout and "total" in proc.stdout
     for noise in NOISE:  # a console that reads like a tool: stage lines, no Ray or loader chatter
         assert noise not in proc.stdout + proc.stderr, noise
-    assert "clip_score_filter: " in proc.stderr and (tmp_path / "runs" / "demo" / "dataengine.log").is_file()
+    log = (tmp_path / "runs" / "demo" / "dataengine.log").read_text()  # the rest went to the run's log
+    assert "INFO dataengine.runner: committed shard" in log
     scores = {s["stage"]: s for s in json.loads((tmp_path / "runs" / "demo" / "demo_scores.json").read_text())}
     assert set(scores) == set(BARS)
     for stage, (precision, recall) in BARS.items():
@@ -42,6 +43,11 @@ def test_demo_runs_end_to_end_and_every_filter_beats_chance(demo_models, tmp_pat
     assert scores["download"]["reason_agreement"] == 1.0
     manifest = json.loads((tmp_path / "runs" / "demo" / "run.json").read_text())
     assert manifest["status"] == "complete" and manifest["totals"]["in"] == 300
+    for stage in manifest["stages"][1:]:  # each stage's last progress line is its done line, with run.json's counts
+        lines = [line for line in proc.stderr.splitlines() if line.startswith(stage["stage"] + ":")]
+        assert lines and lines[-1].startswith(f"{stage['stage']}: {stage['in']:,} in, {stage['kept']:,} kept, "
+                                              f"{stage['rejected']:,} rejected, done"), (lines, stage)
+    assert "dedup decided over" in proc.stderr
     capfilt = json.loads((tmp_path / "runs" / "demo" / "demo_capfilt.json").read_text())
     assert capfilt["mismatched"]["rows"] > 0 and "mismatched web captions" in proc.stdout
     assert capfilt["clean"]["kept_web"] > 0.8 * capfilt["clean"]["rows"]  # prefer: web keeps matching web captions
