@@ -168,9 +168,11 @@ def run_log(run_dir: Path, verbose: bool) -> Iterator[Path]:
         for console in consoles:
             console.stream = terminal
         os.dup2(log_file.fileno(), 2)
+    failed = False
     try:
         yield path
     except BaseException:
+        failed = True
         logging.getLogger("dataengine").debug("run ended by an exception", exc_info=True)
         raise
     finally:
@@ -184,6 +186,8 @@ def run_log(run_dir: Path, verbose: bool) -> Iterator[Path]:
                 console.stream = saved_stderr
             terminal.close()
         log_file.close()
+        if failed:
+            print(f"the full log: {path}", file=sys.stderr)
 
 
 def _is_process_stderr(stream: IO[str]) -> bool:

@@ -195,8 +195,7 @@ def _actor_cpu_scale(steps: list[Step]) -> float:
         return 1.0
     scale = max(budget, 0.5) / sum(pools)
     log.info("model stages reserve %.2g CPUs for their actors on a cluster of %.0g; scaling each reservation "
-                "by %.2f so the other stages can run (set num_cpus per stage to choose yourself)",
-                sum(pools), total, scale)
+             "by %.2f so the other stages can run (set num_cpus per stage to choose yourself)", sum(pools), total, scale)
     return scale
 
 
