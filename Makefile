@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test test-fast test-cluster bench schema clean
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	@echo "building $(VENV) (the first time: a few minutes) ..."
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -qq --upgrade pip
+	@$(BIN)/pip install -qq -e '.[test]'
+	@touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/dataengine demo

@@ -109,7 +109,7 @@ class Console(logging.Handler):
 def _render(event: ProgressEvent, width: int) -> str:
     """One terminal line for an event."""
     if isinstance(event, StageProgress):
-        rate = "done" if event.done else f"{event.rows_per_second:>9,.1f} rows/s"
+        rate = f"{event.rows_per_second:>9,.1f} rows/s" + (f"  done in {event.seconds:.1f}s" if event.done else "")
         line = (f"  {event.stage:<24}{event.rows_in:>10,} in{event.kept:>10,} kept{event.rejected:>9,} rejected  "
                 f"{rate}")
     else:

@@ -84,7 +84,7 @@ def test_a_terminal_gets_live_lines_redrawn_in_place_and_finished_ones_kept(cons
     report(_stage(400, 20, done=True))
     assert handler._running == {}
     tail = out.getvalue().rsplit("\x1b[J", 1)[1].splitlines()
-    assert tail[-1].strip().startswith("download") and tail[-1].endswith("done")
+    assert re.match(r"\s+download\s+400 in\s+380 kept\s+20 rejected\s+200.0 rows/s  done in 2.0s$", tail[-1]), tail
     assert "stage 1: evaluating ..." in out.getvalue()
     assert re.search(r"train stage 1\s+\[#{24}\] 24/24 steps  loss 1.500  9.0s", out.getvalue())
 
