@@ -127,9 +127,17 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 def demo_models() -> dict[str, Path]:
     """The demo's trained CLIP, LM, BLIP captioner and ITM filter, from the model cache, trained there on
     first use (about a minute on 2 cores; a test that may be first to ask allows for it with a timeout)."""
+    import torch
+
     from dataengine.synthweb.models import ensure_demo_models
 
-    return ensure_demo_models(vlm=False)
+    threads = torch.get_num_threads()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the other worker has the other core: two threads would thrash
+        torch.set_num_threads(1)
+    try:
+        return ensure_demo_models(vlm=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---- training: tiny model parts and a run directory made directly (no pipeline needed) -----------
