@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -179,8 +180,30 @@ def stream_pipeline(shard_paths: list[Path], steps: list[Step], parts_dir: Path)
         else:  # applying a decision is cheap and needs no model: not the op's actor-pool size or GPUs
             ds = ds.map_batches(_run_task_step, fn_args=(step, schema), num_cpus=1, **common)
     ds = ds.map_batches(_write_parts, fn_args=(str(parts_dir),), batch_size=None, batch_format="pyarrow")
-    for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        yield from summary.to_pylist()
+    summaries = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    try:
+        for summary in summaries:
+            yield from summary.to_pylist()
+    except Exception as e:
+        log.debug("the stream failed", exc_info=True)  # the whole story, for the run's log
+        _release_failed_execution(e)
+        raise
+    finally:
+        getattr(summaries, "close", lambda: None)()  # stopped early by the caller: the execution ends now
+
+
+def _release_failed_execution(error: BaseException) -> None:
+    """Free the actors of a failed Ray Data execution now. It leaves its actor pool in reference cycles,
+    and the tracebacks of `error`'s chain, which the caller keeps, reach them through Ray's frames: the
+    actors would hold their CPUs (and the next run or training stage would wait for them) until a
+    garbage collection that may not come. The messages stay; Ray's internal frames go (logged above)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:  # `raise` then adds this frame and the callers'
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
+    gc.collect()
 
 
 def _actor_cpu_scale(steps: list[Step]) -> float:

@@ -262,20 +262,22 @@ def _run_segment(run_dir: Path, segment: Segment, steps: list[Step], shards: lis
     done = len(shards) - len(pending)
     inputs = [segment.input_path(run_dir, s) for s in pending]
     progress = SegmentProgress(run_dir, segment, stage_names)
-    for row in stream_pipeline(inputs, steps, segment.parts_dir(run_dir)):
-        progress.add(row[SUMMARY_ROWS], json.loads(row[SUMMARY_REJECTED]))
-        shard = by_id[row[SUMMARY_SHARD]]
-        received[shard.id] += row[SUMMARY_ROWS]
-        parts[shard.id].append(row[SUMMARY_PART])
-        if received[shard.id] > shard.rows:
-            raise AccountingError(f"shard {shard.id}: {received[shard.id]} rows came back for {shard.rows} in")
-        if received[shard.id] == shard.rows:
-            commit_started = time.perf_counter()
-            commit_shard(run_dir, shard, parts.pop(shard.id), stage_names, segment)
-            done += 1
-            attempt["shards_processed"] += 1
-            log.info("committed shard %s of segment %d (%d rows, %.2fs): %d/%d shards", shard.id, segment.index,
-                     shard.rows, time.perf_counter() - commit_started, done, len(shards))
+    # closed on every way out: an error here must not leave the stream's actors holding their CPUs
+    with contextlib.closing(stream_pipeline(inputs, steps, segment.parts_dir(run_dir))) as summaries:
+        for row in summaries:
+            progress.add(row[SUMMARY_ROWS], json.loads(row[SUMMARY_REJECTED]))
+            shard = by_id[row[SUMMARY_SHARD]]
+            received[shard.id] += row[SUMMARY_ROWS]
+            parts[shard.id].append(row[SUMMARY_PART])
+            if received[shard.id] > shard.rows:
+                raise AccountingError(f"shard {shard.id}: {received[shard.id]} rows came back for {shard.rows} in")
+            if received[shard.id] == shard.rows:
+                commit_started = time.perf_counter()
+                commit_shard(run_dir, shard, parts.pop(shard.id), stage_names, segment)
+                done += 1
+                attempt["shards_processed"] += 1
+                log.info("committed shard %s of segment %d (%d rows, %.2fs): %d/%d shards", shard.id, segment.index,
+                         shard.rows, time.perf_counter() - commit_started, done, len(shards))
     progress.report(done=True)
     missing = {s.id: s.rows - received[s.id] for s in pending if not segment.marker(run_dir, s.id).exists()}
     if missing:

@@ -65,6 +65,20 @@ def synthweb_server(synthweb_dir):
         yield server
 
 
+def cpus_free_within(seconds: float) -> bool:
+    """Whether every CPU of the session's Ray is free again within `seconds` (actors take a moment to go)."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + seconds
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def write_spec(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
