@@ -53,7 +53,7 @@ def main() -> None:
     import torch
 
     from dataengine.ops.clip_score import ClipScoreConfig, ClipScoreFilter
-    from dataengine.synthweb.models import save_open_clip
+    from dataengine.testbed.synthweb.models import save_open_clip
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

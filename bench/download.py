@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from dataengine.imaging import ImageOptions, process_image
-from dataengine.synthweb import NoiseMix, build_synthweb, write_url_list
+from dataengine.testbed.synthweb import NoiseMix, build_synthweb, write_url_list
 
 from _record import append_result  # noqa: E402  (bench/ is on sys.path when run as a script)
 

@@ -1,7 +1,7 @@
 """Instruction-synthesis throughput against an endpoint with a fixed latency: achieved requests/s vs
 the limit C/L (C requests in flight, each answered after L seconds).
 
-The endpoint is the fake OpenAI-compatible server (`dataengine.synthweb.llm_server`), run in its own
+The endpoint is the fake OpenAI-compatible server (`dataengine.testbed.synthweb.llm_server`), run in its own
 process so it does not share a GIL with the client; it answers every request after exactly L seconds
 with a valid conversation. The client is the whole `llava_synthesis_mapper` op (prompt building, the
 `openai` async client, cache writes, parsing, validation, grounding) with `max_concurrency = C`,
@@ -33,8 +33,8 @@ from _record import append_result  # noqa: E402  (bench/ is on sys.path when run
 
 
 def _serve(latency: float, port_queue: mp.Queue, stop: mp.synchronize.Event) -> None:
-    from dataengine.synthweb.llm_responder import SceneResponder
-    from dataengine.synthweb.llm_server import FakeLLMServer
+    from dataengine.testbed.synthweb.llm_responder import SceneResponder
+    from dataengine.testbed.synthweb.llm_server import FakeLLMServer
 
     with FakeLLMServer(SceneResponder(), latency=latency) as server:
         port_queue.put(server.base_url)

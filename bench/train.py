@@ -28,8 +28,8 @@ WORK = REPO / "bench" / "_work" / "train"
 
 
 def _prepare(rows: int, hidden: int) -> tuple[Path, dict[str, Path]]:
-    from dataengine.synthweb.models import build_random_open_clip
-    from dataengine.synthweb.train_rows import build_random_llama, make_train_rows, write_train_run
+    from dataengine.testbed.synthweb.models import build_random_open_clip
+    from dataengine.testbed.synthweb.train_rows import build_random_llama, make_train_rows, write_train_run
 
     shutil.rmtree(WORK, ignore_errors=True)
     data = make_train_rows(rows)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dataengine.plugins import COMMANDS, registered
 from dataengine.spec import SpecError
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
@@ -46,7 +47,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from dataengine.spec import load_spec
 
     spec = load_spec(args.spec)
-    with _run_console(Path(args.output or spec.output), args):
+    with run_console(Path(args.output or spec.output), args):
         result = run_pipeline(spec, output=args.output, address=args.address)
     print(format_summary(result.manifest))
     print(f"\noutputs: {result.run_dir}/dataset (kept), {result.run_dir}/rejected, {result.run_dir}/run.json")
@@ -55,7 +56,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_console(run_dir: Path, args: argparse.Namespace) -> Any:
+def run_console(run_dir: Path, args: argparse.Namespace) -> Any:
     """The console for a command that writes into `run_dir`: live progress here, the rest in its log."""
     from dataengine import console
     from dataengine.raydata import show_ray_progress
@@ -140,11 +141,12 @@ def _cmd_stop(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from dataengine.raydata import ray_session
     from dataengine.spec import ResourcesSpec
-    from dataengine.train.trainer import format_train_summary, train_run, train_spec_for
+    from dataengine.eval.train_then_eval import format_train_summary, train_run
+    from dataengine.train.trainer import train_spec_for
 
     spec = train_spec_for(args.run, args.spec)
     stages = [1, 2] if args.stage == "all" else [int(args.stage)]
-    with _run_console(Path(args.run), args), ray_session(args.address, ResourcesSpec()):
+    with run_console(Path(args.run), args), ray_session(args.address, ResourcesSpec()):
         results = train_run(args.run, spec, stages, resume=args.resume)
     print(format_train_summary(results))
     _write_report_after_run(Path(args.run))  # now with the training curves and scores
@@ -174,41 +176,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_synthweb(args: argparse.Namespace) -> int:
-    from dataengine.synthweb import SynthWebServer, build_synthweb, write_url_list
-
-    out = build_synthweb(Path(args.out), n=args.n, seed=args.seed)
-    if not args.serve:
-        print(f"built {args.n} items in {out} (truth.parquet, files/); --serve to serve them")
-        return 0
-    with SynthWebServer(out, host=args.host, port=args.port) as server:
-        urls = write_url_list(out, args.public_url or server.base_url)
-        print(f"serving {out} at {server.base_url}; URL list: {urls}; Ctrl-C stops", flush=True)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from dataengine.demo import fresh_run_dir, run_demo
-
-    run_dir = fresh_run_dir(Path(args.spec), args.output)
-    with _run_console(run_dir, args):
-        return run_demo(n=args.n, seed=args.seed, spec_path=Path(args.spec), output=str(run_dir),
-                        train=not args.no_train)
-
-
-def _cmd_demo_models(args: argparse.Namespace) -> int:
-    from dataengine.synthweb.models import ensure_demo_models
-
-    paths = ensure_demo_models(force=args.force)
-    print("\n".join(f"synthweb-demo:{name} -> {path}" for name, path in paths.items()))
-    return 0
-
-
-def _verbose_flag(p: argparse.ArgumentParser) -> None:
+def verbose_flag(p: argparse.ArgumentParser) -> None:
     """`-v` after the command too (`dataengine run spec.yaml -v`); SUPPRESS keeps a `-v` given before it."""
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="every log line on the console (the full log is in RUN/dataengine.log either way)")
@@ -235,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="run directory (default: the spec's output)")
     p.add_argument("--address", help="Ray cluster address (default: start an embedded Ray)")
     p.add_argument("--no-report", action="store_true", help="do not write RUN/report.html at the end")
-    _verbose_flag(p)
+    verbose_flag(p)
     p.set_defaults(fn=_cmd_run)
 
     p = sub.add_parser("export", help="write a finished run's kept rows as LLaVA JSON + images and/or Parquet")
@@ -280,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", help="take the train: section from this spec instead of the run's")
     p.add_argument("--resume", action="store_true", help="continue a stopped stage from its last checkpoint")
     p.add_argument("--address", help="Ray cluster address (default: start an embedded Ray)")
-    _verbose_flag(p)
+    verbose_flag(p)
     p.set_defaults(fn=_cmd_train)
 
     p = sub.add_parser("query", help="polars SQL over a run's tables `dataset` and `rejected`")
@@ -295,29 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the page here instead of RUN/report.html")
     p.set_defaults(fn=_cmd_report)
 
-    p = sub.add_parser("synthweb", help="build (and serve) the synthetic web")
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--serve", action="store_true")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
-    p.add_argument("--public-url", help="base URL written into urls.parquet, as other machines reach the "
-                   "server (default: the listening address)")
-    p.set_defaults(fn=_cmd_synthweb)
-
-    p = sub.add_parser("demo-models", help="train (or show) the demo's tiny CLIP and LM on the synthetic web")
-    p.add_argument("--force", action="store_true", help="retrain even if cached")
-    p.set_defaults(fn=_cmd_demo_models)
-
-    p = sub.add_parser("demo", help="run pipelines/demo.yaml against the synthetic web and score it")
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--spec", default="pipelines/demo.yaml")
-    p.add_argument("--output", default=None, help="run directory (default: the spec's output)")
-    p.add_argument("--no-train", action="store_true", help="skip the spec's train: section (data stages only)")
-    _verbose_flag(p)
-    p.set_defaults(fn=_cmd_demo)
+    for add_command in registered(COMMANDS).values():  # plugins' commands (the test bed's demo)
+        add_command(sub)
     return parser
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dataengine.parallel import parallel_map
+
 log = logging.getLogger(__name__)
 
 
@@ -97,8 +99,6 @@ def partitioned_pairs(vectors: np.ndarray, config: SearchConfig, seed: int = 0) 
 
 def _search_partitions(vectors: np.ndarray, groups: list[np.ndarray], threshold: float) -> list[np.ndarray]:
     """Exact search inside each partition, in parallel Ray tasks when Ray is up; global indices out."""
-    from dataengine.raydata import parallel_map
-
     local = parallel_map(exact_pairs, [(vectors[g], threshold) for g in groups])
     return [g[pairs] if len(pairs) else pairs for g, pairs in zip(groups, local)]
 

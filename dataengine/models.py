@@ -6,8 +6,8 @@ One place knows how a spec names a model:
 - `hf-hub:org/repo` (open_clip) or a Hugging Face hub id (`Qwen/Qwen2.5-0.5B`) for transformers;
 - a local directory in the standard layout (`open_clip_config.json` + weights for open_clip,
   `config.json` + weights + tokenizer files for transformers);
-- `synthweb-demo:clip` / `synthweb-demo:lm`: the demo's tiny models trained on the synthetic web
-  (`dataengine demo-models`), cached under the user's cache dir.
+- `prefix:name` for a model source registered by a plugin (`dataengine.plugins`), such as the test
+  bed's `synthweb-demo:clip`: the source turns it into a local directory.
 
 Hub models are looked up in the local cache first, so a machine without network (or with
 `HF_HUB_OFFLINE=1`) loads whatever is cached. A model that cannot be found raises `ModelNotFound`
@@ -71,28 +71,36 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
-DEMO_PREFIX = "synthweb-demo:"
+def source_prefix(model: str) -> str | None:
+    """The registered model source (`dataengine.plugins.MODEL_SOURCES`) a reference names, if any:
+    `synthweb-demo:clip` names the test bed's source; `hf-hub:` and paths are not sources."""
+    from dataengine.plugins import MODEL_SOURCES, registered
+
+    prefix, sep, _ = model.partition(":")
+    return prefix if sep and prefix in registered(MODEL_SOURCES) else None
 
 
-def demo_model_path(model: str) -> str:
-    """`synthweb-demo:clip` / `synthweb-demo:lm`: the demo's models trained on the synthetic web."""
-    if not model.startswith(DEMO_PREFIX):
-        return model
-    from dataengine.synthweb.models import DEMO_FAMILIES, demo_model_dir
+def resolve_model_ref(model: str) -> str:
+    """A reference with a registered source prefix (`synthweb-demo:lm`) as the local path its source
+    gives; any other reference unchanged. The runner resolves a spec's references once, on the driver,
+    so workers get plain paths."""
+    from dataengine.plugins import MODEL_SOURCES, registered
 
-    name = model.removeprefix(DEMO_PREFIX)
-    path = demo_model_dir(family=DEMO_FAMILIES.get(name, "core")) / name
-    if name not in DEMO_FAMILIES or not path.is_dir():
-        raise ModelNotFound(f"{model}: no demo model at {path}; `dataengine demo-models` trains them "
-                            f"({', '.join(DEMO_PREFIX + m for m in DEMO_FAMILIES)} exist)")
-    return str(path)
+    prefix = source_prefix(model)
+    return str(registered(MODEL_SOURCES)[prefix](model)) if prefix else model
+
+
+def resolve_model_refs(config: Any) -> Any:
+    """A copy of a stage's config (a pydantic model) with each registered-source reference resolved."""
+    updates = {name: resolve_model_ref(value) for name, value in config if isinstance(value, str) and source_prefix(value)}
+    return config.model_copy(update=updates) if updates else config
 
 
 def open_clip_name(model: str, pretrained: str | None) -> tuple[str, str | None]:
     """The (model_name, pretrained) open_clip understands for a spec's reference, or ModelNotFound."""
     import open_clip
 
-    model = demo_model_path(model)
+    model = resolve_model_ref(model)
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / OPEN_CLIP_CONFIG).is_file():
@@ -139,7 +147,7 @@ def load_open_clip(model: str, pretrained: str | None = None, device: DeviceName
 def from_local_or_hub(model: str, load: Callable[[str, bool], T], what: str, needs_config: bool = True) -> T:
     """`load(source, local_files_only)` for a local directory, else a hub id: the cache first, then the hub
     unless HF_HUB_OFFLINE is set. `ModelNotFound` says what was looked for and where."""
-    path = Path(demo_model_path(model)).expanduser()
+    path = Path(resolve_model_ref(model)).expanduser()
     if needs_config and path.exists() and not (path / "config.json").is_file():
         raise ModelNotFound(f"{path} exists but holds no config.json (a transformers model directory is what "
                             "save_pretrained writes)")

@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,7 +34,6 @@ from dataengine.spec import ResourcesSpec
 log = logging.getLogger(__name__)
 
 SUMMARY_SHARD, SUMMARY_PART, SUMMARY_ROWS, SUMMARY_REJECTED = "shard", "part", "rows", "rejected"
-T = TypeVar("T")
 
 
 def quiet_worker_logs() -> None:
@@ -235,14 +234,6 @@ def _ray_llm_stage(ds: ray.data.Dataset, step: Step, schema: pa.Schema, llm: Any
                                 postprocess=functools.partial(postprocess_row, config=llm))
     ds = processor(ds)
     return ds.map_batches(_run_task_step, fn_args=(step, schema), num_cpus=1, **common)
-
-
-def parallel_map(fn: Callable[..., T], args: list[tuple]) -> list[T]:
-    """`fn(*a)` for each `a`, as Ray tasks when Ray is running (in this process), else in a loop."""
-    if not ray.is_initialized() or len(args) < 2:
-        return [fn(*a) for a in args]
-    remote = ray.remote(num_cpus=1)(fn)
-    return ray.get([remote.remote(*a) for a in args])
 
 
 # ---- the trainer's data: kept part files in, tokenized rows out ------------------------------

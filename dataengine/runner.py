@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 from dataengine import columns as C
 from dataengine.atomic import remove_stale_temporaries, write_parquet_atomic, write_text_atomic
 from dataengine.inputs import INPUT_STAGE, Shard, plan_shards
+from dataengine.models import resolve_model_refs
 from dataengine.ops import OpConfig, get_op, stage_name
 from dataengine.ops.base import Step
 from dataengine.progress import note
@@ -103,7 +104,8 @@ def run_pipeline(spec: PipelineSpec, output: str | Path | None = None, address: 
     with contextlib.ExitStack() as stack:
         stack.enter_context(_marked_failed_on_error(run_dir, spec, attempts, shards, stage_names))
         ray_started = False
-        stages = [get_op(c.op).bind_run(c, run_dir) for c in spec.stages]
+        # what workers get: run-bound configs whose plugin model references (synthweb-demo:lm) are paths
+        stages = [resolve_model_refs(get_op(c.op).bind_run(c, run_dir)) for c in spec.stages]
         for segment in plan_segments(stages):
             pending = _prepare_segment(run_dir, segment, shards, stage_names, attempt)
             if not pending:
@@ -123,7 +125,7 @@ def run_pipeline(spec: PipelineSpec, output: str | Path | None = None, address: 
     for config in spec.stages:
         get_op(config.op).after_run(config, run_dir)
     if spec.train is not None:
-        from dataengine.train.trainer import train_run
+        from dataengine.eval.train_then_eval import train_run
 
         with ray_session(address, spec.resources):
             manifest["train"] = train_run(run_dir, spec.train)

@@ -18,10 +18,9 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import to_jsonable_python
 
 from dataengine.ops import get_op, list_ops, stage_name
-from dataengine.ops.base import _REGISTRY, OPERATIONAL
+from dataengine.fields import decisive
 from dataengine.schemas import SCHEMA_DIR
 from dataengine.train.config import TrainSpec
 
@@ -108,27 +107,10 @@ class PipelineSpec(_Strict):
         section (its checkpoints record their own hash), and fields marked
         `operational` (an LLM budget, timeouts, request concurrency): a run stopped by its budget
         resumes under a larger one."""
-        payload = _decisive(self)
+        payload = decisive(self)
         payload.pop("output", None)
         payload.pop("train", None)  # training reads the data; it does not change it
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _decisive(value: Any) -> Any:
-    """`value` as JSON data without its models' operational fields."""
-    if isinstance(value, BaseModel):
-        out = {}
-        for name, info in type(value).model_fields.items():
-            extra = info.json_schema_extra
-            if extra == OPERATIONAL:
-                continue
-            out[name] = _decisive(getattr(value, name))
-        return out
-    if isinstance(value, (list, tuple)):
-        return [_decisive(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _decisive(v) for k, v in value.items()}
-    return to_jsonable_python(value)
 
 
 def parse_spec(data: Any, source: str = "<spec>") -> PipelineSpec:
@@ -175,7 +157,7 @@ def _path(loc: tuple[Any, ...]) -> str:
     for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif i >= 2 and loc[0] == "stages" and isinstance(loc[i - 1], int) and part in _REGISTRY:
+        elif i >= 2 and loc[0] == "stages" and isinstance(loc[i - 1], int) and part in list_ops():
             continue  # the discriminator tag pydantic inserts for the op's config
         else:
             out += f".{part}" if out else str(part)
@@ -198,8 +180,8 @@ def _allowed_keys(loc: tuple[Any, ...], data: Any) -> list[str]:
                 model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
         elif isinstance(node, list) and isinstance(part, int) and part < len(node):
             node = node[part]
-            model = get_op(node["op"]).Config if isinstance(node, dict) and node.get("op") in _REGISTRY else None
-        elif part in _REGISTRY:
+            model = get_op(node["op"]).Config if isinstance(node, dict) and node.get("op") in list_ops() else None
+        elif part in list_ops():
             continue
     return sorted(model.model_fields) if model is not None else []
 

@@ -52,14 +52,14 @@ def ray_local():
 @pytest.fixture(scope="session")
 def synthweb_dir(tmp_path_factory) -> Path:
     """A small synthetic web (small images so tests stay fast), built once per session."""
-    from dataengine.synthweb import build_synthweb
+    from dataengine.testbed.synthweb import build_synthweb
 
     return build_synthweb(tmp_path_factory.mktemp("synthweb"), n=120, seed=7, sizes=(320, 640), size_weights=(0.7, 0.3))
 
 
 @pytest.fixture(scope="session")
 def synthweb_server(synthweb_dir):
-    from dataengine.synthweb import SynthWebServer
+    from dataengine.testbed.synthweb import SynthWebServer
 
     with SynthWebServer(synthweb_dir) as server:
         yield server
@@ -86,7 +86,7 @@ def write_spec(path: Path, data: dict) -> Path:
 
 def synthweb_spec(tmp_path: Path, synthweb_dir: Path, base_url: str, stages: list[dict], shard_rows: int = 40) -> Path:
     """A spec over a private copy of the synthetic web's URL list (served at `base_url`), output `tmp_path/run`."""
-    from dataengine.synthweb import write_url_list
+    from dataengine.testbed.synthweb import write_url_list
 
     urls = tmp_path / "urls.parquet"
     urls.write_bytes(write_url_list(synthweb_dir, base_url).read_bytes())
@@ -121,7 +121,7 @@ def synthweb_run(ray_local, synthweb_dir, tmp_path_factory):
     """
     from dataengine.runner import run_pipeline
     from dataengine.spec import parse_spec
-    from dataengine.synthweb import SynthWebServer, write_url_list
+    from dataengine.testbed.synthweb import SynthWebServer, write_url_list
 
     out = tmp_path_factory.mktemp("run")
     urls = out / "urls.parquet"  # a private copy: other tests rewrite the synthetic web's list
@@ -143,7 +143,7 @@ def demo_models() -> dict[str, Path]:
     first use (about a minute on 2 cores; a test that may be first to ask allows for it with a timeout)."""
     import torch
 
-    from dataengine.synthweb.models import ensure_demo_models
+    from dataengine.testbed.synthweb.models import ensure_demo_models
 
     threads = torch.get_num_threads()
     if os.environ.get("PYTEST_XDIST_WORKER"):  # the other worker has the other core: two threads would thrash
@@ -159,8 +159,8 @@ def demo_models() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_vlm_parts(tmp_path_factory) -> dict[str, Path]:
     """A random tiny open_clip (64 px, 8 px patches: 64 image tokens) and a tiny Llama with a BPE vocabulary."""
-    from dataengine.synthweb.models import build_random_open_clip
-    from dataengine.synthweb.train_rows import build_random_llama, make_train_rows
+    from dataengine.testbed.synthweb.models import build_random_open_clip
+    from dataengine.testbed.synthweb.train_rows import build_random_llama, make_train_rows
 
     root = tmp_path_factory.mktemp("vlm-parts")
     texts = [r["caption"] for r in make_train_rows(60)] + [
@@ -173,7 +173,7 @@ def tiny_vlm_parts(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_train_run(tmp_path_factory) -> Path:
     """A finished run's layout with 32 kept rows (dataset/ + run.json)."""
-    from dataengine.synthweb.train_rows import make_train_rows, write_train_run
+    from dataengine.testbed.synthweb.train_rows import make_train_rows, write_train_run
 
     return write_train_run(tmp_path_factory.mktemp("train-run"), make_train_rows(32))
 

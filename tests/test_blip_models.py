@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataengine.synthweb.blip_models import (
+from dataengine.testbed.synthweb.blip_models import (
     BLIP_PROMPT,
     BLIP_RECIPE,
     build_blip_processor,
@@ -22,7 +22,7 @@ from dataengine.synthweb.blip_models import (
     train_demo_blip_captioner,
     train_demo_blip_itm,
 )
-from dataengine.synthweb.models import _clean_pairs
+from dataengine.testbed.synthweb.models import _clean_pairs
 
 CAPTION = "a photo of two red circles and a cyan hexagon on a light grey background"
 
@@ -125,7 +125,7 @@ def test_itm_training_logits_match_forward(random_itm, images):
     """Training scores image embeddings once per batch; that shortcut must equal the model's forward."""
     from transformers import BlipForImageTextRetrieval, BlipProcessor
 
-    from dataengine.synthweb.blip_models import _itm_logits
+    from dataengine.testbed.synthweb.blip_models import _itm_logits
 
     model = BlipForImageTextRetrieval.from_pretrained(random_itm).eval()
     processor = BlipProcessor.from_pretrained(random_itm)

@@ -14,7 +14,7 @@ from dataengine.models import ModelNotFound, load_blip
 from dataengine.ops import apply_stage
 from dataengine.ops.blip_caption import BlipCaptionConfig, BlipCaptionMapper, _strip_prompt
 from dataengine.ops.capfilt import CapfiltConfig, CapfiltFilter
-from dataengine.synthweb.blip_models import build_random_blip_captioner, build_random_blip_itm
+from dataengine.testbed.synthweb.blip_models import build_random_blip_captioner, build_random_blip_itm
 
 
 @pytest.fixture(scope="module")

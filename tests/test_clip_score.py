@@ -16,7 +16,7 @@ from dataengine.ops.clip_score import ClipScoreConfig, ClipScoreFilter
 from dataengine.ops.thresholds import rank_fraction_decision, within_fraction
 from dataengine.runner import run_pipeline
 from dataengine.spec import parse_spec
-from dataengine.synthweb.models import build_random_open_clip
+from dataengine.testbed.synthweb.models import build_random_open_clip
 from tests.conftest import download_stage
 
 

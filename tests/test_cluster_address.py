@@ -7,7 +7,7 @@ import sys
 import pytest
 from ray.cluster_utils import Cluster
 
-from dataengine.synthweb import SynthWebServer
+from dataengine.testbed.synthweb import SynthWebServer
 from tests.conftest import download_stage, run_outcome, synthweb_spec
 
 

@@ -16,7 +16,7 @@ from dataengine.ops import apply_stage
 from dataengine.ops.dedup import Dedup, DedupConfig
 from dataengine.runner import run_pipeline
 from dataengine.spec import parse_spec
-from dataengine.synthweb.models import build_tiny_sscd
+from dataengine.testbed.synthweb.models import build_tiny_sscd
 from tests.conftest import download_stage
 
 

@@ -65,7 +65,7 @@ def test_demo_runs_end_to_end_and_every_filter_beats_chance(demo_models, tmp_pat
 
 
 def test_training_table_says_who_wins_and_by_how_much():
-    from dataengine.demo import format_training
+    from dataengine.testbed.demo import format_training
 
     def bench(em: float, ppl: float) -> dict:
         return {"exact_match": em, "count_accuracy": em, "colour_accuracy": em, "position_accuracy": em,

@@ -11,7 +11,7 @@ from PIL import Image
 from dataengine import columns as C
 from dataengine.ops import apply_stage, get_op
 from dataengine.ops.download import DownloadConfig
-from dataengine.synthweb import bomb_png
+from dataengine.testbed.synthweb import bomb_png
 from tests.conftest import download_stage
 
 

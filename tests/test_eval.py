@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from dataengine.eval.vqa import Question, build_benchmark, normalise, score
+from dataengine.testbed.vqa_benchmark import Question, build_benchmark, normalise, score
 
 
 def test_benchmark_answers_are_the_scenes_truth():
-    from dataengine.synthweb.scenes import KINDS, generate_scene
+    from dataengine.testbed.synthweb.scenes import KINDS, generate_scene
 
     images, questions = build_benchmark(12, image_size=48)
     assert len(images) == 12 and images[0].size == (48, 48)

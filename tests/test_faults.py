@@ -13,8 +13,8 @@ import pytest
 from ray.cluster_utils import Cluster
 
 from dataengine.raydata import CRASH_ENV
-from dataengine.synthweb import SynthWebServer, write_url_list
-from dataengine.synthweb.models import build_random_open_clip
+from dataengine.testbed.synthweb import SynthWebServer, write_url_list
+from dataengine.testbed.synthweb.models import build_random_open_clip
 from tests.conftest import download_stage, run_outcome, synthweb_spec, write_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]

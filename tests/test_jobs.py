@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from dataengine import cli, jobs
-from dataengine.synthweb import SynthWebServer, write_url_list
+from dataengine.testbed.synthweb import SynthWebServer, write_url_list
 from tests.conftest import download_stage, run_outcome, write_spec
 
 pytestmark = pytest.mark.slow

@@ -19,9 +19,9 @@ from dataengine import columns as C
 from dataengine.llm.prompts import FENCE_CLOSE
 from dataengine.ops import apply_stage
 from dataengine.ops.llava_synthesis import LlavaSynthesisConfig, LlavaSynthesisMapper
-from dataengine.synthweb.build import boxes_json
-from dataengine.synthweb.llm_responder import SceneResponder
-from dataengine.synthweb.llm_server import FakeLLMServer, Reply
+from dataengine.testbed.synthweb.build import boxes_json
+from dataengine.testbed.synthweb.llm_responder import SceneResponder
+from dataengine.testbed.synthweb.llm_server import FakeLLMServer, Reply
 from tests.conftest import cpus_free_within
 
 SECRET = "sk-test-9f8e7d6c5b4a-never-log-me"
@@ -177,7 +177,7 @@ def test_grounding_check_against_known_hallucinations(server, tmp_path):
     flagged = {r[C.UID] for r in rows if r[C.UNGROUNDED_OBJECTS]}
     hallucinated = set()
     for body, row in _pair_bodies_with_rows(server.bodies, rows):
-        from dataengine.synthweb.llm_responder import fenced_context
+        from dataengine.testbed.synthweb.llm_responder import fenced_context
 
         if json.dumps(fenced_context(body["messages"]), sort_keys=True) in scene.hallucinated:
             hallucinated.add(row[C.UID])

@@ -15,7 +15,7 @@ from dataengine.export import ExportOptions, export_run
 from dataengine.llm.readiness import SHORT_ANSWER_PROMPT, readiness_problem, with_short_answer_prompt
 from dataengine.ops import apply_stage
 from dataengine.ops.llava_synthesis import LlavaSynthesisConfig, LlavaSynthesisMapper
-from dataengine.synthweb.build import boxes_json
+from dataengine.testbed.synthweb.build import boxes_json
 from tests.conftest import download_stage
 
 OBJECTS = [
@@ -100,8 +100,8 @@ def synthesis_run(ray_local, synthweb_dir, tmp_path_factory):
     """download -> template synthesis (boxes from the input) -> export with a tokenizer length check."""
     from dataengine.runner import run_pipeline
     from dataengine.spec import parse_spec
-    from dataengine.synthweb import SynthWebServer, write_url_list
-    from dataengine.synthweb.models import build_caption_tokenizer
+    from dataengine.testbed.synthweb import SynthWebServer, write_url_list
+    from dataengine.testbed.synthweb.tokenizer import build_caption_tokenizer
 
     out = tmp_path_factory.mktemp("synth")
     tokenizer_dir = out / "tokenizer"

@@ -13,7 +13,7 @@ from dataengine.llm.vllm_backend import REPLY_COLUMNS, REQUEST_COLUMN, VLLMBacke
 from dataengine.ops import apply_stage
 from dataengine.ops.llava_synthesis import LlavaSynthesisConfig, LlavaSynthesisMapper
 from dataengine.spec import SpecError, parse_spec
-from dataengine.synthweb.llm_responder import SceneResponder, asked_question, fenced_context
+from dataengine.testbed.synthweb.llm_responder import SceneResponder, asked_question, fenced_context
 
 
 def test_vllm_config_is_validated():

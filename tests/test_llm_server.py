@@ -17,7 +17,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion
 
-from dataengine.synthweb.llm_server import FakeLLMServer, Reply, parse_request
+from dataengine.testbed.synthweb.llm_server import FakeLLMServer, Reply, parse_request
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say something nice"}]
 

@@ -10,7 +10,7 @@ from dataengine import columns as C
 from dataengine.models import ModelNotFound, load_causal_lm
 from dataengine.ops import apply_stage
 from dataengine.ops.perplexity import PerplexityConfig, PerplexityFilter
-from dataengine.synthweb.models import build_random_causal_lm
+from dataengine.testbed.synthweb.models import build_random_causal_lm
 
 CAPTIONS = ["a red circle", "two blue squares and a green star", "a small yellow hexagon at the top left"]
 

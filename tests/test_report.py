@@ -17,7 +17,7 @@ from dataengine.report import write_report
 from dataengine.report.facts import KEPT, REJECTED_HERE, gather
 from dataengine.schemas import rejected_schema, sample_schema
 from dataengine.spec import parse_spec
-from dataengine.synthweb.train_rows import make_train_rows
+from dataengine.testbed.synthweb.train_rows import make_train_rows
 from tests.conftest import open_in_chromium
 
 HOSTILE = "<script>alert('caption')</script><b>bold</b>"

@@ -12,7 +12,7 @@ import pytest
 
 from dataengine.runner import run_pipeline
 from dataengine.spec import load_spec
-from dataengine.synthweb import write_url_list
+from dataengine.testbed.synthweb import write_url_list
 from tests.conftest import download_stage, write_spec
 
 

@@ -222,7 +222,7 @@ def test_barrier_decision_reads_shards_that_never_reached_the_stage(tmp_path):
 
 def test_resume_after_a_failure_past_a_barrier_keeps_segment_work_and_the_decision(ray_local, tmp_path, monkeypatch):
     import dataengine.runner as runner
-    from dataengine.synthweb.models import build_random_open_clip
+    from dataengine.testbed.synthweb.models import build_random_open_clip
 
     clip = build_random_open_clip(tmp_path / "clip")
     base = _offline_spec(tmp_path)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dataengine.synthweb import (
+from dataengine.testbed.synthweb import (
     COLOURS,
     EXPECTED_REASON,
     KINDS,
@@ -30,7 +30,7 @@ from dataengine.synthweb import (
     build_synthweb,
     write_url_list,
 )
-from dataengine.synthweb.server import OVERSIZED_BYTES, OVERSIZED_DIMS
+from dataengine.testbed.synthweb.server import OVERSIZED_BYTES, OVERSIZED_DIMS
 
 N = 400
 SMALL = {"sizes": (64, 96), "size_weights": (0.5, 0.5)}

@@ -112,7 +112,7 @@ def test_linear_projector_is_one_linear_map(tiny_vlm_parts):
 
 
 def test_gpt2_style_lm_is_untied_but_equal(tmp_path):
-    from dataengine.synthweb.models import build_random_causal_lm, build_random_open_clip
+    from dataengine.testbed.synthweb.models import build_random_causal_lm, build_random_open_clip
 
     lm = build_random_causal_lm(tmp_path / "gpt2", ["a red circle", "two blue squares"])
     vision = build_random_open_clip(tmp_path / "clip", image_size=32)

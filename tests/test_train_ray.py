@@ -103,7 +103,7 @@ def test_a_train_section_runs_after_the_data_stages_and_a_stopped_stage_resumes(
     from dataengine import cli
     from dataengine.runner import run_pipeline
     from dataengine.spec import parse_spec
-    from dataengine.synthweb import SynthWebServer, write_url_list
+    from dataengine.testbed.synthweb import SynthWebServer, write_url_list
     from dataengine.train.trainer import FAIL_ENV
     from tests.conftest import download_stage
 

@@ -1,4 +1,5 @@
-"""Evaluate a trained stage: held-out loss/perplexity, and the VQA benchmark when the spec asks for it.
+"""Evaluate a trained stage: held-out loss/perplexity, and the benchmark the spec names (a plugin,
+`dataengine.plugins.BENCHMARKS`: the test bed registers `synthweb`).
 
 Runs in a Ray task, on a GPU when the training did, so the driver never needs one.
 """
@@ -8,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dataengine.plugins import BENCHMARKS, registered
 from dataengine.progress import note
 from dataengine.train.config import TrainSpec
+from dataengine.train.trainer import pixel_shape, stage_dir
 
 
 def evaluate_model(model_dir: str, run_dir: str | None, stage: int, spec: TrainSpec) -> dict[str, Any]:
@@ -18,10 +21,8 @@ def evaluate_model(model_dir: str, run_dir: str | None, stage: int, spec: TrainS
     import torch
 
     from dataengine.eval.heldout import heldout_loss
-    from dataengine.eval.vqa import run_benchmark
     from dataengine.train.data import encoded_split, plan_splits
     from dataengine.train.model import load_llava
-    from dataengine.train.trainer import pixel_shape
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # a task's bars interleave with the driver's
     model, processor = load_llava(model_dir)
@@ -33,16 +34,14 @@ def evaluate_model(model_dir: str, run_dir: str | None, stage: int, spec: TrainS
         heldout = encoded_split(run_dir, split, stage, model_dir, spec.stage(stage).max_length)
         result["heldout"] = heldout_loss(model, processor, heldout.iter_batches(batch_size=64, batch_format="numpy"),
                                          tuple(pixel_shape(Path(model_dir))))
-    if spec.eval.benchmark == "synthweb":
-        result["benchmark"] = run_benchmark(model, processor, spec.eval.benchmark_size)
+    if spec.eval.benchmark is not None:
+        result["benchmark"] = registered(BENCHMARKS)[spec.eval.benchmark](model, processor, spec.eval.benchmark_size)
     return result
 
 
 def evaluate_stage(run_dir: Path, spec: TrainSpec, stage: int) -> dict[str, Any]:
     """`evaluate_model` on the stage's final model, as a Ray task (with a GPU when training used one)."""
     import ray
-
-    from dataengine.train.trainer import stage_dir
 
     model_dir = str(stage_dir(run_dir, stage) / "final")
     if spec.eval.heldout_fraction == 0 and spec.eval.benchmark is None:

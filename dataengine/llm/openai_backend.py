@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dataengine.llm.cache import CachedReply, ResponseCache, request_key
 from dataengine.llm.usage import Budget, BudgetExhausted, Usage, UsageLedger
-from dataengine.ops.base import OPERATIONAL
+from dataengine.fields import OPERATIONAL
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -23,11 +23,6 @@ from dataengine import columns as C
 from dataengine.schemas import sample_schema
 
 
-#: `json_schema_extra` of config fields that do not decide a run's outputs (timeouts, concurrency, an
-#: LLM budget): left out of the spec hash, so a stopped run can resume with them changed
-OPERATIONAL: dict[str, Any] = {"operational": True}
-
-
 class OpConfig(BaseModel):
     """Fields every stage has. Subclasses add their own and set `op: Literal["<name>"]`."""
 

@@ -31,7 +31,8 @@ from dataengine import columns as C
 from dataengine.llm.openai_backend import OpenAIBackendConfig
 from dataengine.llm.prompts import RESPONSE_TYPES
 from dataengine.llm.vllm_backend import VLLMBackendConfig
-from dataengine.ops.base import OPERATIONAL, OpConfig, Op, register_op
+from dataengine.fields import OPERATIONAL
+from dataengine.ops.base import OpConfig, Op, register_op
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from dataengine import columns as C
 from dataengine.imaging import ImageOptions, ImageRejected, process_image
+from dataengine.plugins import REPORT_SECTIONS, registered
 from dataengine.query import scan
 from dataengine.runner import DATASET_DIR, MANIFEST, REJECTED_DIR, STATE_DIR, reason_families
 from dataengine.train.trainer import METRICS_FILE, RESULT_FILE, TRAIN_DIR
@@ -85,7 +86,7 @@ def gather(run_dir: str | Path) -> dict[str, Any]:
         "conversations": _conversation_cards(talks, details),
         "llm": llm_usage(manifest, rows, stages),
         "training": training(run_dir),
-        "demo": demo_checks(run_dir),
+        "sections": plugin_sections(run_dir),
     }
 
 
@@ -319,7 +320,7 @@ def _conversation_cards(talks: pl.DataFrame, details: dict[str, dict[str, Any]])
     return out
 
 
-# ---- LLM, training, demo --------------------------------------------------------------------------------
+# ---- LLM, training, plugins ------------------------------------------------------------------------------
 
 def llm_usage(manifest: dict[str, Any], rows: pl.DataFrame, stages: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """What the run paid its LLM (every request, failed attempts included) and what the kept rows cost."""
@@ -365,12 +366,11 @@ def _curve(lines: list[str]) -> tuple[list[dict[str, Any]], int]:
     return curve, restarts
 
 
-def demo_checks(run_dir: Path) -> dict[str, Any] | None:
-    """The demo's own files, when this run is a demo: each filter scored against the synthetic web's
-    ground truth, CapFilt's outcome on mismatched captions, and curated vs unfiltered training."""
-    from dataengine.demo import CAPFILT_FILE, SCORES_FILE, TRAINING_FILE
-
-    found = {key: json.loads((run_dir / name).read_text()) for key, name in
-             (("scores", SCORES_FILE), ("capfilt", CAPFILT_FILE), ("training", TRAINING_FILE))
-             if (run_dir / name).is_file()}
-    return found or None
+def plugin_sections(run_dir: Path) -> list[dict[str, Any]]:
+    """The sections plugins add (`dataengine.plugins.REPORT_SECTIONS`) that have something for this run."""
+    found = []
+    for name, section in sorted(registered(REPORT_SECTIONS).items()):
+        facts = section.facts(run_dir)
+        if facts:
+            found.append({"id": name, "section": section, "facts": facts})
+    return found

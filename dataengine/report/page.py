@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
 
 from dataengine.atomic import write_text_atomic
 from dataengine.report import svg
@@ -46,11 +47,20 @@ def _charts(facts: dict[str, Any]) -> dict[str, Any]:
     return {"scores": scores, "curves": curves}
 
 
+def _sections(env: Environment, facts: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each plugin section rendered with the page's environment (autoescape, filters)."""
+    return [{"id": s["id"], "title": s["section"].title, "nav": s["section"].nav,
+             "html": Markup(env.from_string(s["section"].template).render(section=s["facts"],
+                                                                            benchmark_metrics=BENCHMARK_METRICS))}
+            for s in facts["sections"]]
+
+
 def render(facts: dict[str, Any]) -> str:
     """The page for already gathered facts."""
     generated = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
-    return _environment().get_template(TEMPLATE).render(
-        facts=facts, charts=_charts(facts), generated=generated, benchmark_metrics=BENCHMARK_METRICS)
+    env = _environment()
+    return env.get_template(TEMPLATE).render(facts=facts, charts=_charts(facts), generated=generated,
+                                             benchmark_metrics=BENCHMARK_METRICS, sections=_sections(env, facts))
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:

@@ -14,7 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from dataengine.ops.base import OPERATIONAL
+from dataengine.fields import OPERATIONAL, decisive
+from dataengine.plugins import BENCHMARKS, registered
 
 Projector = Literal["linear", "mlp2x_gelu"]
 
@@ -93,9 +94,17 @@ class EvalSpec(_Strict):
     """Held-out split and benchmarks run after each stage."""
 
     heldout_fraction: float = Field(default=0.02, ge=0, lt=1, description="Rows (by uid hash) never trained on.")
-    benchmark: Literal["synthweb"] | None = Field(default=None, description="synthweb: the VQA benchmark "
-                                                  "on fresh synthetic scenes (counts, colours, positions, POPE).")
+    benchmark: str | None = Field(default=None, description="A registered benchmark (dataengine.plugins); "
+                                  "synthweb: the test bed's VQA benchmark on fresh synthetic scenes (counts, "
+                                  "colours, positions, POPE).")
     benchmark_size: int = Field(default=200, gt=0, description="Images in the benchmark.")
+
+    @field_validator("benchmark")
+    @classmethod
+    def _known_benchmark(cls, name: str | None) -> str | None:
+        if name is not None and name not in registered(BENCHMARKS):
+            raise ValueError(f"no benchmark {name!r} is registered (registered: {', '.join(sorted(registered(BENCHMARKS))) or 'none'})")
+        return name
 
 
 class TrainSpec(_Strict):
@@ -152,6 +161,4 @@ class TrainSpec(_Strict):
 
     def train_hash(self) -> str:
         """Hash of everything that decides the trained weights (workers, GPUs and checkpoint cadence not)."""
-        from dataengine.spec import _decisive
-
-        return hashlib.sha256(json.dumps(_decisive(self), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(decisive(self), sort_keys=True).encode()).hexdigest()[:16]

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dataengine.models import demo_model_path, from_local_or_hub
+from dataengine.models import from_local_or_hub, resolve_model_ref
 from dataengine.train.config import ModelSpec
 from dataengine.train.convert import convert_open_clip_vision, is_open_clip_dir
 
@@ -56,7 +56,7 @@ def _converted_dir(src: Path) -> Path:
 
 def resolve_vision(ref: str) -> str:
     """A transformers-loadable reference for `ref`: open_clip directories are converted once and cached."""
-    path = Path(demo_model_path(ref)).expanduser()
+    path = Path(resolve_model_ref(ref)).expanduser()
     if path.is_dir() and is_open_clip_dir(path):
         out = _converted_dir(path)
         if not (out / "config.json").is_file():

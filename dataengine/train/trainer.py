@@ -214,20 +214,6 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
     return summary
 
 
-def train_run(run_dir: str | Path, spec: TrainSpec, stages: list[int] | None = None, resume: bool = False) -> dict[str, Any]:
-    """All requested stages in order, each followed by its evaluation."""
-    from dataengine.eval.run_eval import evaluate_stage
-
-    results = {}
-    for stage in stages or spec.stages:
-        summary = train_stage(run_dir, spec, stage, resume=resume)
-        if "eval" not in summary:
-            summary["eval"] = evaluate_stage(Path(run_dir), spec, stage)
-            write_text_atomic(stage_dir(Path(run_dir), stage) / RESULT_FILE, json.dumps(summary, indent=2))
-        results[f"stage{stage}"] = summary
-    return results
-
-
 def train_spec_for(run_dir: str | Path, spec_path: str | None) -> TrainSpec:
     """The `train:` section from `spec_path`, else from the spec recorded in the run's run.json."""
     from dataengine.spec import load_spec, parse_spec
@@ -242,23 +228,3 @@ def train_spec_for(run_dir: str | Path, spec_path: str | None) -> TrainSpec:
     if spec.train is None:
         raise TrainError(f"{spec_path or run_json}: the spec has no train: section (add one, or pass --spec)")
     return spec.train
-
-
-def format_train_summary(results: dict[str, Any]) -> str:
-    lines = []
-    for name, r in results.items():
-        ev = r.get("eval", {})
-        held = ev.get("heldout", {})
-        bench = ev.get("benchmark")
-        line = (f"{name}: {r['steps']} steps, {r['samples_trained']} samples, skipped "
-                f"{ {k: v for k, v in r['skipped'].items() if v} or 'none'}, {r['seconds']}s -> {r['model']}")
-        if held:
-            line += f"\n  held-out loss {held['loss']:.3f}, perplexity {held['perplexity']:.2f} ({held['samples']} samples)"
-        if bench:
-            line += (f"\n  benchmark: exact match {bench['exact_match']:.3f} "
-                     + " ".join(f"{k.removesuffix('_accuracy')} {v:.3f}" for k, v in bench.items() if k.endswith("_accuracy"))
-                     + f"; POPE F1 {bench['pope']['f1']:.3f}, yes-ratio {bench['pope']['yes_ratio']:.2f}"
-                     + f"; descriptions: {bench['describe']['chair']:.3f} of named objects hallucinated")
-        lines.append(line)
-    return "\n".join(lines)
-

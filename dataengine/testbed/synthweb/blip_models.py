@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from dataengine.synthweb.scenes import BACKGROUNDS, COLOURS, KINDS, POSITIONS, SIZES
+from dataengine.testbed.synthweb.scenes import BACKGROUNDS, COLOURS, KINDS, POSITIONS, SIZES
 
 log = logging.getLogger(__name__)
 

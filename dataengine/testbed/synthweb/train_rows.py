@@ -14,7 +14,7 @@ def build_random_llama(out: Path, texts: list[str], hidden: int = 32) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dataengine.synthweb.models import build_caption_tokenizer
+    from dataengine.testbed.synthweb.tokenizer import build_caption_tokenizer
 
     tok = build_caption_tokenizer(texts, out, vocab_size=300)
     torch.manual_seed(0)
@@ -34,9 +34,9 @@ def make_train_rows(n: int, seed: int = 11) -> list[dict]:
     import numpy as np
 
     from dataengine.llm.templates import Templates, template_conversation
-    from dataengine.synthweb.build import boxes_json
-    from dataengine.synthweb.render import render_scene
-    from dataengine.synthweb.scenes import KINDS, caption_scene, generate_scene
+    from dataengine.testbed.synthweb.build import boxes_json
+    from dataengine.testbed.synthweb.render import render_scene
+    from dataengine.testbed.synthweb.scenes import KINDS, caption_scene, generate_scene
 
     templates, rows = Templates.load(), []
     for i in range(n):

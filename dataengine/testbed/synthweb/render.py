@@ -13,7 +13,7 @@ import math
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageOps
 
-from dataengine.synthweb.scenes import BACKGROUNDS, COLOURS, Scene
+from dataengine.testbed.synthweb.scenes import BACKGROUNDS, COLOURS, Scene
 
 _NOISE_AMPLITUDE = 7  # texture noise is uniform in [-a, a] grey levels
 _TILE = (149, 163)  # odd, coprime sides so the tiling repeat is not on an 8x8 JPEG block grid
@@ -74,7 +74,7 @@ def render_scene(scene: Scene, width: int, height: int, rng: np.random.Generator
     """Draw `scene` at `width` x `height`; `rng` drives gradient, colour jitter and texture only.
 
     Examples:
-        >>> from dataengine.synthweb.scenes import generate_scene
+        >>> from dataengine.testbed.synthweb.scenes import generate_scene
         >>> scene = generate_scene(np.random.default_rng(0))
         >>> render_scene(scene, 64, 48, np.random.default_rng(1)).size
         (64, 48)

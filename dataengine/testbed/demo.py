@@ -21,12 +21,11 @@ import polars as pl
 from dataengine import columns as C
 from dataengine.query import scan
 from dataengine.runner import LOG_FILE, MANIFEST, RunError, format_summary, run_pipeline
-from dataengine.models import DEMO_PREFIX
 from dataengine.spec import PipelineSpec, load_spec
 from dataengine.report import write_report
-from dataengine.synthweb import SynthWebServer, build_synthweb, write_url_list
-from dataengine.synthweb import build as T  # the truth table's column names
-from dataengine.synthweb.models import ensure_demo_models
+from dataengine.testbed.synthweb import SynthWebServer, build_synthweb, write_url_list
+from dataengine.testbed.synthweb import build as T  # the truth table's column names
+from dataengine.testbed.synthweb.models import DEMO_PREFIX, ensure_demo_models
 
 log = logging.getLogger(__name__)
 SCORES_FILE = "demo_scores.json"
@@ -51,7 +50,7 @@ def scene_pairs(objects: list[dict[str, Any]] | None) -> set[tuple[str, str]]:
 
 def caption_is_right(caption: str | None, objects: list[dict[str, Any]] | None) -> bool:
     """A caption is right when it names exactly the image's (colour, shape) pairs."""
-    from dataengine.synthweb.blip_models import colour_shape_pairs
+    from dataengine.testbed.synthweb.blip_models import colour_shape_pairs
 
     return caption is not None and colour_shape_pairs(caption) == scene_pairs(objects)
 

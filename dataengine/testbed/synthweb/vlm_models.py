@@ -24,8 +24,8 @@ def _texts(n: int, seed: int) -> list[str]:
     import numpy as np
 
     from dataengine.llm.templates import Templates, template_conversation
-    from dataengine.synthweb.build import boxes_json
-    from dataengine.synthweb.scenes import KINDS, caption_scene, generate_scene
+    from dataengine.testbed.synthweb.build import boxes_json
+    from dataengine.testbed.synthweb.scenes import KINDS, caption_scene, generate_scene
     from dataengine.train.model import LLAVA_CHAT_TEMPLATE
 
     from jinja2 import Template
@@ -50,7 +50,7 @@ def train_demo_vlm_lm(out_dir: Path, recipe: dict[str, Any] = VLM_RECIPE) -> Pat
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dataengine.synthweb.models import build_caption_tokenizer
+    from dataengine.testbed.synthweb.tokenizer import build_caption_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     texts = _texts(recipe["texts"], recipe["seed"])

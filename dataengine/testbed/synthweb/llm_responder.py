@@ -57,7 +57,7 @@ class SceneResponder:
         self._lock = threading.Lock()
 
     def __call__(self, body: dict[str, Any]) -> Any:
-        from dataengine.synthweb.llm_server import Reply
+        from dataengine.testbed.synthweb.llm_server import Reply
 
         messages = body.get("messages") or []
         context = fenced_context(messages)

@@ -49,8 +49,8 @@ def build_benchmark(n_images: int, image_size: int = 64, seed: int = BENCHMARK_S
                     captions: list[str] | None = None) -> tuple[list[Any], list[Question]]:
     """`n_images` fresh scenes rendered at `image_size`, and their questions with answers (and, into
     `captions` when given, one true caption per image)."""
-    from dataengine.synthweb.render import render_scene
-    from dataengine.synthweb.scenes import KINDS, caption_scene, generate_scene
+    from dataengine.testbed.synthweb.render import render_scene
+    from dataengine.testbed.synthweb.scenes import KINDS, caption_scene, generate_scene
 
     templates = Templates.load()
     images, questions = [], []
@@ -111,7 +111,7 @@ def score(questions: list[Question], answers: list[str]) -> dict[str, Any]:
     """Exact match per question type and overall; POPE accuracy, precision, recall, F1, yes-ratio;
     for descriptions, CHAIR-style object hallucination (share of named colour-shape pairs not in the
     image) and object recall."""
-    from dataengine.synthweb.blip_models import colour_shape_pairs
+    from dataengine.testbed.synthweb.blip_models import colour_shape_pairs
 
     right: dict[str, list[bool]] = defaultdict(list)
     tp = fp = fn = tn = yes = 0

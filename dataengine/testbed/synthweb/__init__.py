@@ -4,7 +4,7 @@ Because every image is drawn from a known scene and every defect is injected on 
 against it can be scored exactly: which rows a downloader or filter should have dropped, and why.
 """
 
-from dataengine.synthweb.build import (
+from dataengine.testbed.synthweb.build import (
     EXPECTED_REASON,
     ROUTES,
     TRUTH_SCHEMA,
@@ -13,8 +13,8 @@ from dataengine.synthweb.build import (
     item_id,
     write_url_list,
 )
-from dataengine.synthweb.render import DUP_TRANSFORMS, encode_jpeg, render_scene, transform_image
-from dataengine.synthweb.scenes import (
+from dataengine.testbed.synthweb.render import DUP_TRANSFORMS, encode_jpeg, render_scene, transform_image
+from dataengine.testbed.synthweb.scenes import (
     BACKGROUNDS,
     COLOURS,
     KINDS,
@@ -25,7 +25,7 @@ from dataengine.synthweb.scenes import (
     caption_scene,
     generate_scene,
 )
-from dataengine.synthweb.server import SynthWebServer, bomb_png
+from dataengine.testbed.synthweb.server import SynthWebServer, bomb_png
 
 __all__ = [
     "BACKGROUNDS",

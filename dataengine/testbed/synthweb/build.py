@@ -23,14 +23,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dataengine import columns as C
-from dataengine.synthweb.render import (
+from dataengine.testbed.synthweb.render import (
     DUP_TRANSFORMS,
     decode_image,
     encode_jpeg,
     render_scene,
     transform_image,
 )
-from dataengine.synthweb.scenes import Scene, caption_scene, crop_scene, flip_scene, generate_scene
+from dataengine.testbed.synthweb.scenes import Scene, caption_scene, crop_scene, flip_scene, generate_scene
 
 log = logging.getLogger(__name__)
 

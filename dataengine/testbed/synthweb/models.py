@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dataengine.progress import note
+from dataengine.testbed.synthweb.tokenizer import build_caption_tokenizer
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -54,23 +55,6 @@ def build_random_open_clip(out_dir: str | Path, seed: int = 0, **config: Any) ->
     model_cfg = tiny_open_clip_config(**config)
     model = open_clip.CLIP(**model_cfg)
     return save_open_clip(model, model_cfg, out_dir)
-
-
-def build_caption_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 600) -> Any:
-    """A byte-level BPE tokenizer trained on `texts`, saved with `save_pretrained` (GPT-2's family)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>",
-                                      eos_token="<|endoftext|>", pad_token="<pad>")
-    wrapped.save_pretrained(str(out_dir))
-    return wrapped
 
 
 def build_random_causal_lm(out_dir: str | Path, texts: list[str], seed: int = 0, n_embd: int = 32) -> Path:
@@ -144,11 +128,11 @@ DEMO_FAMILIES = {"clip": "core", "lm": "core", "blip-captioner": "blip", "blip-i
 
 def _family_recipe(family: str) -> dict[str, Any]:
     if family == "blip":
-        from dataengine.synthweb.blip_models import BLIP_RECIPE
+        from dataengine.testbed.synthweb.blip_models import BLIP_RECIPE
 
         return BLIP_RECIPE
     if family == "vlm":
-        from dataengine.synthweb.vlm_models import VLM_RECIPE
+        from dataengine.testbed.synthweb.vlm_models import VLM_RECIPE
 
         return VLM_RECIPE
     return DEMO_RECIPE
@@ -164,11 +148,27 @@ def demo_model_dir(cache_dir: str | Path | None = None, family: str = "core") ->
     return base / "demo-models" / (digest if family == "core" else f"{family}-{digest}")
 
 
+DEMO_PREFIX = "synthweb-demo:"
+
+
+def demo_model_path(model: str) -> str:
+    """The model source `synthweb-demo:` (an entry point in pyproject): `synthweb-demo:clip` is the demo
+    CLIP's directory in the model cache, once `dataengine demo-models` (or the demo) has trained it."""
+    from dataengine.models import ModelNotFound
+
+    name = model.removeprefix(DEMO_PREFIX)
+    path = demo_model_dir(family=DEMO_FAMILIES.get(name, "core")) / name
+    if name not in DEMO_FAMILIES or not path.is_dir():
+        raise ModelNotFound(f"{model}: no demo model at {path}; `dataengine demo-models` trains them "
+                            f"({', '.join(DEMO_PREFIX + m for m in DEMO_FAMILIES)} exist)")
+    return str(path)
+
+
 def _clean_pairs(n: int, size: int, seed: int) -> tuple[list[Any], list[str]]:
     import numpy as np
 
-    from dataengine.synthweb.render import render_scene
-    from dataengine.synthweb.scenes import caption_scene, generate_scene
+    from dataengine.testbed.synthweb.render import render_scene
+    from dataengine.testbed.synthweb.scenes import caption_scene, generate_scene
 
     images, captions = [], []
     for i in range(n):
@@ -280,7 +280,7 @@ def _train_core(out: Path) -> None:
 
 
 def _train_blip(out: Path) -> None:
-    from dataengine.synthweb.blip_models import BLIP_RECIPE, train_demo_blip_captioner, train_demo_blip_itm
+    from dataengine.testbed.synthweb.blip_models import BLIP_RECIPE, train_demo_blip_captioner, train_demo_blip_itm
 
     images, captions = _clean_pairs(BLIP_RECIPE["pairs"], BLIP_RECIPE["image_size"], BLIP_RECIPE["seed"])
     note("training the demo BLIP captioner on %d clean synthetic pairs ...", len(images))
@@ -292,7 +292,7 @@ def _train_blip(out: Path) -> None:
 
 
 def _train_vlm(out: Path) -> None:
-    from dataengine.synthweb.vlm_models import train_demo_vlm_lm
+    from dataengine.testbed.synthweb.vlm_models import train_demo_vlm_lm
 
     note("training the demo VLM's language model on synthetic-web text ...")
     train_demo_vlm_lm(out / "vlm-lm")
