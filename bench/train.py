@@ -49,7 +49,8 @@ def run_ours(run: Path, parts: dict[str, Path], steps: int, workers: int) -> dic
     import ray
 
     from dataengine.train.config import TrainSpec
-    from dataengine.train.trainer import stage_dir, train_stage
+    from dataengine.layout import stage_dir
+    from dataengine.train.trainer import train_stage
 
     spec = TrainSpec.model_validate({
         "model": {"vision": str(parts["vision"]), "lm": str(parts["lm"])}, "stages": [2], "workers": workers,

@@ -148,7 +148,7 @@ def run_log(run_dir: Path, verbose: bool) -> Iterator[Path]:
     and third-party bars land there. Only when stderr is this process's real stderr (not a test's
     capture) and not `--verbose`.
     """
-    from dataengine.runner import LOG_FILE
+    from dataengine.layout import LOG_FILE
 
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOG_FILE

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from dataengine import columns as C
 from dataengine.atomic import write_text_atomic
+from dataengine.layout import EXPORT_DIR
 from dataengine.llm.readiness import caption_sample, readiness_problem, with_short_answer_prompt
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, options: 
     bad = sorted(set(options.formats) - set(FORMATS))
     if bad:
         raise ValueError(f"unknown export format(s) {bad} (known: {', '.join(FORMATS)})")
-    out = Path(out_dir) if out_dir else run / "export"
+    out = Path(out_dir) if out_dir else run / EXPORT_DIR
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / IMAGES_DIR).mkdir(parents=True)

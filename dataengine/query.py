@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 
 from dataengine import columns as C
-from dataengine.runner import DATASET_DIR, REJECTED_DIR
+from dataengine.layout import DATASET_DIR, REJECTED_DIR
 from dataengine.schemas import rejected_schema, sample_schema
 
 TABLES = {"dataset": (DATASET_DIR, sample_schema), "rejected": (REJECTED_DIR, rejected_schema)}

@@ -46,6 +46,8 @@ import pyarrow.parquet as pq
 from dataengine import columns as C
 from dataengine.atomic import remove_stale_temporaries, write_parquet_atomic, write_text_atomic
 from dataengine.inputs import INPUT_STAGE, Shard, plan_shards
+from dataengine.layout import (COMMITTED_DIR, DATASET_DIR, LLM_USAGE_DIR, MANIFEST, PARTS_DIR, REJECTED_DIR,
+                               SEGMENTS_DIR, STATE_DIR)
 from dataengine.models import resolve_model_refs
 from dataengine.ops import OpConfig, get_op, stage_name
 from dataengine.ops.base import Step
@@ -55,11 +57,6 @@ from dataengine.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
 
-DATASET_DIR, REJECTED_DIR, PARTS_DIR, SEGMENTS_DIR = "dataset", "rejected", "_parts", "_segments"
-STATE_DIR = "_state"
-COMMITTED_DIR = f"{STATE_DIR}/committed"
-MANIFEST = "run.json"
-LOG_FILE = "dataengine.log"  # what the console does not show (written by the CLI)
 
 
 class RunError(RuntimeError):
@@ -520,9 +517,8 @@ def _write_manifest(run_dir: Path, spec: PipelineSpec, attempts: list[dict[str, 
 def _llm_usage(run_dir: Path) -> dict[str, Any] | None:
     """Tokens and estimated cost of every LLM request this run paid for (all attempts), if any."""
     from dataengine.llm.usage import read_usage
-    from dataengine.ops.llava_synthesis import USAGE_DIR
 
-    directory = run_dir / USAGE_DIR
+    directory = run_dir / LLM_USAGE_DIR
     return read_usage(directory).as_dict() if directory.is_dir() else None
 
 

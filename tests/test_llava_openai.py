@@ -257,7 +257,7 @@ def test_kill_minus_nine_then_resume_does_not_repay_answered_requests(ray_local,
 
     from dataengine.runner import run_pipeline
     from dataengine.spec import load_spec
-    from tests.conftest import cpus_free_within, write_spec
+    from tests.conftest import write_spec
 
     n = 60
     urls = tmp_path / "input.parquet"

@@ -2,7 +2,6 @@
 
 import math
 
-import polars as pl
 import pyarrow as pa
 import pytest
 

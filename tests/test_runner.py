@@ -202,7 +202,6 @@ def test_empty_input_completes_with_zero_rows(tmp_path):
 
 
 def test_barrier_decision_reads_shards_that_never_reached_the_stage(tmp_path):
-    from dataengine import columns as C
     from dataengine.inputs import Shard
     from dataengine.runner import Segment, _barrier_decision
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from dataengine.train.config import TrainSpec
-from dataengine.train.trainer import TrainError, stage_dir, train_stage
+from dataengine.layout import stage_dir
+from dataengine.train.trainer import TrainError, train_stage
 
 pytestmark = pytest.mark.slow
 

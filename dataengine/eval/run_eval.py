@@ -6,17 +6,21 @@ Runs in a Ray task, on a GPU when the training did, so the driver never needs on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from dataengine.plugins import BENCHMARKS, registered
 from dataengine.progress import note
 from dataengine.train.config import TrainSpec
-from dataengine.train.trainer import pixel_shape, stage_dir
+from dataengine.layout import FINAL_DIR, stage_dir
+from dataengine.train.trainer import pixel_shape
 
 
-def evaluate_model(model_dir: str, run_dir: str | None, stage: int, spec: TrainSpec) -> dict[str, Any]:
-    """Held-out metrics of `model_dir` on `run_dir`'s held-out rows, and the benchmark."""
+def evaluate_model(model_dir: str, run_dir: str | None, stage: int, spec: TrainSpec,
+                   benchmark: Callable[..., dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Held-out metrics of `model_dir` on `run_dir`'s held-out rows, and the benchmark (`benchmark`, as
+    the driver looked it up: a worker on another machine may not have the plugin's entry points)."""
     import ray.data
     import torch
 
@@ -35,7 +39,8 @@ def evaluate_model(model_dir: str, run_dir: str | None, stage: int, spec: TrainS
         result["heldout"] = heldout_loss(model, processor, heldout.iter_batches(batch_size=64, batch_format="numpy"),
                                          tuple(pixel_shape(Path(model_dir))))
     if spec.eval.benchmark is not None:
-        result["benchmark"] = registered(BENCHMARKS)[spec.eval.benchmark](model, processor, spec.eval.benchmark_size)
+        run = benchmark or registered(BENCHMARKS)[spec.eval.benchmark]
+        result["benchmark"] = run(model, processor, spec.eval.benchmark_size)
     return result
 
 
@@ -43,13 +48,14 @@ def evaluate_stage(run_dir: Path, spec: TrainSpec, stage: int) -> dict[str, Any]
     """`evaluate_model` on the stage's final model, as a Ray task (with a GPU when training used one)."""
     import ray
 
-    model_dir = str(stage_dir(run_dir, stage) / "final")
+    model_dir = str(stage_dir(run_dir, stage) / FINAL_DIR)
     if spec.eval.heldout_fraction == 0 and spec.eval.benchmark is None:
         return {"model": model_dir}  # nothing to measure: no task, no model load
     note("stage %d: evaluating%s%s ...", stage, " on held-out rows" if spec.eval.heldout_fraction else "",
          f" and {spec.eval.benchmark_size} benchmark scenes" if spec.eval.benchmark else "")
     task = ray.remote(num_cpus=1, num_gpus=1 if spec.use_gpu else 0)(evaluate_model)
-    result = ray.get(task.remote(model_dir, str(run_dir), stage, spec))
+    benchmark = registered(BENCHMARKS)[spec.eval.benchmark] if spec.eval.benchmark else None
+    result = ray.get(task.remote(model_dir, str(run_dir), stage, spec, benchmark))
     held = result.get("heldout", {})
     bench = result.get("benchmark", {})
     note("stage %d eval: held-out loss %.3f (ppl %.2f) on %s samples%s", stage, held.get("loss", float("nan")),

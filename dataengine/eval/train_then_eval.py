@@ -10,7 +10,8 @@ from typing import Any
 from dataengine.atomic import write_text_atomic
 from dataengine.eval.run_eval import evaluate_stage
 from dataengine.train.config import TrainSpec
-from dataengine.train.trainer import RESULT_FILE, stage_dir, train_stage
+from dataengine.layout import RESULT_FILE, stage_dir
+from dataengine.train.trainer import train_stage
 
 
 def train_run(run_dir: str | Path, spec: TrainSpec, stages: list[int] | None = None, resume: bool = False) -> dict[str, Any]:

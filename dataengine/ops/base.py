@@ -12,7 +12,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
+from typing import Any, ClassVar, Generic, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -46,8 +46,12 @@ class ModelOpConfig(OpConfig):
     concurrency: int | None = Field(default=1, gt=0, description="Actors in the pool (each loads the model once).")
 
 
-class Op(ABC):
-    """Base class of all operators.
+ConfigT = TypeVar("ConfigT", bound=OpConfig)
+
+
+class Op(ABC, Generic[ConfigT]):
+    """Base class of all operators, generic over their config (`class Dedup(Op[DedupConfig])`), so
+    `self.config` and the classmethods' `config` have the op's own config type.
 
     Stateless ops run as Ray tasks; ops with `stateful = True` hold a model and run as a pool of
     actors that build the op once in `__init__`.
@@ -57,8 +61,8 @@ class Op(ABC):
     Config: ClassVar[type[OpConfig]]
     stateful: ClassVar[bool] = False
 
-    def __init__(self, config: OpConfig) -> None:
-        self.config = config
+    def __init__(self, config: ConfigT) -> None:
+        self.config: ConfigT = config
 
     @abstractmethod
     def process(self, batch: pa.Table) -> pa.Table:
@@ -70,36 +74,36 @@ class Op(ABC):
     # not load the op's model.
 
     @classmethod
-    def is_barrier(cls, config: OpConfig) -> bool:
+    def is_barrier(cls, config: ConfigT) -> bool:
         return False
 
     @classmethod
-    def bind_run(cls, config: OpConfig, run_dir: Path) -> OpConfig:
+    def bind_run(cls, config: ConfigT, run_dir: Path) -> ConfigT:
         """The config this run's workers get: ops that keep state in the run directory (a cache,
         usage files) learn where it is here. Called by the runner after the spec hash is taken."""
         return config
 
     @classmethod
-    def after_run(cls, config: OpConfig, run_dir: Path) -> None:
+    def after_run(cls, config: ConfigT, run_dir: Path) -> None:
         """Work that needs the finished run (an export); called once the run is complete."""
 
     @classmethod
-    def ray_llm_config(cls, config: OpConfig) -> Any | None:
+    def ray_llm_config(cls, config: ConfigT) -> Any | None:
         """Engine settings when the op generates through Ray Data LLM (a dataset-level processor
         the Ray adapter wraps between the op's prepare and finish phases); None for ordinary ops."""
         return None
 
     @classmethod
-    def decision_columns(cls, config: OpConfig) -> list[str]:
+    def decision_columns(cls, config: ConfigT) -> list[str]:
         return []
 
     @classmethod
-    def decide(cls, config: OpConfig, scores: pa.Table) -> dict[str, Any]:
+    def decide(cls, config: ConfigT, scores: pa.Table) -> dict[str, Any]:
         """A JSON-serialisable decision from `uid` + `decision_columns` of every alive row."""
         raise NotImplementedError(f"{cls.__qualname__} is not a barrier op")
 
     @classmethod
-    def apply_decision(cls, config: OpConfig, batch: pa.Table, decision: dict[str, Any]) -> pa.Table:
+    def apply_decision(cls, config: ConfigT, batch: pa.Table, decision: dict[str, Any]) -> pa.Table:
         """The `reject_reason` column (and any other added columns) for `batch` under `decision`."""
         raise NotImplementedError(f"{cls.__qualname__} is not a barrier op")
 

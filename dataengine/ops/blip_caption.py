@@ -43,7 +43,7 @@ class BlipCaptionConfig(ModelOpConfig):
 
 
 @register_op("blip_caption_mapper")
-class BlipCaptionMapper(Op):
+class BlipCaptionMapper(Op[BlipCaptionConfig]):
     """Write `synthetic_captions` (K per image) with a BLIP captioner."""
 
     Config = BlipCaptionConfig
@@ -78,7 +78,7 @@ class BlipCaptionMapper(Op):
             except (OSError, ValueError):
                 reasons[i] = "decode_error"
         if rows:
-            seed = _batch_seed(batch.column(C.UID).to_pylist(), self.config.seed)  # type: ignore[attr-defined]
+            seed = _batch_seed(batch.column(C.UID).to_pylist(), self.config.seed)
             for i, written in zip(rows, self.caption(pils, seed)):
                 captions[i] = written
         return pa.table({C.SYNTHETIC_CAPTIONS: pa.array(captions, pa.list_(pa.string())),
@@ -86,7 +86,7 @@ class BlipCaptionMapper(Op):
 
     def caption(self, images: list[Any], seed: int = 0) -> list[list[str]]:
         """K captions per image, prompt stripped, whitespace normalised."""
-        config: BlipCaptionConfig = self.config  # type: ignore[assignment]
+        config = self.config
         torch = self.torch
         k = config.num_captions
         text = [config.prompt] * len(images) if config.prompt else None

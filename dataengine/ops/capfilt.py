@@ -42,7 +42,7 @@ class CapfiltConfig(ModelOpConfig):
 
 
 @register_op("capfilt_filter")
-class CapfiltFilter(Op):
+class CapfiltFilter(Op[CapfiltConfig]):
     """Score web + synthetic captions with BLIP ITM; keep the matching ones; reject rows with none."""
 
     Config = CapfiltConfig
@@ -62,7 +62,7 @@ class CapfiltFilter(Op):
     def process(self, batch: pa.Table) -> pa.Table:
         from PIL import Image
 
-        config: CapfiltConfig = self.config  # type: ignore[assignment]
+        config = self.config
         rows = batch.to_pylist()
         out: list[dict[str, Any]] = []
         for row in rows:
@@ -108,7 +108,7 @@ class CapfiltFilter(Op):
     def match_probabilities(self, image: Any, texts: list[str]) -> np.ndarray:
         """ITM P(match) of each text with `image`: one vision pass, one cross-attending text pass per text."""
         torch = self.torch
-        config: CapfiltConfig = self.config  # type: ignore[assignment]
+        config = self.config
         pixels = self.processor(images=[image], return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
         tokens = self.processor.tokenizer(texts, padding="longest", truncation=True, max_length=config.max_text_tokens,
                                           return_tensors="pt").to(self.device)

@@ -44,7 +44,7 @@ class CaptionRulesConfig(OpConfig):
 
 
 @register_op("caption_rules_filter")
-class CaptionRulesFilter(Op):
+class CaptionRulesFilter(Op[CaptionRulesConfig]):
     """Reject captions that break a rule; the reason names the rule."""
 
     Config = CaptionRulesConfig
@@ -62,7 +62,7 @@ class CaptionRulesFilter(Op):
 
     def broken_rule(self, caption: str | None) -> str | None:
         """The first rule `caption` breaks, or None."""
-        cfg: CaptionRulesConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         if caption is None or not caption.strip():
             return "empty"
         text = caption.strip()

@@ -41,7 +41,7 @@ class ClipScoreConfig(ModelOpConfig):
 
 
 @register_op("clip_score_filter")
-class ClipScoreFilter(KeepFractionBarrier, Op):
+class ClipScoreFilter(KeepFractionBarrier, Op[ClipScoreConfig]):
     """Score image-caption agreement with an open_clip model; reject below the threshold."""
 
     Config = ClipScoreConfig
@@ -66,7 +66,7 @@ class ClipScoreFilter(KeepFractionBarrier, Op):
     def process(self, batch: pa.Table) -> pa.Table:
         from PIL import Image
 
-        config: ClipScoreConfig = self.config  # type: ignore[assignment]
+        config = self.config
         n = batch.num_rows
         images = batch.column(C.IMAGE).to_pylist() if C.IMAGE in batch.column_names else [None] * n
         captions = batch.column(C.CAPTION).to_pylist() if C.CAPTION in batch.column_names else [None] * n

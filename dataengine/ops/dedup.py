@@ -62,7 +62,7 @@ def descriptor_column(config: DedupConfig) -> str:
 
 
 @register_op("dedup")
-class Dedup(Op):
+class Dedup(Op[DedupConfig]):
     """Compute descriptors in the stream; group near-duplicates after the barrier."""
 
     Config = DedupConfig
@@ -79,7 +79,7 @@ class Dedup(Op):
     def process(self, batch: pa.Table) -> pa.Table:
         from dataengine.descriptors import decode_rgb, phash
 
-        config: DedupConfig = self.config  # type: ignore[assignment]
+        config = self.config
         n = batch.num_rows
         if config.descriptor == "clip":
             if C.CLIP_IMAGE_EMBEDDING not in batch.column_names:
@@ -104,15 +104,15 @@ class Dedup(Op):
                          C.REJECT_REASON: pa.array(reasons, pa.string())})
 
     @classmethod
-    def is_barrier(cls, config: DedupConfig) -> bool:  # type: ignore[override]
+    def is_barrier(cls, config: DedupConfig) -> bool:
         return True
 
     @classmethod
-    def decision_columns(cls, config: DedupConfig) -> list[str]:  # type: ignore[override]
+    def decision_columns(cls, config: DedupConfig) -> list[str]:
         return [descriptor_column(config), C.CLIP_SCORE]
 
     @classmethod
-    def decide(cls, config: DedupConfig, scores: pa.Table) -> dict[str, Any]:  # type: ignore[override]
+    def decide(cls, config: DedupConfig, scores: pa.Table) -> dict[str, Any]:
         from dataengine.dedup_index import SearchConfig, greedy_keep, hamming_pairs, near_duplicate_pairs
 
         uids = scores.column(C.UID).to_pylist()
@@ -148,7 +148,7 @@ class Dedup(Op):
                 "contaminated": sum(r.startswith("contaminates:") for r in rejected.values())}
 
     @classmethod
-    def apply_decision(cls, config: DedupConfig, batch: pa.Table, decision: dict[str, Any]) -> pa.Table:  # type: ignore[override]
+    def apply_decision(cls, config: DedupConfig, batch: pa.Table, decision: dict[str, Any]) -> pa.Table:
         rejected = decision["rejected"]
         return pa.table({C.REJECT_REASON: pa.array([rejected.get(u) for u in batch.column(C.UID).to_pylist()], pa.string())})
 

@@ -74,7 +74,7 @@ _OUTPUT_FIELDS = (
 
 
 @register_op("download")
-class DownloadOp(Op):
+class DownloadOp(Op[DownloadConfig]):
     """Fetch, verify, resize and re-encode images; reject with a reason code on any failure."""
 
     Config = DownloadConfig

@@ -46,7 +46,7 @@ class ExportConfig(OpConfig):
 
 
 @register_op("export")
-class Export(Op):
+class Export(Op[ExportConfig]):
     """Reject rows a trainer could not use; write the export after the run."""
 
     Config = ExportConfig
@@ -60,7 +60,7 @@ class Export(Op):
             self.tokenizer = load_tokenizer(config.tokenizer)
 
     def process(self, batch: pa.Table) -> pa.Table:
-        config: ExportConfig = self.config  # type: ignore[assignment]
+        config = self.config
         options = config.options()
         reasons: list[str | None] = []
         lengths: list[int | None] = []
@@ -85,5 +85,5 @@ class Export(Op):
         return pa.table({C.CONVERSATION_TOKENS: pa.array(lengths, pa.int32()), C.REJECT_REASON: pa.array(reasons, pa.string())})
 
     @classmethod
-    def after_run(cls, config: ExportConfig, run_dir: Path) -> None:  # type: ignore[override]
+    def after_run(cls, config: ExportConfig, run_dir: Path) -> None:
         export_run(run_dir, config.out, config.options())

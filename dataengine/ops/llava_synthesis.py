@@ -32,13 +32,13 @@ from dataengine.llm.openai_backend import OpenAIBackendConfig
 from dataengine.llm.prompts import RESPONSE_TYPES
 from dataengine.llm.vllm_backend import VLLMBackendConfig
 from dataengine.fields import OPERATIONAL
+from dataengine.layout import LLM_CACHE_DIR, LLM_USAGE_DIR
 from dataengine.ops.base import OpConfig, Op, register_op
 
 log = logging.getLogger(__name__)
 
 ResponseType = Literal["conversation", "detail", "reasoning"]
 LLAVA_INSTRUCT_MIX: dict[str, float] = {"conversation": 58.0, "detail": 23.0, "reasoning": 77.0}
-CACHE_DIR, USAGE_DIR = "_state/llm-cache", "_state/llm-usage"
 
 
 class LlavaSynthesisConfig(OpConfig):
@@ -161,7 +161,7 @@ def row_context(row: dict[str, Any]) -> dict[str, Any]:
 
 
 @register_op("llava_synthesis_mapper")
-class LlavaSynthesisMapper(Op):
+class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
     """Write one LLaVA sample per image with the configured backend; validate it; reject what fails."""
 
     Config = LlavaSynthesisConfig
@@ -189,15 +189,15 @@ class LlavaSynthesisMapper(Op):
             from dataengine.llm.openai_backend import OpenAIChat
             from dataengine.llm.usage import UsageLedger
 
-            cache_dir = config.state_path(CACHE_DIR, config.cache_dir)
-            usage_dir = config.state_path(USAGE_DIR)
+            cache_dir = config.state_path(LLM_CACHE_DIR, config.cache_dir)
+            usage_dir = config.state_path(LLM_USAGE_DIR)
             assert config.openai is not None
             self.chat = OpenAIChat(config.openai, ResponseCache(cache_dir) if cache_dir else None,
                                    UsageLedger(usage_dir) if usage_dir else None,
                                    config._api_key.get_secret_value() if config._api_key else None)
 
     @classmethod
-    def bind_run(cls, config: LlavaSynthesisConfig, run_dir: Path) -> LlavaSynthesisConfig:  # type: ignore[override]
+    def bind_run(cls, config: LlavaSynthesisConfig, run_dir: Path) -> LlavaSynthesisConfig:
         bound = config.model_copy()
         bound._run_dir = str(run_dir)
         env = config.openai.api_key_env if config.backend == "openai" and config.openai else None
@@ -206,7 +206,7 @@ class LlavaSynthesisMapper(Op):
         return bound
 
     @classmethod
-    def ray_llm_config(cls, config: LlavaSynthesisConfig) -> VLLMBackendConfig | None:  # type: ignore[override]
+    def ray_llm_config(cls, config: LlavaSynthesisConfig) -> VLLMBackendConfig | None:
         return config.vllm if config.backend == "vllm" else None
 
     def __del__(self) -> None:
@@ -214,7 +214,7 @@ class LlavaSynthesisMapper(Op):
             self.chat.close()
 
     def process(self, batch: pa.Table) -> pa.Table:
-        config: LlavaSynthesisConfig = self.config  # type: ignore[assignment]
+        config = self.config
         rows = batch.select([c for c in batch.column_names if c in _CONTEXT_COLUMNS]).to_pylist()  # no image bytes
         out = [_empty_result() for _ in rows]
         contexts: list[dict[str, Any] | None] = []
@@ -242,7 +242,7 @@ class LlavaSynthesisMapper(Op):
     def _from_templates(self, rows: list[dict], contexts: list[dict | None], out: list[dict]) -> None:
         from dataengine.llm.templates import template_conversation
 
-        config: LlavaSynthesisConfig = self.config  # type: ignore[assignment]
+        config = self.config
         for row, context, result in zip(rows, contexts, out):
             if context is None:
                 continue
@@ -254,7 +254,7 @@ class LlavaSynthesisMapper(Op):
 
     def type_and_question(self, uid: str) -> tuple[str, str | None]:
         """A row's response type and, for `detail`, the question we ask (LLaVA picks it from a list too)."""
-        config: LlavaSynthesisConfig = self.config  # type: ignore[assignment]
+        config = self.config
         kind = pick_type(uid, config.seed, config.mix)
         questions = self.prompts[kind].questions
         return kind, questions[row_seed(uid, config.seed + 1) % len(questions)] if kind == "detail" else None
@@ -263,7 +263,6 @@ class LlavaSynthesisMapper(Op):
         """(row index, response type, fixed question, chat messages) for every row with a context."""
         from dataengine.llm.prompts import build_messages
 
-        config: LlavaSynthesisConfig = self.config  # type: ignore[assignment]
         requests = []
         for i, (row, context) in enumerate(zip(rows, contexts)):
             if context is None:
@@ -275,7 +274,7 @@ class LlavaSynthesisMapper(Op):
     def _from_openai(self, rows: list[dict], contexts: list[dict | None], out: list[dict]) -> None:
         from dataengine.llm.openai_backend import RequestFailed
 
-        config: LlavaSynthesisConfig = self.config  # type: ignore[assignment]
+        config = self.config
         requests = self.requests(rows, contexts)
         if not requests:
             return
@@ -310,7 +309,7 @@ class LlavaSynthesisMapper(Op):
         """Finish rows that Ray Data LLM generated for (see `dataengine.llm.vllm_backend`)."""
         from dataengine.llm.vllm_backend import REPLY_COLUMNS
 
-        config: LlavaSynthesisConfig = self.config  # type: ignore[assignment]
+        config = self.config
         text_col, finish_col, in_col, out_col = REPLY_COLUMNS
         for row, context, result in zip(rows, contexts, out):
             if context is None:
@@ -341,7 +340,7 @@ class LlavaSynthesisMapper(Op):
         from dataengine.llm.grounding import ungrounded_objects
         from dataengine.llm.validate import InvalidConversation, validate_conversation
 
-        config: LlavaSynthesisConfig = self.config  # type: ignore[assignment]
+        config = self.config
         try:
             turns = validate_conversation(turns, self.limits)
         except InvalidConversation as e:

@@ -9,7 +9,7 @@ The score (`text_ppl`: exp of the mean token negative log-likelihood, the captio
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import pyarrow as pa
 from pydantic import Field, model_validator
@@ -36,7 +36,7 @@ class PerplexityConfig(ModelOpConfig):
 
 
 @register_op("perplexity_filter")
-class PerplexityFilter(KeepFractionBarrier, Op):
+class PerplexityFilter(KeepFractionBarrier, Op[PerplexityConfig]):
     """Score captions with a causal LM; reject above the threshold."""
 
     Config = PerplexityConfig
@@ -59,7 +59,7 @@ class PerplexityFilter(KeepFractionBarrier, Op):
         self.prefix = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
 
     def process(self, batch: pa.Table) -> pa.Table:
-        config: PerplexityConfig = self.config  # type: ignore[assignment]
+        config = self.config
         captions = batch.column(C.CAPTION).to_pylist() if C.CAPTION in batch.column_names else [None] * batch.num_rows
         rows = [i for i, c in enumerate(captions) if c and c.strip()]
         ppl: list[float | None] = [None] * batch.num_rows
@@ -75,7 +75,7 @@ class PerplexityFilter(KeepFractionBarrier, Op):
         if not texts:
             return []
         torch = self.torch
-        config: PerplexityConfig = self.config  # type: ignore[assignment]
+        config = self.config
         room = config.max_length - (1 if self.prefix is not None else 0)
         encoded = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=room)["input_ids"]
         if self.prefix is not None:

@@ -24,8 +24,8 @@ from dataengine import columns as C
 from dataengine.imaging import ImageOptions, ImageRejected, process_image
 from dataengine.plugins import REPORT_SECTIONS, registered
 from dataengine.query import scan
-from dataengine.runner import DATASET_DIR, MANIFEST, REJECTED_DIR, STATE_DIR, reason_families
-from dataengine.train.trainer import METRICS_FILE, RESULT_FILE, TRAIN_DIR
+from dataengine.layout import DATASET_DIR, MANIFEST, METRICS_FILE, REJECTED_DIR, RESULT_FILE, STATE_DIR, TRAIN_DIR
+from dataengine.runner import reason_families
 
 KEPT, REJECTED_HERE, REJECTED_LATER = "kept", "rejected here", "rejected later"
 GRID_KEPT, GRID_PER_REASON, GRID_REJECTED = 12, 3, 36

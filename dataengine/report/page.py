@@ -15,10 +15,10 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from markupsafe import Markup
 
 from dataengine.atomic import write_text_atomic
+from dataengine.layout import REPORT_FILE
 from dataengine.report import svg
 from dataengine.report.facts import KEPT, REJECTED_HERE, REJECTED_LATER, gather
 
-REPORT_FILE = "report.html"
 TEMPLATE = "report.html.j2"
 BENCHMARK_METRICS = (("exact_match", "VQA exact match"), ("colour_accuracy", "colour"), ("count_accuracy", "count"),
                      ("position_accuracy", "position"), ("exists_accuracy", "exists"))

@@ -20,7 +20,8 @@ import polars as pl
 
 from dataengine import columns as C
 from dataengine.query import scan
-from dataengine.runner import LOG_FILE, MANIFEST, RunError, format_summary, run_pipeline
+from dataengine.layout import LOG_FILE, MANIFEST
+from dataengine.runner import RunError, format_summary, run_pipeline
 from dataengine.spec import PipelineSpec, load_spec
 from dataengine.report import write_report
 from dataengine.testbed.synthweb import SynthWebServer, build_synthweb, write_url_list

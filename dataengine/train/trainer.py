@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dataengine.atomic import write_text_atomic
+from dataengine.layout import CHECKPOINTS_DIR, FINAL_DIR, INIT_DIR, METRICS_FILE, RESULT_FILE, stage_dir
 from dataengine.progress import note, watch_steps
 from dataengine.train.config import StageSpec, TrainSpec
 from dataengine.train.data import encoded_split, kept_files, plan_splits
@@ -33,7 +34,6 @@ from dataengine.train.model import build_llava
 
 log = logging.getLogger(__name__)
 
-TRAIN_DIR, RESULT_FILE, METRICS_FILE = "train", "result.json", "metrics.jsonl"
 CHECKPOINTS_KEPT = 2  # per stage, besides final/
 FAIL_ENV = "DATAENGINE_TRAIN_FAIL_AT_STEP"  # fault injection for tests: one worker failure at this step
 
@@ -64,10 +64,6 @@ def batching(hp: StageSpec, workers: int, train_rows: int) -> Batching:
     return Batching(micro, per_worker // micro, per_epoch, total)
 
 
-def stage_dir(run_dir: Path, stage: int) -> Path:
-    return run_dir / TRAIN_DIR / f"stage{stage}"
-
-
 def data_version(run_dir: Path) -> str:
     """A digest of the kept Parquet files (names, sizes, row counts): changes whenever the data does."""
     import pyarrow.parquet as pq
@@ -85,8 +81,8 @@ def lineage(run_dir: Path, spec: TrainSpec, stage: int, counts: dict[str, int]) 
 
 def _start_model(run_dir: Path, spec: TrainSpec, stage: int, out: Path) -> Path:
     """Where this stage starts: stage 1 from the assembled model; stage 2 from stage 1's final model."""
-    init = out / "init"
-    previous = stage_dir(run_dir, 1) / "final"
+    init = out / INIT_DIR
+    previous = stage_dir(run_dir, 1) / FINAL_DIR
     if stage == 2 and previous.is_dir():
         return previous
     if not (init / "config.json").is_file():
@@ -143,10 +139,10 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
                              f"this one {spec.train_hash()}); delete {out} to retrain it")
         log.info("stage %d already trained (%s); delete it to retrain", stage, out / RESULT_FILE)
         return done
-    checkpoints = out / "checkpoints"
+    checkpoints = out / CHECKPOINTS_DIR
     resume_from = latest_checkpoint(checkpoints) if resume else None
     if not resume:
-        for stale in (checkpoints, out / "final", out / METRICS_FILE):
+        for stale in (checkpoints, out / FINAL_DIR, out / METRICS_FILE):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     hp = spec.stage(stage)
@@ -198,7 +194,7 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
         data_context.enable_progress_bars = bars
     if result.checkpoint is None:
         raise TrainError(f"stage {stage}: training ended without a checkpoint ({result.error})")
-    final = out / "final"
+    final = out / FINAL_DIR
     shutil.rmtree(final, ignore_errors=True)
     with result.checkpoint.as_directory() as d:
         shutil.copytree(d, final)
