@@ -22,24 +22,7 @@ Pipeline, cheapest checks first:
    centre-crop or pad per `resize_mode`.
 5. **Encode** with `cv2.imencode`, so EXIF and every other metadata is dropped.
 
-Measured with `bench/decode.py` (decode + resize to 256 keep_ratio + JPEG q95, ms per image,
-one core, best of 15 interleaved rounds over 6 synthetic photo-like JPEGs of 76 / 637 KiB; a
-shared 2-core CPU-only VM, whose absolute speed drifted by up to 1.5x between sessions):
-
-    path                      640x480   2048x1536
-    opencv full                  5.43       35.05
-    opencv IMREAD_REDUCED        5.39       16.10   (640x480: /2 would undershoot 256 -> full)
-    pillow full                  6.40       43.38
-    pillow draft                 6.10       17.29
-    simplejpeg scaled            4.84       15.49   (libjpeg-turbo M/8 scales: 640x480 at 5/8)
-    process_image                4.29       15.54   (IMREAD_REDUCED + `_resize`'s fast path)
-
-So JPEGs take OpenCV IMREAD_REDUCED; at 640x480 a third of the time was plain INTER_AREA, hence
-the fast path in `_resize`. simplejpeg is not used: given the same `_resize` and encoder it
-measured 3.95 / 14.63 ms against process_image's 3.97 / 15.55 ms in the same run (and it skips
-our header and truncation checks): within 6%, not worth a dependency. Other
-formats (1024x768 -> 256, same box): PNG ~42 ms, WebP ~19 ms, both decode-bound in OpenCV
-(Pillow is 10-15% slower); GIF ~16 ms via Pillow (OpenCV's GIF decoder alone took 47 ms).
+Why these paths: the measurements are in `bench/RESULTS.md` ("Decode paths", `bench/decode.py`).
 
 Threads: OpenCV's own thread pool is set to 1 thread at import (`cv2.setNumThreads(1)`, process-
 wide): callers parallelise across images with many threads/processes, and per-call parallelism on

@@ -235,7 +235,7 @@ def test_lora_checkpoint_is_a_plain_llava_with_the_adapters_merged(llava, tmp_pa
         adapted = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, pixel_values=mb.pixel_values).logits
     weights = _state_dict_for_save(model, "ddp")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    _save_checkpoint(tmp_path, model, processor, optimizer, scheduler, {"step": 2}, {"lineage": {}, "stage": 2}, weights)
+    _save_checkpoint(tmp_path, model, processor, optimizer, scheduler, {"step": 2}, {"stage": 2}, weights)
     plain = LlavaForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
     assert not any("lora" in k for k in plain.state_dict())
     with torch.no_grad():

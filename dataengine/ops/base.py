@@ -131,20 +131,17 @@ _REGISTRY: dict[str, type[Op]] = {}
 OpT = TypeVar("OpT", bound=type[Op])
 
 
-def register_op(name: str):
-    """Class decorator: register an op under `name` (its config's `op` literal must match)."""
-
-    def wrap(cls: OpT) -> OpT:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"op {name!r} is registered twice ({_REGISTRY[name].__qualname__}, {cls.__qualname__})")
-        literal = cls.Config.model_fields["op"].annotation
-        if getattr(literal, "__args__", None) != (name,):
-            raise TypeError(f"{cls.__qualname__}.Config.op must be Literal[{name!r}]")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
+def register_op(cls: OpT) -> OpT:
+    """Class decorator: register an op under the name its config's `op: Literal["<name>"]` gives."""
+    literal = getattr(cls.Config.model_fields["op"].annotation, "__args__", None)
+    if not (isinstance(literal, tuple) and len(literal) == 1 and isinstance(literal[0], str)):
+        raise TypeError(f"{cls.__qualname__}.Config.op must be Literal['<op name>'] (the name the spec uses)")
+    name = literal[0]
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"op {name!r} is registered twice ({_REGISTRY[name].__qualname__}, {cls.__qualname__})")
+    cls.name = name
+    _REGISTRY[name] = cls
+    return cls
 
 
 def get_op(name: str) -> type[Op]:

@@ -42,7 +42,7 @@ class BlipCaptionConfig(ModelOpConfig):
     batch_size: int = Field(default=16, gt=0, description="Images per batch.")
 
 
-@register_op("blip_caption_mapper")
+@register_op
 class BlipCaptionMapper(Op[BlipCaptionConfig]):
     """Write `synthetic_captions` (K per image) with a BLIP captioner."""
 

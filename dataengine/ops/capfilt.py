@@ -41,7 +41,7 @@ class CapfiltConfig(ModelOpConfig):
     batch_size: int = Field(default=16, gt=0, description="Images per batch.")
 
 
-@register_op("capfilt_filter")
+@register_op
 class CapfiltFilter(Op[CapfiltConfig]):
     """Score web + synthetic captions with BLIP ITM; keep the matching ones; reject rows with none."""
 

@@ -43,7 +43,7 @@ class CaptionRulesConfig(OpConfig):
     boilerplate: list[str] = Field(default=list(DEFAULT_BOILERPLATE), description="Phrases, matched as whole words.")
 
 
-@register_op("caption_rules_filter")
+@register_op
 class CaptionRulesFilter(Op[CaptionRulesConfig]):
     """Reject captions that break a rule; the reason names the rule."""
 

@@ -40,7 +40,7 @@ class ClipScoreConfig(ModelOpConfig):
         return self
 
 
-@register_op("clip_score_filter")
+@register_op
 class ClipScoreFilter(KeepFractionBarrier, Op[ClipScoreConfig]):
     """Score image-caption agreement with an open_clip model; reject below the threshold."""
 

@@ -61,7 +61,7 @@ def descriptor_column(config: DedupConfig) -> str:
     return {"sscd": C.SSCD_EMBEDDING, "clip": C.CLIP_IMAGE_EMBEDDING, "phash": C.PHASH}[config.descriptor]
 
 
-@register_op("dedup")
+@register_op
 class Dedup(Op[DedupConfig]):
     """Compute descriptors in the stream; group near-duplicates after the barrier."""
 

@@ -73,7 +73,7 @@ _OUTPUT_FIELDS = (
 )
 
 
-@register_op("download")
+@register_op
 class DownloadOp(Op[DownloadConfig]):
     """Fetch, verify, resize and re-encode images; reject with a reason code on any failure."""
 

@@ -45,7 +45,7 @@ class ExportConfig(OpConfig):
         return ExportOptions(tuple(self.formats), self.caption_data, self.short_answer_prompt, self.write_images)
 
 
-@register_op("export")
+@register_op
 class Export(Op[ExportConfig]):
     """Reject rows a trainer could not use; write the export after the run."""
 

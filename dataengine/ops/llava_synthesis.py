@@ -160,7 +160,7 @@ def row_context(row: dict[str, Any]) -> dict[str, Any]:
     return context
 
 
-@register_op("llava_synthesis_mapper")
+@register_op
 class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
     """Write one LLaVA sample per image with the configured backend; validate it; reject what fails."""
 

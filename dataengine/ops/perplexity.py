@@ -35,7 +35,7 @@ class PerplexityConfig(ModelOpConfig):
         return self
 
 
-@register_op("perplexity_filter")
+@register_op
 class PerplexityFilter(KeepFractionBarrier, Op[PerplexityConfig]):
     """Score captions with a causal LM; reject above the threshold."""
 

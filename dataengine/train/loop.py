@@ -17,14 +17,42 @@ import tempfile
 import time
 from collections import Counter
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dataengine.train.batching import MicroBatch, step_batches, token_loss_sum
 from dataengine.train.checkpoints import LINEAGE_FILE, OPTIMIZER_FILE, STATE_FILE, latest_checkpoint, write_file_list
+from dataengine.train.config import StageSpec
 from dataengine.train.model import load_llava, set_trainable
 
 SKIP_REASONS = ("bad_image", "no_sample", "too_long")
+LOOP_KEY = "loop"  # Ray Train hands `train_loop` a dict: the LoopConfig sits under this key
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What every worker needs to train one stage, decided by the trainer on the driver."""
+
+    stage: int
+    seed: int
+    init_dir: str  # the stage's starting model (a checkpoint, when there is one, wins)
+    strategy: str  # ddp | fsdp
+    bf16: bool
+    hyper: StageSpec
+    micro_batch: int
+    accumulation: int  # micro-batches per worker per optimizer step
+    total_steps: int
+    epochs: int
+    checkpoint_every: int
+    group_by_length: bool
+    max_grad_norm: float
+    pixel_shape: tuple[int, int, int]
+    metrics_path: str
+    lineage: dict[str, Any]
+    checkpoints_dir: str
+    fail_at_step: int | None = None  # fault injection for tests (see `_maybe_fail`)
+    fail_rank: int = 0
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str) -> Any:
@@ -80,7 +108,7 @@ def _strip_peft(key: str) -> str:
 
 
 def _save_checkpoint(out: Path, model: Any, processor: Any, optimizer: Any, scheduler: Any, state: dict[str, Any],
-                     config: dict[str, Any], weights: dict[str, Any]) -> None:
+                     lineage: dict[str, Any], weights: dict[str, Any]) -> None:
     import torch
     from transformers import LlavaForConditionalGeneration
 
@@ -97,7 +125,7 @@ def _save_checkpoint(out: Path, model: Any, processor: Any, optimizer: Any, sche
     processor.save_pretrained(str(out))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, out / OPTIMIZER_FILE)
     (out / STATE_FILE).write_text(json.dumps(state, indent=2))
-    (out / LINEAGE_FILE).write_text(json.dumps(config["lineage"] | {"step": state["step"], "stage": config["stage"]}, indent=2))
+    (out / LINEAGE_FILE).write_text(json.dumps(lineage | {"step": state["step"]}, indent=2))
     write_file_list(out)
 
 
@@ -139,17 +167,17 @@ def _broadcast(value: Any) -> Any:
     return box[0]
 
 
-def _load_start(config: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], dict[str, Any] | None]:
+def _load_start(config: LoopConfig) -> tuple[Any, Any, dict[str, Any], dict[str, Any] | None]:
     """(model, processor, state, optimizer state) from the last checkpoint if any, else the stage's start."""
     import ray.train
     import torch
 
     # the newest complete one on disk: Ray's own can be older (see dataengine.train.checkpoints);
     # it also covers `--resume`, which points the run at the same storage. Rank 0 chooses for all.
-    on_disk = _broadcast(latest_checkpoint(Path(config["checkpoints_dir"])))
+    on_disk = _broadcast(latest_checkpoint(Path(config.checkpoints_dir)))
     checkpoint = ray.train.Checkpoint(str(on_disk)) if on_disk else ray.train.get_checkpoint()
     if checkpoint is None:
-        model, processor = load_llava(config["init_dir"])
+        model, processor = load_llava(config.init_dir)
         return model, processor, {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "skips": {}}, None
     with checkpoint.as_directory() as d:
         model, processor = load_llava(d)
@@ -158,119 +186,158 @@ def _load_start(config: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], dict[
     return model, processor, state, optim
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train entry point; `config` is plain data built by `dataengine.train.trainer`."""
+@dataclass
+class _Worker:
+    """One worker's training state: the wrapped model, its optimizer and where it is in the data."""
+
+    model: Any
+    processor: Any
+    optimizer: Any
+    scheduler: Any
+    params: list[Any]
+    device: Any
+    dummy: MicroBatch
+    state: dict[str, Any]
+    rank: int
+    world: int
+    skips: Counter[str] = field(default_factory=Counter)
+
+
+def _setup(config: LoopConfig) -> _Worker:
+    """Load the start (or the last checkpoint), freeze for the stage, wrap for DDP/FSDP, build the optimizer."""
     import ray.train
     import ray.train.torch
     import torch
 
-    from dataengine.raydata import quiet_worker_logs
-
-    quiet_worker_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    stage, hp = config["stage"], config["hyper"]
-    torch.manual_seed(config["seed"])
+    hp = config.hyper
+    torch.manual_seed(config.seed)
     model, processor, state, optim_state = _load_start(config)
-    set_trainable(model, stage)
-    if hp.get("lora"):
-        model = apply_lora(model, hp["lora"])
+    set_trainable(model, config.stage)
+    if hp.lora is not None:
+        model = apply_lora(model, hp.lora.model_dump())
     llava_config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     device = ray.train.torch.get_device()
-    if world > 1 or config["strategy"] == "fsdp":
-        kwargs = {"use_orig_params": True} if config["strategy"] == "fsdp" else {}
-        model = ray.train.torch.prepare_model(model, parallel_strategy=config["strategy"], parallel_strategy_kwargs=kwargs)
+    if world > 1 or config.strategy == "fsdp":
+        kwargs = {"use_orig_params": True} if config.strategy == "fsdp" else {}
+        model = ray.train.torch.prepare_model(model, parallel_strategy=config.strategy, parallel_strategy_kwargs=kwargs)
     else:
         model = model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"], betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config["total_steps"], hp["warmup_ratio"], hp["schedule"]))
+    optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.total_steps, hp.warmup_ratio, hp.schedule))
     if optim_state is not None:
         # LoRA adapters restart from the merged weights and FSDP shards its optimizer state differently
         # from the full state saved here: both resume with fresh Adam moments (the schedule continues)
-        if not hp.get("lora") and config["strategy"] != "fsdp":
+        if hp.lora is None and config.strategy != "fsdp":
             optimizer.load_state_dict(optim_state["optimizer"])
         scheduler.load_state_dict(optim_state["scheduler"])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if config["bf16"] else nullcontext()
-    pad_id = processor.tokenizer.pad_token_id
-    pixel_shape = tuple(config["pixel_shape"])
-    dummy = _dummy_batch(pad_id, llava_config.image_token_id, llava_config.image_seq_length, pixel_shape)
+    dummy = _dummy_batch(processor.tokenizer.pad_token_id, llava_config.image_token_id, llava_config.image_seq_length,
+                         config.pixel_shape)
     skips: Counter[str] = Counter(state.get("skips", {}) if rank == 0 else {})  # saved totals: all workers
-    shard = ray.train.get_dataset_shard("train")
-    per_worker = config["micro_batch"] * config["accumulation"]
-    metrics_path = Path(config["metrics_path"])
     model.train()
+    return _Worker(model, processor, optimizer, scheduler, params, device, dummy, state, rank, world, skips)
 
-    def report(final: bool) -> None:
-        local = [float(skips.get(r, 0)) for r in SKIP_REASONS]
-        totals = {r: int(v) for r, v in zip(SKIP_REASONS, _all_reduce(local, "sum"))}
-        saved = state | {"skips": totals}
-        weights = _state_dict_for_save(model, config["strategy"]) if (rank == 0 or config["strategy"] == "fsdp") else None
-        metrics = {"step": state["step"], "samples": state["samples"], "final": final, "skips": totals}
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                _save_checkpoint(Path(tmp), model, processor, optimizer, scheduler, saved, config, weights)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics, checkpoint=None)
 
-    last_saved = state["step"]
-    if state["step"] >= config["total_steps"]:  # restarted from the last step's checkpoint: only the final report
-        report(final=True)
+def _step(w: _Worker, config: LoopConfig, batch: dict[str, Any]) -> tuple[float, float, int]:
+    """One optimizer step over this worker's rows of the global batch: (loss per token, tokens, samples),
+    summed over all workers."""
+    import torch
+
+    micro = step_batches(batch, config.micro_batch, config.group_by_length, w.processor.tokenizer.pad_token_id,
+                         config.pixel_shape, w.skips)
+    local_tokens = sum(m.tokens for m in micro)
+    global_tokens = _all_reduce([float(local_tokens)], "sum")[0]
+    passes = int(_all_reduce([float(len(micro))], "max")[0])
+    micro += [w.dummy] * (passes - len(micro))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if config.bf16 else nullcontext()
+    loss_total = 0.0
+    for k, mb in enumerate(micro):
+        sync = k == len(micro) - 1 or not hasattr(w.model, "no_sync")
+        with (nullcontext() if sync else w.model.no_sync()), autocast:
+            logits = w.model(input_ids=mb.input_ids.to(w.device), attention_mask=mb.attention_mask.to(w.device),
+                             pixel_values=mb.pixel_values.to(w.device)).logits
+            loss_sum = token_loss_sum(logits, mb.labels.to(w.device))
+            (loss_sum * w.world / max(global_tokens, 1.0)).backward()
+        loss_total += float(loss_sum.detach())
+    if global_tokens > 0:
+        torch.nn.utils.clip_grad_norm_(w.params, config.max_grad_norm)
+        w.optimizer.step()
+    w.optimizer.zero_grad(set_to_none=True)
+    w.scheduler.step()
+    samples = int(sum(int(m.attention_mask.shape[0]) for m in micro if m.tokens))
+    loss = _all_reduce([loss_total], "sum")[0] / max(global_tokens, 1.0)
+    return loss, global_tokens, int(_all_reduce([float(samples)], "sum")[0])
+
+
+def _checkpoint(w: _Worker, config: LoopConfig, final: bool) -> None:
+    """Report the step to Ray Train; rank 0 attaches a checkpoint (every rank joins the collectives)."""
+    import ray.train
+
+    local = [float(w.skips.get(r, 0)) for r in SKIP_REASONS]
+    totals = {r: int(v) for r, v in zip(SKIP_REASONS, _all_reduce(local, "sum"))}
+    saved = w.state | {"skips": totals}
+    weights = _state_dict_for_save(w.model, config.strategy) if (w.rank == 0 or config.strategy == "fsdp") else None
+    metrics = {"step": w.state["step"], "samples": w.state["samples"], "final": final, "skips": totals}
+    if w.rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            _save_checkpoint(Path(tmp), w.model, w.processor, w.optimizer, w.scheduler, saved,
+                             config.lineage | {"stage": config.stage}, weights)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(metrics, checkpoint=None)
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point: `loop_config[LOOP_KEY]` is the `LoopConfig` the trainer built."""
+    import ray.train
+
+    from dataengine.raydata import quiet_worker_logs
+
+    quiet_worker_logs()
+    config: LoopConfig = loop_config[LOOP_KEY]
+    w = _setup(config)
+    state = w.state
+    if state["step"] >= config.total_steps:  # restarted from the last step's checkpoint: only the final report
+        _checkpoint(w, config, final=True)
         return
-    for epoch in range(state["epoch"], config["epochs"]):
-        for index, batch in enumerate(shard.iter_batches(batch_size=per_worker, batch_format="numpy")):
+    shard = ray.train.get_dataset_shard("train")
+    metrics_path = Path(config.metrics_path)
+    last_saved = state["step"]
+    for epoch in range(state["epoch"], config.epochs):
+        for index, batch in enumerate(shard.iter_batches(batch_size=config.micro_batch * config.accumulation,
+                                                         batch_format="numpy")):
             if epoch == state["epoch"] and index < state["batch_in_epoch"]:
                 continue  # consumed before the checkpoint this attempt started from
             started = time.perf_counter()
-            micro = step_batches(batch, config["micro_batch"], config["group_by_length"], pad_id, pixel_shape, skips)
-            local_tokens = sum(m.tokens for m in micro)
-            global_tokens, passes = _all_reduce([float(local_tokens), float(len(micro))], "sum")[0], \
-                int(_all_reduce([float(len(micro))], "max")[0])
-            micro += [dummy] * (passes - len(micro))
-            loss_total = 0.0
-            for k, mb in enumerate(micro):
-                sync = k == len(micro) - 1 or not hasattr(model, "no_sync")
-                with (nullcontext() if sync else model.no_sync()), autocast:
-                    logits = model(input_ids=mb.input_ids.to(device), attention_mask=mb.attention_mask.to(device),
-                                   pixel_values=mb.pixel_values.to(device)).logits
-                    loss_sum = token_loss_sum(logits, mb.labels.to(device))
-                    (loss_sum * world / max(global_tokens, 1.0)).backward()
-                loss_total += float(loss_sum.detach())
-            lr_used = scheduler.get_last_lr()[0]
-            if global_tokens > 0:
-                torch.nn.utils.clip_grad_norm_(params, config["max_grad_norm"])
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            samples = int(sum(int(m.attention_mask.shape[0]) for m in micro if m.tokens))
-            loss = _all_reduce([loss_total], "sum")[0] / max(global_tokens, 1.0)
-            state.update(step=state["step"] + 1, epoch=epoch, batch_in_epoch=index + 1,
-                         samples=state["samples"] + int(_all_reduce([float(samples)], "sum")[0]))
-            if rank == 0:
+            lr_used = w.scheduler.get_last_lr()[0]
+            loss, tokens, samples = _step(w, config, batch)
+            state.update(step=state["step"] + 1, epoch=epoch, batch_in_epoch=index + 1, samples=state["samples"] + samples)
+            if w.rank == 0:
                 with metrics_path.open("a") as f:
-                    f.write(json.dumps({"step": state["step"], "epoch": epoch, "loss": loss,
-                                        "lr": lr_used, "tokens": global_tokens,
-                                        "seconds": time.perf_counter() - started, "time": time.time()}) + "\n")
-            _maybe_fail(config, state["step"], rank)
-            if state["step"] % config["checkpoint_every"] == 0 and state["step"] < config["total_steps"]:
-                report(final=False)
+                    f.write(json.dumps({"step": state["step"], "epoch": epoch, "loss": loss, "lr": lr_used,
+                                        "tokens": tokens, "seconds": time.perf_counter() - started,
+                                        "time": time.time()}) + "\n")
+            _maybe_fail(config, state["step"], w.rank)
+            if state["step"] % config.checkpoint_every == 0 and state["step"] < config.total_steps:
+                _checkpoint(w, config, final=False)
                 last_saved = state["step"]
-            if state["step"] >= config["total_steps"]:
+            if state["step"] >= config.total_steps:
                 break
-        if state["step"] >= config["total_steps"]:
+        if state["step"] >= config.total_steps:
             break
         state.update(epoch=epoch + 1, batch_in_epoch=0)
     if state["step"] != last_saved or state["step"] == 0:
-        report(final=True)
+        _checkpoint(w, config, final=True)
 
 
-def _maybe_fail(config: dict[str, Any], step: int, rank: int) -> None:
+def _maybe_fail(config: LoopConfig, step: int, rank: int) -> None:
     """Fault injection for tests: at `fail_at_step` the `fail_rank` worker's process dies once (`os._exit`,
     no exception, no cleanup: as if the OOM killer took it); a marker file remembers it happened."""
-    fail = config.get("fail_at_step")
-    if fail and step == fail and rank == config.get("fail_rank", 0):
-        marker = Path(config["metrics_path"]).with_name(f"failed-at-{fail}")
+    fail = config.fail_at_step
+    if fail and step == fail and rank == config.fail_rank:
+        marker = Path(config.metrics_path).with_name(f"failed-at-{fail}")
         if not marker.exists():
             marker.write_text(str(os.getpid()))
             print(f"injected failure: killing training worker rank {rank} (pid {os.getpid()}) at step {step}",

@@ -29,7 +29,7 @@ from dataengine.progress import note, watch_steps
 from dataengine.train.config import StageSpec, TrainSpec
 from dataengine.train.data import encoded_split, kept_files, plan_splits
 from dataengine.train.checkpoints import LINEAGE_FILE, STATE_FILE, latest_checkpoint, prune_checkpoints
-from dataengine.train.loop import train_loop
+from dataengine.train.loop import LOOP_KEY, LoopConfig, train_loop
 from dataengine.train.model import build_llava
 
 log = logging.getLogger(__name__)
@@ -153,28 +153,25 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
     start = _start_model(run_dir, spec, stage, out)
     shape = pixel_shape(start)
     use_bf16 = spec.use_gpu and spec.precision in ("auto", "bfloat16")
-    config = {
-        "stage": stage, "seed": spec.seed, "init_dir": str(start), "strategy": spec.strategy, "bf16": use_bf16,
-        "hyper": hp.model_dump(), "micro_batch": plan.micro_batch, "accumulation": plan.accumulation,
-        "total_steps": plan.total_steps, "epochs": math.ceil(hp.epochs) if not hp.max_steps else 10**9,
-        "checkpoint_every": hp.checkpoint_every, "group_by_length": spec.group_by_length, "max_grad_norm": 1.0,
-        "pixel_shape": shape, "metrics_path": str(out / METRICS_FILE),
-        "lineage": lineage(run_dir, spec, stage, counts),
-        "checkpoints_dir": str(checkpoints.resolve()), "fail_at_step": fail_at_step,
-        "fail_rank": fail_rank,
-    }
+    config = LoopConfig(
+        stage=stage, seed=spec.seed, init_dir=str(start), strategy=spec.strategy, bf16=use_bf16, hyper=hp,
+        micro_batch=plan.micro_batch, accumulation=plan.accumulation, total_steps=plan.total_steps,
+        epochs=math.ceil(hp.epochs) if not hp.max_steps else 10**9, checkpoint_every=hp.checkpoint_every,
+        group_by_length=spec.group_by_length, max_grad_norm=1.0, pixel_shape=(shape[0], shape[1], shape[2]),
+        metrics_path=str(out / METRICS_FILE), lineage=lineage(run_dir, spec, stage, counts),
+        checkpoints_dir=str(checkpoints.resolve()), fail_at_step=fail_at_step, fail_rank=fail_rank)
     data_context = ray.data.DataContext.get_current()  # a dataset keeps the context it was made in
     bars, data_context.enable_progress_bars = data_context.enable_progress_bars, False  # per-step metrics instead
     dataset = encoded_split(run_dir, train_split, stage, str(start), hp.max_length)
     encoded_mb = counts["train"] * (4 * shape[0] * shape[1] * shape[2] + 8 * hp.max_length) / 2**20
-    streaming = not (config["epochs"] > 1 and encoded_mb <= spec.cache_encoded_mb)
+    streaming = not (config.epochs > 1 and encoded_mb <= spec.cache_encoded_mb)
     if not streaming:
         dataset = dataset.materialize()  # later epochs read tokenized rows from the object store
     note("stage %d: %d train rows (%d held out), %d steps of %d (micro %d x accumulation %d x %d workers)%s",
              stage, counts["train"], counts["heldout"], plan.total_steps, hp.global_batch, plan.micro_batch,
              plan.accumulation, spec.workers, f", resuming from {resume_from}" if resume_from else "")
     trainer = TorchTrainer(
-        train_loop, train_loop_config=config,
+        train_loop, train_loop_config={LOOP_KEY: config},
         scaling_config=ray.train.ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu,
                                                   resources_per_worker={"CPU": worker_cpus(spec, streaming)}),
         torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),

@@ -1,0 +1,60 @@
+"""The operator contract: an op's name is its config's `op` literal, registered once; `Op` is generic
+over its config."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pyarrow as pa
+import pytest
+
+from dataengine.ops import base
+from dataengine.ops.base import Op, OpConfig, get_op, register_op
+
+
+class _EchoConfig(OpConfig):
+    op: Literal["test_echo"] = "test_echo"
+    word: str = "hi"
+
+
+class _Echo(Op[_EchoConfig]):
+    Config = _EchoConfig
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        return pa.table({"echo": [self.config.word] * batch.num_rows})
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+
+def test_the_name_is_the_configs_op_literal(registry):
+    assert register_op(_Echo) is _Echo and _Echo.name == "test_echo" and get_op("test_echo") is _Echo
+    assert register_op(_Echo) is _Echo  # the same class again: no error
+    op = get_op("test_echo")(_EchoConfig(word="yo"))
+    assert op.process(pa.table({"x": [1, 2]})).column("echo").to_pylist() == ["yo", "yo"]
+
+
+def test_a_second_class_under_one_name_and_a_config_without_a_literal_are_refused(registry):
+    register_op(_Echo)
+
+    class Other(_Echo):
+        pass
+
+    with pytest.raises(ValueError, match="op 'test_echo' is registered twice"):
+        register_op(Other)
+
+    class LooseConfig(OpConfig):
+        op: str = "loose"
+
+    class Loose(Op[LooseConfig]):
+        Config = LooseConfig
+
+        def process(self, batch: pa.Table) -> pa.Table:
+            return batch
+
+    with pytest.raises(TypeError, match=r"Loose.Config.op must be Literal\['<op name>'\]"):
+        register_op(Loose)
+    with pytest.raises(KeyError, match="unknown op 'loose'"):
+        get_op("loose")
