@@ -16,12 +16,18 @@ EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from dataengine.spec import load_spec
+    from dataengine.spec import load_spec, missing_requirements
 
+    status = 0
     for path in args.specs:
         spec = load_spec(path)
-        print(f"{path}: ok ({spec.name}: {' -> '.join(spec.stage_names())})")
-    return 0
+        missing = missing_requirements(spec)
+        if missing:
+            print(f"{path}: valid, but this Python cannot run it:\n  " + "\n  ".join(missing), file=sys.stderr)
+            status = 2
+        else:
+            print(f"{path}: ok ({spec.name}: {' -> '.join(spec.stage_names())})")
+    return status
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:

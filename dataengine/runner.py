@@ -53,7 +53,7 @@ from dataengine.ops import OpConfig, get_op, stage_name
 from dataengine.ops.base import Step
 from dataengine.progress import note
 from dataengine.schemas import conform, rejected_schema, sample_schema
-from dataengine.spec import PipelineSpec
+from dataengine.spec import PipelineSpec, missing_requirements
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,9 @@ def run_pipeline(spec: PipelineSpec, output: str | Path | None = None, address: 
     """Run (or resume) `spec`, writing into `output` (default: the spec's `output`)."""
     from dataengine.raydata import ray_session  # Ray starts only when there is work for it
 
+    missing = missing_requirements(spec)
+    if missing:
+        raise RunError("this Python cannot run the spec:\n  " + "\n  ".join(missing))
     run_dir = Path(output or spec.output).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     previous = _read_manifest(run_dir)

@@ -113,6 +113,15 @@ class PipelineSpec(_Strict):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def missing_requirements(spec: PipelineSpec) -> list[str]:
+    """One line per optional package a stage needs that this Python cannot import."""
+    import importlib.util
+
+    return [f"stages[{i}] ({stage_name(stage)}): needs the {req.module} package, not installed here: {req.install}"
+            for i, stage in enumerate(spec.stages) for req in get_op(stage.op).requires(stage)
+            if importlib.util.find_spec(req.module) is None]
+
+
 def parse_spec(data: Any, source: str = "<spec>") -> PipelineSpec:
     """Validate a parsed YAML/JSON document; raise `SpecError` with one line per problem."""
     if not isinstance(data, dict):

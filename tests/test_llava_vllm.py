@@ -32,6 +32,32 @@ def test_vllm_config_is_validated():
     assert kwargs["accelerator_type"] == "H100"
 
 
+def test_a_vllm_spec_on_a_python_without_vllm_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """Valid as a spec (it may be meant for a GPU cluster); `validate` and `run` name the missing package."""
+    import importlib.util
+
+    import yaml
+
+    from dataengine import cli
+    from dataengine.runner import RunError, run_pipeline
+    from dataengine.spec import missing_requirements
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    data = {"name": "v", "input": {"path": str(tmp_path / "in.parquet")}, "output": str(tmp_path / "run"),
+            "stages": [{"op": "download"}, {"op": "llava_synthesis_mapper", "backend": "vllm", "vllm": {"model": "m"}}]}
+    spec = parse_spec(data)
+    assert missing_requirements(spec) == ["stages[1] (llava_synthesis_mapper): needs the vllm package, not installed "
+                                          "here: pip install 'dataengine[vllm]' (Ray Data LLM and vLLM, on GPU nodes)"]
+    assert missing_requirements(parse_spec({**data, "stages": [{"op": "download"}]})) == []
+    with pytest.raises(RunError, match="cannot run the spec:\n  stages\\[1\\].*needs the vllm package"):
+        run_pipeline(spec)
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
+    assert cli.main(["validate", str(tmp_path / "spec.yaml")]) == 2
+    assert "valid, but this Python cannot run it" in capsys.readouterr().err
+
+
 def test_prepare_engine_finish_phases_on_cpu():
     """Prepare writes chat messages; a stand-in engine answers through preprocess/postprocess; finish validates."""
     config = LlavaSynthesisConfig(backend="vllm", vllm=VLLMBackendConfig(model="m", max_tokens=400))

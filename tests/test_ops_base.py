@@ -58,3 +58,17 @@ def test_a_second_class_under_one_name_and_a_config_without_a_literal_are_refuse
         register_op(Loose)
     with pytest.raises(KeyError, match="unknown op 'loose'"):
         get_op("loose")
+
+
+def test_every_filters_score_names_its_own_config_fields_and_a_schema_column():
+    """The report draws a filter's score from `Op.score` alone, so it must name real fields."""
+    from dataengine.ops import list_ops
+    from dataengine.schemas import sample_schema
+
+    scored = {name: get_op(name) for name in list_ops() if get_op(name).score is not None}
+    assert set(scored) == {"capfilt_filter", "clip_score_filter", "perplexity_filter"}
+    for name, op in scored.items():
+        fields = op.Config.model_fields
+        assert op.score.threshold_field in fields, name
+        assert op.score.fraction_field is None or op.score.fraction_field in fields, name
+        assert op.score.column in sample_schema().names, name

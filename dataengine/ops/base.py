@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, NamedTuple, TypeVar
@@ -49,6 +50,21 @@ class ModelOpConfig(OpConfig):
 ConfigT = TypeVar("ConfigT", bound=OpConfig)
 
 
+@dataclass(frozen=True)
+class Score:
+    """A filter's score as code outside the op needs it: the report draws it against the cut, a
+    quantile barrier ranks by it. `threshold_field` / `fraction_field` name the config fields holding
+    an absolute cut and a keep-fraction."""
+
+    column: str
+    label: str
+    threshold_field: str
+    fraction_field: str | None
+    higher_is_better: bool
+    log_scale: bool = False
+    note: str = ""
+
+
 class Op(ABC, Generic[ConfigT]):
     """Base class of all operators, generic over their config (`class Dedup(Op[DedupConfig])`), so
     `self.config` and the classmethods' `config` have the op's own config type.
@@ -60,6 +76,7 @@ class Op(ABC, Generic[ConfigT]):
     name: ClassVar[str]
     Config: ClassVar[type[OpConfig]]
     stateful: ClassVar[bool] = False
+    score: ClassVar[Score | None] = None  # filters: their score column and threshold fields
 
     def __init__(self, config: ConfigT) -> None:
         self.config: ConfigT = config
@@ -94,6 +111,11 @@ class Op(ABC, Generic[ConfigT]):
         return None
 
     @classmethod
+    def requires(cls, config: ConfigT) -> list[Requirement]:
+        """Optional packages this configuration needs (checked before a run starts and by `validate`)."""
+        return []
+
+    @classmethod
     def decision_columns(cls, config: ConfigT) -> list[str]:
         return []
 
@@ -106,6 +128,13 @@ class Op(ABC, Generic[ConfigT]):
     def apply_decision(cls, config: ConfigT, batch: pa.Table, decision: dict[str, Any]) -> pa.Table:
         """The `reject_reason` column (and any other added columns) for `batch` under `decision`."""
         raise NotImplementedError(f"{cls.__qualname__} is not a barrier op")
+
+
+class Requirement(NamedTuple):
+    """An optional package a configured op needs: the module it imports and how to install it."""
+
+    module: str
+    install: str
 
 
 class Step(NamedTuple):

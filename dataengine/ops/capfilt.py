@@ -23,7 +23,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from dataengine import columns as C
-from dataengine.ops.base import ModelOpConfig, Op, register_op
+from dataengine.ops.base import ModelOpConfig, Op, Score, register_op
 
 
 class CapfiltConfig(ModelOpConfig):
@@ -47,6 +47,8 @@ class CapfiltFilter(Op[CapfiltConfig]):
 
     Config = CapfiltConfig
     stateful = True
+    score = Score(C.WEB_CAPTION_ITM, "ITM match probability of the web caption", "threshold", None,
+                  higher_is_better=True, note="a row left of the line stays when a synthetic caption passes")
 
     def __init__(self, config: CapfiltConfig) -> None:
         super().__init__(config)

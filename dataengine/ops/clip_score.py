@@ -17,7 +17,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from dataengine import columns as C
-from dataengine.ops.base import ModelOpConfig, Op, register_op
+from dataengine.ops.base import ModelOpConfig, Op, Score, register_op
 from dataengine.ops.thresholds import KeepFractionBarrier, at_most_one
 
 
@@ -46,9 +46,8 @@ class ClipScoreFilter(KeepFractionBarrier, Op[ClipScoreConfig]):
 
     Config = ClipScoreConfig
     stateful = True
-    score_column = C.CLIP_SCORE
-    fraction_field = "keep_top_fraction"
-    highest = True
+    score = Score(C.CLIP_SCORE, "CLIP image-text cosine similarity", "min_score", "keep_top_fraction",
+                  higher_is_better=True)
     not_kept_reason = "clip_score_not_top_{:g}"
 
     def __init__(self, config: ClipScoreConfig) -> None:

@@ -33,7 +33,7 @@ from dataengine.llm.prompts import RESPONSE_TYPES
 from dataengine.llm.vllm_backend import VLLMBackendConfig
 from dataengine.fields import OPERATIONAL
 from dataengine.layout import LLM_CACHE_DIR, LLM_USAGE_DIR
-from dataengine.ops.base import OpConfig, Op, register_op
+from dataengine.ops.base import OpConfig, Op, Requirement, register_op
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,11 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
             self.chat = OpenAIChat(config.openai, ResponseCache(cache_dir) if cache_dir else None,
                                    UsageLedger(usage_dir) if usage_dir else None,
                                    config._api_key.get_secret_value() if config._api_key else None)
+
+    @classmethod
+    def requires(cls, config: LlavaSynthesisConfig) -> list[Requirement]:
+        return [Requirement("vllm", "pip install 'dataengine[vllm]' (Ray Data LLM and vLLM, on GPU nodes)")] \
+            if config.backend == "vllm" else []
 
     @classmethod
     def bind_run(cls, config: LlavaSynthesisConfig, run_dir: Path) -> LlavaSynthesisConfig:

@@ -15,7 +15,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from dataengine import columns as C
-from dataengine.ops.base import ModelOpConfig, Op, register_op
+from dataengine.ops.base import ModelOpConfig, Op, Score, register_op
 from dataengine.ops.thresholds import KeepFractionBarrier, at_most_one
 
 
@@ -41,9 +41,8 @@ class PerplexityFilter(KeepFractionBarrier, Op[PerplexityConfig]):
 
     Config = PerplexityConfig
     stateful = True
-    score_column = C.TEXT_PPL
-    fraction_field = "keep_lowest_fraction"
-    highest = False
+    score = Score(C.TEXT_PPL, "caption perplexity (log scale)", "max_ppl", "keep_lowest_fraction",
+                  higher_is_better=False, log_scale=True)
     not_kept_reason = "text_ppl_not_lowest_{:g}"
 
     def __init__(self, config: PerplexityConfig) -> None:

@@ -53,29 +53,32 @@ def within_fraction(batch: pa.Table, decision: dict[str, Any]) -> np.ndarray:
 class KeepFractionBarrier:
     """Barrier half of a score filter that can keep a fraction of rows (mix into an `Op`).
 
-    The filter names its score column, the config field holding the fraction, the direction, and
-    the reason for rows outside the kept fraction (formatted with the fraction).
+    The filter's `score` (`dataengine.ops.base.Score`) names the column, the config field holding the
+    fraction and the direction; `not_kept_reason` is the reason for rows outside the kept fraction
+    (formatted with the fraction).
     """
 
-    score_column: ClassVar[str]
-    fraction_field: ClassVar[str]
-    highest: ClassVar[bool]
+    score: ClassVar[Any]
     not_kept_reason: ClassVar[str]
 
     @classmethod
+    def _fraction(cls, config: Any) -> float | None:
+        return getattr(config, cls.score.fraction_field)
+
+    @classmethod
     def is_barrier(cls, config: Any) -> bool:
-        return getattr(config, cls.fraction_field) is not None
+        return cls._fraction(config) is not None
 
     @classmethod
     def decision_columns(cls, config: Any) -> list[str]:
-        return [cls.score_column]
+        return [cls.score.column]
 
     @classmethod
     def decide(cls, config: Any, scores: pa.Table) -> dict[str, Any]:
-        return rank_fraction_decision(scores, cls.score_column, getattr(config, cls.fraction_field), cls.highest)
+        return rank_fraction_decision(scores, cls.score.column, cls._fraction(config), cls.score.higher_is_better)
 
     @classmethod
     def apply_decision(cls, config: Any, batch: pa.Table, decision: dict[str, Any]) -> pa.Table:
-        reason = cls.not_kept_reason.format(getattr(config, cls.fraction_field))
+        reason = cls.not_kept_reason.format(cls._fraction(config))
         keep = within_fraction(batch, decision)
         return pa.table({C.REJECT_REASON: pa.array([None if k else reason for k in keep], pa.string())})

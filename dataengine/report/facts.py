@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,6 +21,8 @@ import pyarrow.parquet as pq
 
 from dataengine import columns as C
 from dataengine.imaging import ImageOptions, ImageRejected, process_image
+from dataengine.ops import get_op, list_ops
+from dataengine.ops.base import Score
 from dataengine.plugins import REPORT_SECTIONS, registered
 from dataengine.query import scan
 from dataengine.layout import DATASET_DIR, MANIFEST, METRICS_FILE, REJECTED_DIR, RESULT_FILE, STATE_DIR, TRAIN_DIR
@@ -37,27 +38,9 @@ THUMBNAIL = ImageOptions(image_size=128, resize_mode="keep_ratio_largest", resiz
 DETAIL_COLUMNS = (C.URL, C.CAPTION, C.CAPTION_BEST, C.CONVERSATIONS, C.IMAGE)
 
 
-@dataclass(frozen=True)
-class ScorePlot:
-    """How to draw one filter's score: its column, where its threshold lives, which side is kept."""
-
-    column: str
-    label: str
-    threshold_field: str
-    fraction_field: str | None
-    higher_is_better: bool
-    log_scale: bool
-    note: str = ""
-
-
-SCORE_PLOTS = {
-    "clip_score_filter": ScorePlot(C.CLIP_SCORE, "CLIP image-text cosine similarity", "min_score",
-                                   "keep_top_fraction", True, False),
-    "perplexity_filter": ScorePlot(C.TEXT_PPL, "caption perplexity (log scale)", "max_ppl",
-                                   "keep_lowest_fraction", False, True),
-    "capfilt_filter": ScorePlot(C.WEB_CAPTION_ITM, "ITM match probability of the web caption", "threshold",
-                                None, True, False, "a row left of the line stays when a synthetic caption passes"),
-}
+def _score_of(op: str) -> Score | None:
+    """The filter's score (`Op.score`) as its op declares it; None for other and unknown ops."""
+    return get_op(op).score if op in list_ops() else None
 
 
 def gather(run_dir: str | Path) -> dict[str, Any]:
@@ -126,7 +109,7 @@ def score_histogram(run_dir: Path, rows: pl.DataFrame, index: int,
     """Counts of stage `index`'s scores per bin over the rows that reached it, split into kept / rejected
     by it / rejected later, with its cut on a bin edge."""
     name, stage = stages[index]
-    plot = SCORE_PLOTS.get(stage["op"])
+    plot = _score_of(stage["op"])
     if plot is None:
         return None
     later = [n for n, _ in stages[index + 1:]]
@@ -151,8 +134,8 @@ def score_histogram(run_dir: Path, rows: pl.DataFrame, index: int,
     counts = {kind: np.histogram(axis[outcome == kind], bins=edges)[0].tolist()
               for kind in (KEPT, REJECTED_HERE, REJECTED_LATER)}
     notes = [plot.note] if plot.note else []
-    rewritten_by = [n for n, s in stages[index + 1:] if s["op"] in SCORE_PLOTS
-                    and SCORE_PLOTS[s["op"]].column == plot.column]
+    rewritten_by = [n for n, s in stages[index + 1:] if (later := _score_of(s["op"])) is not None
+                    and later.column == plot.column]
     if rewritten_by:
         notes.append(f"rows that reached {rewritten_by[-1]} carry its {plot.column}, not this stage's")
     return {"stage": name, "op": stage["op"], "column": plot.column, "label": plot.label, "log_scale": plot.log_scale,
@@ -179,7 +162,7 @@ def bin_edges(low: float, high: float, cut: float | None, bins: int = HISTOGRAM_
     return edges
 
 
-def _threshold(run_dir: Path, index: int, stage: dict[str, Any], plot: ScorePlot) -> tuple[float | None, str]:
+def _threshold(run_dir: Path, index: int, stage: dict[str, Any], plot: Score) -> tuple[float | None, str]:
     """The cut the stage applied: its absolute threshold, or the score its quantile decision stopped at."""
     if stage.get(plot.threshold_field) is not None:
         value = float(stage[plot.threshold_field])
