@@ -72,3 +72,32 @@ def test_every_filters_score_names_its_own_config_fields_and_a_schema_column():
         assert op.score.threshold_field in fields, name
         assert op.score.fraction_field is None or op.score.fraction_field in fields, name
         assert op.score.column in sample_schema().names, name
+
+
+def test_a_model_op_loads_once_and_keeps_where_its_weights_landed(registry):
+    """`ModelOp`: an actor-pool op whose `load_model` runs once; device and dtype come from the weights."""
+    import torch
+
+    from dataengine.ops.base import ModelOp, ModelOpConfig
+
+    class _TinyConfig(ModelOpConfig):
+        op: Literal["test_tiny_model"] = "test_tiny_model"
+
+    class _Tiny(ModelOp[_TinyConfig]):
+        Config = _TinyConfig
+        loads = 0
+
+        def load_model(self, config: _TinyConfig) -> torch.nn.Module:
+            type(self).loads += 1
+            return torch.nn.Linear(2, 1).to(dtype=torch.float64)
+
+        def process(self, batch: pa.Table) -> pa.Table:
+            x = self.torch.tensor(batch.column("x").to_pylist(), dtype=self.dtype, device=self.device)
+            return pa.table({"y": self.model(x[:, None].repeat(1, 2)).squeeze(1).tolist()})
+
+    register_op(_Tiny)
+    op = get_op("test_tiny_model")(_TinyConfig())
+    assert op.stateful and _Tiny.loads == 1 and op.device.type == "cpu" and op.dtype == torch.float64
+    assert op.process(pa.table({"x": [1.0, 2.0]})).num_rows == 2 and _Tiny.loads == 1
+    assert all(get_op(n).stateful for n in ("blip_caption_mapper", "capfilt_filter", "clip_score_filter",
+                                            "perplexity_filter"))

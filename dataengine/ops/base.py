@@ -130,6 +130,30 @@ class Op(ABC, Generic[ConfigT]):
         raise NotImplementedError(f"{cls.__qualname__} is not a barrier op")
 
 
+ModelConfigT = TypeVar("ModelConfigT", bound=ModelOpConfig)
+
+
+class ModelOp(Op[ModelConfigT]):
+    """An op that holds a model: it runs as a pool of actors, each loading the model once, on the
+    config's device and in its dtype (`load_model`), and keeps where the weights landed."""
+
+    stateful: ClassVar[bool] = True
+
+    def __init__(self, config: ModelConfigT) -> None:
+        super().__init__(config)
+        import torch
+
+        self.torch = torch
+        self.model = self.load_model(config)
+        weights = next(self.model.parameters())
+        self.device, self.dtype = weights.device, weights.dtype
+
+    @abstractmethod
+    def load_model(self, config: ModelConfigT) -> Any:
+        """Load and return the model (in eval mode, on `config.device` in `config.dtype`); keep its
+        processor or tokenizer on `self`."""
+
+
 class Requirement(NamedTuple):
     """An optional package a configured op needs: the module it imports and how to install it."""
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from dataengine import columns as C
-from dataengine.ops.base import ModelOpConfig, Op, register_op
+from dataengine.ops.base import ModelOp, ModelOpConfig, register_op
 
 
 class BlipCaptionConfig(ModelOpConfig):
@@ -43,22 +43,16 @@ class BlipCaptionConfig(ModelOpConfig):
 
 
 @register_op
-class BlipCaptionMapper(Op[BlipCaptionConfig]):
+class BlipCaptionMapper(ModelOp[BlipCaptionConfig]):
     """Write `synthetic_captions` (K per image) with a BLIP captioner."""
 
     Config = BlipCaptionConfig
-    stateful = True
 
-    def __init__(self, config: BlipCaptionConfig) -> None:
-        super().__init__(config)
-        import torch
-
+    def load_model(self, config: BlipCaptionConfig) -> Any:
         from dataengine.models import load_blip
 
-        self.torch = torch
-        self.model, self.processor = load_blip(config.model, "caption", config.device, config.dtype)
-        self.device = next(self.model.parameters()).device
-        self.dtype = next(self.model.parameters()).dtype
+        model, self.processor = load_blip(config.model, "caption", config.device, config.dtype)
+        return model
 
     def process(self, batch: pa.Table) -> pa.Table:
         from PIL import Image

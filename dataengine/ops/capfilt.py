@@ -23,7 +23,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from dataengine import columns as C
-from dataengine.ops.base import ModelOpConfig, Op, Score, register_op
+from dataengine.ops.base import ModelOp, ModelOpConfig, Score, register_op
 
 
 class CapfiltConfig(ModelOpConfig):
@@ -42,24 +42,18 @@ class CapfiltConfig(ModelOpConfig):
 
 
 @register_op
-class CapfiltFilter(Op[CapfiltConfig]):
+class CapfiltFilter(ModelOp[CapfiltConfig]):
     """Score web + synthetic captions with BLIP ITM; keep the matching ones; reject rows with none."""
 
     Config = CapfiltConfig
-    stateful = True
     score = Score(C.WEB_CAPTION_ITM, "ITM match probability of the web caption", "threshold", None,
                   higher_is_better=True, note="a row left of the line stays when a synthetic caption passes")
 
-    def __init__(self, config: CapfiltConfig) -> None:
-        super().__init__(config)
-        import torch
-
+    def load_model(self, config: CapfiltConfig) -> Any:
         from dataengine.models import load_blip
 
-        self.torch = torch
-        self.model, self.processor = load_blip(config.model, "itm", config.device, config.dtype)
-        self.device = next(self.model.parameters()).device
-        self.dtype = next(self.model.parameters()).dtype
+        model, self.processor = load_blip(config.model, "itm", config.device, config.dtype)
+        return model
 
     def process(self, batch: pa.Table) -> pa.Table:
         from PIL import Image

@@ -17,7 +17,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from dataengine import columns as C
-from dataengine.ops.base import ModelOpConfig, Op, Score, register_op
+from dataengine.ops.base import ModelOp, ModelOpConfig, Score, register_op
 from dataengine.ops.thresholds import KeepFractionBarrier, at_most_one
 
 
@@ -41,26 +41,19 @@ class ClipScoreConfig(ModelOpConfig):
 
 
 @register_op
-class ClipScoreFilter(KeepFractionBarrier, Op[ClipScoreConfig]):
+class ClipScoreFilter(KeepFractionBarrier, ModelOp[ClipScoreConfig]):
     """Score image-caption agreement with an open_clip model; reject below the threshold."""
 
     Config = ClipScoreConfig
-    stateful = True
     score = Score(C.CLIP_SCORE, "CLIP image-text cosine similarity", "min_score", "keep_top_fraction",
                   higher_is_better=True)
     not_kept_reason = "clip_score_not_top_{:g}"
 
-    def __init__(self, config: ClipScoreConfig) -> None:
-        super().__init__(config)
-        import torch
-
+    def load_model(self, config: ClipScoreConfig) -> Any:
         from dataengine.models import load_open_clip
 
-        self.torch = torch
-        self.model, self.preprocess, self.tokenizer = load_open_clip(config.model, config.pretrained,
-                                                                     config.device, config.dtype)
-        self.device = next(self.model.parameters()).device
-        self.dtype = next(self.model.parameters()).dtype
+        model, self.preprocess, self.tokenizer = load_open_clip(config.model, config.pretrained, config.device, config.dtype)
+        return model
 
     def process(self, batch: pa.Table) -> pa.Table:
         from PIL import Image

@@ -9,13 +9,13 @@ The score (`text_ppl`: exp of the mean token negative log-likelihood, the captio
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import Field, model_validator
 
 from dataengine import columns as C
-from dataengine.ops.base import ModelOpConfig, Op, Score, register_op
+from dataengine.ops.base import ModelOp, ModelOpConfig, Score, register_op
 from dataengine.ops.thresholds import KeepFractionBarrier, at_most_one
 
 
@@ -36,26 +36,21 @@ class PerplexityConfig(ModelOpConfig):
 
 
 @register_op
-class PerplexityFilter(KeepFractionBarrier, Op[PerplexityConfig]):
+class PerplexityFilter(KeepFractionBarrier, ModelOp[PerplexityConfig]):
     """Score captions with a causal LM; reject above the threshold."""
 
     Config = PerplexityConfig
-    stateful = True
     score = Score(C.TEXT_PPL, "caption perplexity (log scale)", "max_ppl", "keep_lowest_fraction",
                   higher_is_better=False, log_scale=True)
     not_kept_reason = "text_ppl_not_lowest_{:g}"
 
-    def __init__(self, config: PerplexityConfig) -> None:
-        super().__init__(config)
-        import torch
-
+    def load_model(self, config: PerplexityConfig) -> Any:
         from dataengine.models import load_causal_lm
 
-        self.torch = torch
-        self.model, self.tokenizer = load_causal_lm(config.model, config.device, config.dtype)
+        model, self.tokenizer = load_causal_lm(config.model, config.device, config.dtype)
         self.tokenizer.padding_side = "right"  # absolute positions stay right; the mask hides the padding
-        self.device = next(self.model.parameters()).device
         self.prefix = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+        return model
 
     def process(self, batch: pa.Table) -> pa.Table:
         config = self.config
