@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from dataengine import columns as C
 from dataengine.atomic import write_text_atomic
-from dataengine.layout import EXPORT_DIR
+from dataengine.layout import DATASET_DIR, EXPORT_DIR, MANIFEST
 from dataengine.llm.readiness import caption_sample, readiness_problem, with_short_answer_prompt
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def sample_turns(row: dict[str, Any], options: ExportOptions) -> list[dict[str, 
 
 
 def _kept_rows(run_dir: Path) -> Iterator[dict[str, Any]]:
-    for path in sorted((run_dir / "dataset").glob("part-*.parquet")):
+    for path in sorted((run_dir / DATASET_DIR).glob("part-*.parquet")):
         parquet = pq.ParquetFile(path)
         names = [c for c in _ROW_COLUMNS if c in parquet.schema_arrow.names]
         for group in range(parquet.num_row_groups):
@@ -87,7 +87,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, options: 
     """Write the chosen formats for `run_dir`'s kept rows into `out_dir` (default `<run>/export`)."""
     options = options or ExportOptions()
     run = Path(run_dir)
-    if not (run / "run.json").is_file():
+    if not (run / MANIFEST).is_file():
         raise FileNotFoundError(f"{run} is not a run directory (no run.json)")
     bad = sorted(set(options.formats) - set(FORMATS))
     if bad:
@@ -131,7 +131,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, options: 
             json_file.close()
         if writer:
             writer.close()
-    manifest = json.loads((run / "run.json").read_text())
+    manifest = json.loads((run / MANIFEST).read_text())
     summary = {"run": str(run), "spec_hash": manifest.get("spec_hash"), "samples": result.samples,
                "skipped": dict(result.skipped), "formats": list(options.formats),
                "caption_data": options.caption_data, "short_answer_prompt": options.short_answer_prompt,

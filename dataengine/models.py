@@ -63,6 +63,12 @@ def select_dtype(dtype: DtypeName, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def cache_dir() -> Path:
+    """Our own cache (converted vision towers, the test bed's demo models): $DATAENGINE_CACHE, else
+    ~/.cache/dataengine."""
+    return Path(os.environ.get("DATAENGINE_CACHE") or Path.home() / ".cache" / "dataengine")
+
+
 def _hf_cache_dir() -> str:
     return os.environ.get("HF_HUB_CACHE") or os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
 

@@ -20,7 +20,8 @@ import polars as pl
 
 from dataengine import columns as C
 from dataengine.query import scan
-from dataengine.layout import LOG_FILE, MANIFEST
+from dataengine.export import EXPORT_MANIFEST
+from dataengine.layout import EXPORT_DIR, INIT_DIR, LOG_FILE, MANIFEST, RESULT_FILE, stage_dir
 from dataengine.runner import RunError, format_summary, run_pipeline
 from dataengine.spec import PipelineSpec, load_spec
 from dataengine.report import write_report
@@ -168,7 +169,7 @@ def _benchmark_before_training(run_dir: Path, spec: PipelineSpec) -> dict[str, A
     from dataengine.eval.run_eval import evaluate_model
 
     task = ray.remote(num_cpus=1)(evaluate_model)
-    return ray.get(task.remote(str(run_dir / "train" / "stage1" / "init"), None, 1, spec.train))["benchmark"]
+    return ray.get(task.remote(str(stage_dir(run_dir, 1) / INIT_DIR), None, 1, spec.train))["benchmark"]
 
 
 def unfiltered_spec(spec: PipelineSpec, run_dir: Path, train_rows: int) -> PipelineSpec:
@@ -260,7 +261,7 @@ def run_demo(n: int = 1000, seed: int = 0, spec_path: Path = Path("pipelines/dem
         result = run_pipeline(spec, output=run_dir)
         unfiltered = None
         if spec.train is not None:
-            rows = json.loads((run_dir / "train" / "stage1" / "result.json").read_text())["lineage"]["samples"]["train"]
+            rows = json.loads((stage_dir(run_dir, 1) / RESULT_FILE).read_text())["lineage"]["samples"]["train"]
             baseline = unfiltered_spec(spec, run_dir.resolve(), rows)
             print(f"\nthe same {rows} rows' worth of unfiltered data for comparison: {baseline.output} ...", flush=True)
             shutil.rmtree(baseline.output, ignore_errors=True)
@@ -278,7 +279,7 @@ def run_demo(n: int = 1000, seed: int = 0, spec_path: Path = Path("pipelines/dem
     print(format_scores(scores))
     if capfilt:
         print(format_capfilt(capfilt))
-    export = result.run_dir / "export" / "export.json"
+    export = result.run_dir / EXPORT_DIR / EXPORT_MANIFEST
     if export.exists():
         print(f"\ninstruction data: {json.loads(export.read_text())['samples']} LLaVA samples in {export.parent} "
               "(llava.json, images/, conversations.parquet)")

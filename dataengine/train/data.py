@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from dataengine import columns as C
 from dataengine.export import ExportOptions, sample_turns
+from dataengine.layout import DATASET_DIR
 from dataengine.llm.validate import GPT, HUMAN, IMAGE_TOKEN
 
 IGNORE_INDEX = -100
@@ -53,7 +54,7 @@ class Split:
 
 
 def kept_files(run_dir: str | Path) -> list[str]:
-    files = sorted(str(p) for p in (Path(run_dir) / "dataset").glob("part-*.parquet"))
+    files = sorted(str(p) for p in (Path(run_dir) / DATASET_DIR).glob("part-*.parquet"))
     if not files:
         raise FileNotFoundError(f"{run_dir}: no dataset/part-*.parquet (run the pipeline first)")
     return files

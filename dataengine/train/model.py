@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dataengine.models import from_local_or_hub, resolve_model_ref
+from dataengine.models import cache_dir, from_local_or_hub, resolve_model_ref
 from dataengine.train.config import ModelSpec
 from dataengine.train.convert import convert_open_clip_vision, is_open_clip_dir
 
@@ -50,7 +50,7 @@ def _converted_dir(src: Path) -> Path:
     """Where an open_clip tower's transformers copy is cached, keyed by its weights' identity."""
     weights = sorted(src.glob("open_clip_model*"))
     stamp = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in weights)
-    base = Path(os.environ.get("DATAENGINE_CACHE") or Path.home() / ".cache" / "dataengine")
+    base = cache_dir()
     return base / "converted-vision" / hashlib.sha256(stamp.encode()).hexdigest()[:16]
 
 

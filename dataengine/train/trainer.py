@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dataengine.atomic import write_text_atomic
-from dataengine.layout import CHECKPOINTS_DIR, FINAL_DIR, INIT_DIR, METRICS_FILE, RESULT_FILE, stage_dir
+from dataengine.layout import CHECKPOINTS_DIR, FINAL_DIR, INIT_DIR, MANIFEST, METRICS_FILE, RESULT_FILE, stage_dir
 from dataengine.progress import note, watch_steps
 from dataengine.train.config import StageSpec, TrainSpec
 from dataengine.train.data import encoded_split, kept_files, plan_splits
@@ -73,7 +73,7 @@ def data_version(run_dir: Path) -> str:
 
 
 def lineage(run_dir: Path, spec: TrainSpec, stage: int, counts: dict[str, int]) -> dict[str, Any]:
-    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    run = json.loads((run_dir / MANIFEST).read_text()) if (run_dir / MANIFEST).is_file() else {}
     return {"run_dir": str(run_dir.resolve()), "run_name": run.get("name"), "run_started_at": run.get("started_at"),
             "spec_hash": run.get("spec_hash"), "train_hash": spec.train_hash(), "stage": stage,
             "data_version": data_version(run_dir), "run_totals": run.get("totals"), "samples": counts}
@@ -211,7 +211,7 @@ def train_spec_for(run_dir: str | Path, spec_path: str | None) -> TrainSpec:
     """The `train:` section from `spec_path`, else from the spec recorded in the run's run.json."""
     from dataengine.spec import load_spec, parse_spec
 
-    run_json = Path(run_dir) / "run.json"
+    run_json = Path(run_dir) / MANIFEST
     if spec_path:
         spec = load_spec(spec_path)
     elif run_json.is_file():

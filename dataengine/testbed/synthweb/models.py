@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dataengine.models import ModelNotFound, cache_dir as default_cache_dir
 from dataengine.progress import note
 from dataengine.testbed.synthweb.tokenizer import build_caption_tokenizer
 
@@ -141,9 +142,8 @@ def _family_recipe(family: str) -> dict[str, Any]:
 def demo_model_dir(cache_dir: str | Path | None = None, family: str = "core") -> Path:
     """Where a family of demo models for its current recipe lives: the user's cache dir, keyed by recipe hash."""
     import hashlib
-    import os
 
-    base = Path(cache_dir or os.environ.get("DATAENGINE_CACHE") or Path.home() / ".cache" / "dataengine")
+    base = Path(cache_dir) if cache_dir else default_cache_dir()
     digest = hashlib.sha256(json.dumps(_family_recipe(family), sort_keys=True).encode()).hexdigest()[:12]
     return base / "demo-models" / (digest if family == "core" else f"{family}-{digest}")
 
@@ -154,8 +154,6 @@ DEMO_PREFIX = "synthweb-demo:"
 def demo_model_path(model: str) -> str:
     """The model source `synthweb-demo:` (an entry point in pyproject): `synthweb-demo:clip` is the demo
     CLIP's directory in the model cache, once `dataengine demo-models` (or the demo) has trained it."""
-    from dataengine.models import ModelNotFound
-
     name = model.removeprefix(DEMO_PREFIX)
     path = demo_model_dir(family=DEMO_FAMILIES.get(name, "core")) / name
     if name not in DEMO_FAMILIES or not path.is_dir():
