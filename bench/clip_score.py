@@ -19,12 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from _record import append_result  # noqa: E402  (bench/ is on sys.path when run as a script)
 from PIL import Image, ImageDraw
 
-from dataengine import columns as C
-
-from _record import append_result  # noqa: E402  (bench/ is on sys.path when run as a script)
-
+from dataengine.core import columns as C
 
 
 def jpegs(n: int, seed: int = 0) -> list[bytes]:

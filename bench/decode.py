@@ -2,7 +2,7 @@
 
 Measures, per image on ONE core, decode + resize (256, keep_ratio, INTER_AREA) + encode (JPEG q95)
 for every decode path we could use, on synthetic photo-like JPEGs (shapes, gradients, noise), and
-prints a table. The numbers justify the path `dataengine.imaging.process_image` takes.
+prints a table. The numbers justify the path `dataengine.io.imaging.process_image` takes.
 
 Run: `.venv/bin/python bench/decode.py [--repeat 15] [--images 6]`
 """
@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dataengine.imaging import ImageOptions, process_image
+from dataengine.io.imaging import ImageOptions, process_image
 
 try:
     import simplejpeg

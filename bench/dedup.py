@@ -17,7 +17,6 @@ import resource
 import time
 
 import numpy as np
-
 from _record import append_result  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 DIM, THRESHOLD, NOISE = 512, 0.9, 0.014  # noise 0.014 per dim on 512-d -> cosine ~0.95
@@ -36,7 +35,7 @@ def planted(n: int, copies: int, seed: int = 0) -> tuple[np.ndarray, set[tuple[i
 def _run(method: str, n: int, queue: mp.Queue) -> None:
     import faiss
 
-    from dataengine.dedup_index import SearchConfig, exact_pairs, partitioned_pairs
+    from dataengine.dedup.index import SearchConfig, exact_pairs, partitioned_pairs
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     vectors, truth = planted(n, copies=max(100, n // 1000))

@@ -24,11 +24,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pyarrow.parquet as pq
-
-from dataengine.imaging import ImageOptions, process_image
-from dataengine.testbed.synthweb import NoiseMix, build_synthweb, write_url_list
-
 from _record import append_result  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+from dataengine.io.imaging import ImageOptions, process_image
+from dataengine.testbed.synthweb import NoiseMix, build_synthweb, write_url_list
 
 ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "_work"

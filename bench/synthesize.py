@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-
-from dataengine import columns as C
-
 from _record import append_result  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+from dataengine.core import columns as C
 
 
 def _serve(latency: float, port_queue: mp.Queue, stop: mp.synchronize.Event) -> None:

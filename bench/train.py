@@ -13,8 +13,8 @@ steady-state samples/s (from per-step timestamps, the first steps dropped) and e
 from __future__ import annotations
 
 import argparse
-import math
 import json
+import math
 import shutil
 import sys
 import time
@@ -48,8 +48,8 @@ def _steady(times: list[float], samples_per_step: int, skip: int = 3) -> float:
 def run_ours(run: Path, parts: dict[str, Path], steps: int, workers: int) -> dict[str, float]:
     import ray
 
+    from dataengine.core.layout import stage_dir
     from dataengine.train.config import TrainSpec
-    from dataengine.layout import stage_dir
     from dataengine.train.trainer import train_stage
 
     spec = TrainSpec.model_validate({
@@ -70,7 +70,7 @@ def run_hf_trainer(run: Path, parts: dict[str, Path], steps: int) -> dict[str, f
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from dataengine import columns as C
+    from dataengine.core import columns as C
     from dataengine.train.batching import collate
     from dataengine.train.config import ModelSpec
     from dataengine.train.data import encode_row

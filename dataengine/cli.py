@@ -9,14 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dataengine.plugins import COMMANDS, registered
-from dataengine.spec import SpecError
+from dataengine.core.plugins import COMMANDS, registered
+from dataengine.engine.spec import SpecError
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from dataengine.spec import load_spec, missing_requirements
+    from dataengine.engine.spec import load_spec, missing_requirements
 
     status = 0
     for path in args.specs:
@@ -33,7 +33,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_schema(args: argparse.Namespace) -> int:
     import json
 
-    from dataengine.spec import SCHEMA_PATH, json_schema, write_json_schema
+    from dataengine.engine.spec import SCHEMA_PATH, json_schema, write_json_schema
 
     if args.write:
         print(f"wrote {write_json_schema()}")
@@ -49,8 +49,8 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from dataengine.runner import format_summary, run_pipeline
-    from dataengine.spec import load_spec
+    from dataengine.engine.runner import format_summary, run_pipeline
+    from dataengine.engine.spec import load_spec
 
     spec = load_spec(args.spec)
     with run_console(Path(args.output or spec.output), args):
@@ -65,7 +65,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def run_console(run_dir: Path, args: argparse.Namespace) -> Any:
     """The console for a command that writes into `run_dir`: live progress here, the rest in its log."""
     from dataengine import console
-    from dataengine.raydata import show_ray_progress
+    from dataengine.core.raytools import show_ray_progress
 
     show_ray_progress(args.verbose)  # our lines replace Ray Data's; --verbose shows both
     return console.run_log(run_dir.expanduser(), args.verbose)
@@ -73,7 +73,7 @@ def run_console(run_dir: Path, args: argparse.Namespace) -> Any:
 
 def _write_report_after_run(run_dir: Path) -> None:
     """The run's report page; the run's outputs stand even if the page cannot be made."""
-    from dataengine.report import write_report
+    from dataengine.analysis.report import write_report
 
     try:
         print(f"report: {write_report(run_dir).resolve()}")
@@ -83,7 +83,7 @@ def _write_report_after_run(run_dir: Path) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from dataengine.export import FORMATS, ExportOptions, export_run
+    from dataengine.io.export import FORMATS, ExportOptions, export_run
 
     options = ExportOptions(tuple(args.format or FORMATS), args.caption_data, args.short_answer_prompt,
                             not args.no_images)
@@ -94,7 +94,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from dataengine import jobs
+    from dataengine.engine import jobs
 
     job_id = jobs.submit(args.spec, args.address, args.job_id, args.cluster_dir, args.python)
     print(f"submitted {job_id} to {args.address}; follow with: dataengine logs {job_id} --follow --address {args.address}")
@@ -109,7 +109,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
-    from dataengine import jobs
+    from dataengine.engine import jobs
 
     rows = jobs.list_jobs(args.address)
     for job in sorted(rows, key=lambda j: j["start_time"] or 0):
@@ -120,14 +120,14 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from dataengine import jobs
+    from dataengine.engine import jobs
 
     print(jobs.status(args.address, args.job))
     return 0
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
-    from dataengine import jobs
+    from dataengine.engine import jobs
 
     if args.follow:
         jobs.follow_logs(args.address, args.job, lambda text: print(text, end="", flush=True))
@@ -137,7 +137,7 @@ def _cmd_logs(args: argparse.Namespace) -> int:
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:
-    from dataengine import jobs
+    from dataengine.engine import jobs
 
     stopped = jobs.stop(args.address, args.job)
     print(f"{args.job}: {'stop requested' if stopped else 'not running'}")
@@ -145,12 +145,11 @@ def _cmd_stop(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dataengine.raydata import ray_session
-    from dataengine.spec import ResourcesSpec
+    from dataengine.engine.raydata import ray_session
+    from dataengine.engine.spec import ResourcesSpec, train_section
     from dataengine.eval.train_then_eval import format_train_summary, train_run
-    from dataengine.train.trainer import train_spec_for
 
-    spec = train_spec_for(args.run, args.spec)
+    spec = train_section(args.run, args.spec)
     stages = [1, 2] if args.stage == "all" else [int(args.stage)]
     with run_console(Path(args.run), args), ray_session(args.address, ResourcesSpec()):
         results = train_run(args.run, spec, stages, resume=args.resume)
@@ -162,7 +161,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_query(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from dataengine.query import run_sql
+    from dataengine.analysis.query import run_sql
 
     try:
         frame = run_sql(args.run, args.sql)
@@ -175,7 +174,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from dataengine.report import write_report
+    from dataengine.analysis.report import write_report
 
     path = write_report(args.run, args.out)
     print(f"report: {path.resolve()}")
@@ -279,9 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     from dataengine import console
 
     console.setup(args.verbose)
-    from dataengine.inputs import InputError
-    from dataengine.runner import AccountingError, RunError
-    from dataengine.jobs import JobError
+    from dataengine.engine.jobs import JobError
+    from dataengine.engine.runner import AccountingError, RunError
+    from dataengine.io.inputs import InputError
     from dataengine.train.trainer import TrainError
 
     try:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -39,7 +41,7 @@ def ray_local():
     """One embedded Ray for the whole session (a Ray start costs seconds here)."""
     import ray
 
-    from dataengine.raydata import QUIET_WORKERS
+    from dataengine.core.raytools import QUIET_WORKERS
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
@@ -119,8 +121,8 @@ def synthweb_run(ray_local, synthweb_dir, tmp_path_factory):
 
     It has a server of its own, so `/flaky/` URLs fail exactly once whatever other tests fetched.
     """
-    from dataengine.runner import run_pipeline
-    from dataengine.spec import parse_spec
+    from dataengine.engine.runner import run_pipeline
+    from dataengine.engine.spec import parse_spec
     from dataengine.testbed.synthweb import SynthWebServer, write_url_list
 
     out = tmp_path_factory.mktemp("run")
@@ -222,3 +224,12 @@ def open_in_chromium(path: Path, screenshot: Path | None = None) -> dict:
         finally:
             browser.close()
     return seen
+
+
+def encode_jpeg(image: Any, quality: int = 90) -> bytes:
+    """JPEG bytes of a PIL image or an RGB array: the encoded images the tests feed to stages."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

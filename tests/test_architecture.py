@@ -1,6 +1,7 @@
-"""The package's structure, read from its source: the engine never imports the test bed, and no module
-imports itself back through others (every import counts, function-level ones too, so a circle cannot hide
-inside a function). Importing `a.b.c` from outside `a.b` also runs `a.b`'s `__init__`: that edge counts."""
+"""The package's structure, read from its source: the engine never imports the test bed, no module
+imports itself back through others, and every import points down the layers below (every import counts,
+function-level ones too, so a circle cannot hide inside a function). Importing `a.b.c` from outside `a.b`
+also runs `a.b`'s `__init__`: that edge counts."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ import dataengine
 
 PACKAGE = Path(dataengine.__file__).parent
 TESTBED = "dataengine.testbed"
+#: the subpackages, lowest first; a module imports its own subpackage and lower layers only. Modules at
+#: the package root (the CLI, its console, the job entry point) sit above `analysis`; `dataengine`
+#: itself (the version) is below everything.
+LAYERS = [["core"], ["models", "llm"], ["dedup", "io"], ["ops"], ["train"], ["eval"], ["engine"], ["analysis"],
+          ["(root)"], ["testbed"]]
 
 
 def _modules() -> dict[str, Path]:
@@ -96,6 +102,32 @@ def test_no_import_circles():
     assert circles(import_graph()) == []
 
 
+def layer_of(module: str) -> tuple[int, str]:
+    """(layer, subpackage) of a module: `dataengine.ops.base` -> ops's layer."""
+    if module == "dataengine":
+        return -1, "dataengine"
+    head = module.split(".")[1]
+    package = head if (PACKAGE / head).is_dir() else "(root)"
+    return next(i for i, names in enumerate(LAYERS) if package in names), package
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    wrong = []
+    for module, targets in graph.items():
+        (layer, package) = layer_of(module)
+        for target in targets:
+            (target_layer, target_package) = layer_of(target)
+            if target_package != package and target_layer >= layer:
+                wrong.append(f"{module} ({package}) -> {target} ({target_package})")
+    return sorted(wrong)
+
+
+def test_every_subpackage_has_a_layer_and_imports_point_down():
+    packages = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert packages == {name for layer in LAYERS for name in layer} - {"(root)"}
+    assert upward_imports(import_graph()) == []
+
+
 def test_the_checks_see_a_circle_and_a_test_bed_import(tmp_path, monkeypatch):
     """The walk itself: a planted circle and a planted engine -> test bed import are found."""
     root = tmp_path / "dataengine"
@@ -108,3 +140,14 @@ def test_the_checks_see_a_circle_and_a_test_bed_import(tmp_path, monkeypatch):
     graph = import_graph()
     assert circles(graph) == [["dataengine.a", "dataengine.b"]]
     assert "dataengine.testbed.t" in graph["dataengine.c"]
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path, monkeypatch):
+    root = tmp_path / "dataengine"
+    for name, text in {"__init__.py": "", "core/__init__.py": "", "core/columns.py": "from dataengine.ops import base\n",
+                       "ops/__init__.py": "", "ops/base.py": "from dataengine.core import columns\n"}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", root)
+    assert upward_imports(import_graph()) == ["dataengine.core.columns (core) -> dataengine.ops (ops)",
+                                              "dataengine.core.columns (core) -> dataengine.ops.base (ops)"]

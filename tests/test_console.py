@@ -12,7 +12,7 @@ import time
 import pytest
 
 from dataengine.console import Console
-from dataengine.progress import StageProgress, StepProgress, note, report, watch_steps
+from dataengine.core.progress import StageProgress, StepProgress, note, report, watch_steps
 from tests.conftest import download_stage, synthweb_spec
 
 # what must never reach the console by default: Ray Data's operator reports, Ray's auth notice, C++
@@ -53,9 +53,9 @@ def test_plain_lines_per_stage_at_most_every_interval_and_when_done(console):
     report(_stage(200, 9))  # within the interval: not printed
     report(_stage(80, 2, stage="caption_rules_filter"))  # another stage has its own interval
     report(_stage(400, 20, done=True))
-    logging.getLogger("dataengine.runner").info("committed shard 000001")  # log file only
+    logging.getLogger("dataengine.engine.runner").info("committed shard 000001")  # log file only
     logging.getLogger("ray.data").warning("Progress bars disabled")  # log file only
-    logging.getLogger("dataengine.raydata").warning("a dataengine warning")
+    logging.getLogger("dataengine.engine.raydata").warning("a dataengine warning")
     assert out.getvalue().splitlines() == [
         "running download -> caption_rules_filter: 4 of 4 shards to do",
         "download: 100 in, 95 kept, 5 rejected, 50.0 rows/s",
@@ -130,5 +130,5 @@ def test_verbose_prints_every_log_line_on_the_console(ray_local, synthweb_dir, s
     spec = synthweb_spec(tmp_path, synthweb_dir, synthweb_server.base_url, [download_stage()])
     assert cli.main(["run", str(spec), "--no-report", "--verbose"]) == 0
     err = capfd.readouterr().err
-    assert "INFO dataengine.runner: committed shard" in err and "INFO dataengine.progress: download: 120 in" in err
+    assert "INFO dataengine.engine.runner: committed shard" in err and "INFO dataengine.progress: download: 120 in" in err
     assert "committed shard" in (tmp_path / "run" / "dataengine.log").read_text()

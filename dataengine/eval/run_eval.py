@@ -1,5 +1,5 @@
 """Evaluate a trained stage: held-out loss/perplexity, and the benchmark the spec names (a plugin,
-`dataengine.plugins.BENCHMARKS`: the test bed registers `synthweb`).
+`dataengine.core.plugins.BENCHMARKS`: the test bed registers `synthweb`).
 
 Runs in a Ray task, on a GPU when the training did, so the driver never needs one.
 """
@@ -10,10 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dataengine.plugins import BENCHMARKS, registered
-from dataengine.progress import note
+from dataengine.core.layout import FINAL_DIR, stage_dir
+from dataengine.core.plugins import BENCHMARKS, registered
+from dataengine.core.progress import note
 from dataengine.train.config import TrainSpec
-from dataengine.layout import FINAL_DIR, stage_dir
 from dataengine.train.trainer import pixel_shape
 
 

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dataengine.atomic import write_text_atomic
+from dataengine.core.atomic import write_text_atomic
+from dataengine.core.layout import RESULT_FILE, stage_dir
 from dataengine.eval.run_eval import evaluate_stage
 from dataengine.train.config import TrainSpec
-from dataengine.layout import RESULT_FILE, stage_dir
 from dataengine.train.trainer import train_stage
 
 

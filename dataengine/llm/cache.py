@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dataengine.atomic import write_text_atomic
+from dataengine.core.atomic import write_text_atomic
 
 
 @dataclass(frozen=True)

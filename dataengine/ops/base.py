@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, NamedTuple, TypeVar
 
@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
-from dataengine import columns as C
-from dataengine.schemas import sample_schema
+from dataengine.core import columns as C
+from dataengine.core.schemas import sample_schema
 
 
 class OpConfig(BaseModel):
@@ -105,9 +105,9 @@ class Op(ABC, Generic[ConfigT]):
         """Work that needs the finished run (an export); called once the run is complete."""
 
     @classmethod
-    def ray_llm_config(cls, config: ConfigT) -> Any | None:
-        """Engine settings when the op generates through Ray Data LLM (a dataset-level processor
-        the Ray adapter wraps between the op's prepare and finish phases); None for ordinary ops."""
+    def ray_llm_stage(cls, config: ConfigT) -> RayLLMStage | None:
+        """How the op generates through Ray Data LLM (a dataset-level processor the engine's Ray adapter
+        runs between the op's prepare and finish phases); None for ordinary ops."""
         return None
 
     @classmethod
@@ -152,6 +152,18 @@ class ModelOp(Op[ModelConfigT]):
     def load_model(self, config: ModelConfigT) -> Any:
         """Load and return the model (in eval mode, on `config.device` in `config.dtype`); keep its
         processor or tokenizer on `self`."""
+
+
+@dataclass(frozen=True)
+class RayLLMStage:
+    """An op's generation through Ray Data LLM, in the adapter's terms: run the op with `prepare` (it
+    writes each row's request), then the vLLM processor built from `processor_kwargs` with
+    `preprocess`/`postprocess` translating rows, then the op itself (it reads the replies)."""
+
+    prepare: OpConfig
+    processor_kwargs: dict[str, Any]
+    preprocess: Callable[[dict[str, Any]], dict[str, Any]]
+    postprocess: Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class Requirement(NamedTuple):

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from dataengine import columns as C
+from dataengine.core import columns as C
 from dataengine.ops.base import ModelOp, ModelOpConfig, register_op
 
 
@@ -49,7 +49,7 @@ class BlipCaptionMapper(ModelOp[BlipCaptionConfig]):
     Config = BlipCaptionConfig
 
     def load_model(self, config: BlipCaptionConfig) -> Any:
-        from dataengine.models import load_blip
+        from dataengine.models.loaders import load_blip
 
         model, self.processor = load_blip(config.model, "caption", config.device, config.dtype)
         return model

@@ -14,7 +14,7 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field
 
-from dataengine import columns as C
+from dataengine.core import columns as C
 from dataengine.ops.base import Op, OpConfig, register_op
 
 DEFAULT_BOILERPLATE = (

@@ -5,7 +5,7 @@ Descriptors: `sscd` (a TorchScript SSCD file; cosine > 0.75 is SSCD's documented
 `write_embedding: true`, reused at no cost), or `phash` (no model; Hamming distance). The op is a
 barrier: descriptors are computed in the stream, then the runner calls `decide` once over all rows:
 exact FAISS search below `exact_max_rows`, k-means partitions searched in parallel above it (see
-`dataengine.dedup_index`). One row per group is kept (highest `clip_score` when present, else the
+`dataengine.dedup.index`). One row per group is kept (highest `clip_score` when present, else the
 smallest uid); the others are rejected as `duplicate_of:<kept uid>`. With `against`, rows that are
 near-duplicates of a reference image (e.g. an evaluation benchmark) are rejected as
 `contaminates:<reference>` first. Thresholds are plain cosine similarities.
@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from dataengine import columns as C
+from dataengine.core import columns as C
 from dataengine.ops.base import ModelOpConfig, Op, register_op
 
 DEFAULT_COSINE = {"sscd": 0.75, "clip": 0.95}
@@ -72,12 +72,12 @@ class Dedup(Op[DedupConfig]):
         super().__init__(config)
         self.sscd = None
         if config.descriptor == "sscd":
-            from dataengine.descriptors import SscdModel
+            from dataengine.dedup.descriptors import SscdModel
 
             self.sscd = SscdModel(config.model or "", config.device, config.image_size)
 
     def process(self, batch: pa.Table) -> pa.Table:
-        from dataengine.descriptors import decode_rgb, phash
+        from dataengine.dedup.descriptors import decode_rgb, phash
 
         config = self.config
         n = batch.num_rows
@@ -113,7 +113,7 @@ class Dedup(Op[DedupConfig]):
 
     @classmethod
     def decide(cls, config: DedupConfig, scores: pa.Table) -> dict[str, Any]:
-        from dataengine.dedup_index import SearchConfig, greedy_keep, hamming_pairs, near_duplicate_pairs
+        from dataengine.dedup.index import SearchConfig, greedy_keep, hamming_pairs, near_duplicate_pairs
 
         uids = scores.column(C.UID).to_pylist()
         if not uids:
@@ -157,7 +157,7 @@ def _contamination(config: DedupConfig, uids: list[str], data: np.ndarray) -> di
     """uid -> `contaminates:<reference>` for rows that copy a reference image."""
     import faiss
 
-    from dataengine.descriptors import SscdModel, hamming, load_reference_images, phash
+    from dataengine.dedup.descriptors import SscdModel, hamming, load_reference_images, phash
 
     references = load_reference_images(config.against or "")
     names = [name for name, _ in references]

@@ -14,9 +14,9 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from dataengine import columns as C
-from dataengine.fetch import DEFAULT_OPTOUT_TOKENS, Fetcher, FetchOptions
-from dataengine.imaging import ImageOptions, ImageRejected, process_image
+from dataengine.core import columns as C
+from dataengine.io.fetch import DEFAULT_OPTOUT_TOKENS, Fetcher, FetchOptions
+from dataengine.io.imaging import ImageOptions, ImageRejected, process_image
 from dataengine.ops.base import Op, OpConfig, register_op
 
 

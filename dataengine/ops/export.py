@@ -4,7 +4,7 @@ As a stage it checks every alive row the way a LLaVA trainer will use it (`datae
 one `<image>` token for the one image, in the first human turn; roles alternating; and, with a
 `tokenizer`, text plus `image_tokens` within `max_length`, so nothing is silently truncated in
 training. Failures are rejections (`not_trainable:<why>`, `too_long`). After the run is complete the
-runner calls `after_run`, which writes the export (`dataengine.export`); `dataengine export RUN`
+runner calls `after_run`, which writes the export (`dataengine.io.export`); `dataengine export RUN`
 writes the same files from any finished run.
 """
 
@@ -18,10 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from dataengine import columns as C
-from dataengine.export import FORMATS, ExportOptions, export_run, sample_turns
+from dataengine.core import columns as C
+from dataengine.io.export import FORMATS, ExportOptions, export_run, sample_turns
 from dataengine.llm.readiness import readiness_problem, token_length
-from dataengine.ops.base import OpConfig, Op, register_op
+from dataengine.ops.base import Op, OpConfig, register_op
 
 ExportFormat = Literal["llava_json", "parquet"]
 
@@ -55,7 +55,7 @@ class Export(Op[ExportConfig]):
         super().__init__(config)
         self.tokenizer = None
         if config.tokenizer:
-            from dataengine.models import load_tokenizer
+            from dataengine.models.loaders import load_tokenizer
 
             self.tokenizer = load_tokenizer(config.tokenizer)
 

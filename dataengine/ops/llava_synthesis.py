@@ -3,12 +3,14 @@
 Each row gets one response type, drawn from `mix` by a hash of its uid (LLaVA-Instruct-158K had 58K
 conversations, 23K detailed descriptions and 77K complex-reasoning samples: the default weights).
 The context is the image's captions, best first (CapFilt's `captions_kept` when that ran, else the
-caption), plus its boxes when the input has them. Backends:
+caption), plus its boxes when the input has them. The op asks and checks; a backend writes, behind one
+`generate(requests)` (`dataengine.llm.backends`):
 
-- `openai`: any OpenAI-compatible endpoint through the `openai` async client (`dataengine.llm.openai_backend`),
+- `openai`: any OpenAI-compatible endpoint through the `openai` async client (`backends/openai_chat.py`),
   with a reply cache, usage/cost accounting and a budget.
-- `vllm`: generation inside the cluster through Ray Data LLM on GPU nodes (`dataengine.llm.vllm_backend`).
-- `template`: no LLM; our templates turn captions and boxes into samples (`dataengine.llm.templates`).
+- `vllm`: generation inside the cluster through Ray Data LLM on GPU nodes (`backends/vllm_engine.py`):
+  the op runs twice around the engine, writing requests, then reading the replies the engine wrote.
+- `template`: no LLM; our templates turn captions and boxes into samples (`backends/template.py`).
 
 Every reply is parsed and validated (`dataengine.llm.validate`); answers naming objects absent from
 the context are flagged (`ungrounded_objects`) and, by default, rejected. A failure is a rejection
@@ -17,7 +19,7 @@ with a reason (`llm_invalid:<why>`, `llm_ungrounded`, `llm_error:<why>`), never 
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import logging
 import os
@@ -27,13 +29,14 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, PrivateAttr, SecretStr, model_validator
 
-from dataengine import columns as C
-from dataengine.llm.openai_backend import OpenAIBackendConfig
+from dataengine.core import columns as C
+from dataengine.core.fields import OPERATIONAL
+from dataengine.core.layout import LLM_CACHE_DIR, LLM_USAGE_DIR
+from dataengine.llm.backends.base import Backend, Reply, Request, row_seed
+from dataengine.llm.backends.openai_chat import OpenAIBackendConfig
+from dataengine.llm.backends.vllm_engine import VLLMBackendConfig
 from dataengine.llm.prompts import RESPONSE_TYPES
-from dataengine.llm.vllm_backend import VLLMBackendConfig
-from dataengine.fields import OPERATIONAL
-from dataengine.layout import LLM_CACHE_DIR, LLM_USAGE_DIR
-from dataengine.ops.base import OpConfig, Op, Requirement, register_op
+from dataengine.ops.base import Op, OpConfig, RayLLMStage, Requirement, register_op
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +122,6 @@ class LlavaSynthesisConfig(OpConfig):
         return Path(self._run_dir) / default if self._run_dir else None
 
 
-def row_seed(uid: str, seed: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{uid}".encode()).digest()[:8], "little")
-
-
 def pick_type(uid: str, seed: int, mix: dict[str, float]) -> str:
     """The response type of a row: weighted by `mix`, fixed by (uid, seed) so a resume agrees."""
     types = [t for t in RESPONSE_TYPES if mix.get(t, 0) > 0]
@@ -175,26 +174,11 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
         self.limits = Limits(config.max_turns, config.max_turn_chars, config.max_total_chars)
         self.vocabulary = ObjectVocabulary.load(config.object_vocabulary or
                                                 (Path(config.prompts_dir) / "objects.txt" if config.prompts_dir else None))
-        self.chat = None
-        if config.backend == "template":
-            from dataengine.llm.templates import Templates
-
-            self.templates = Templates.load(config.prompts_dir)
-        else:
+        if config.backend != "template":
             from dataengine.llm.prompts import load_prompt_sets
 
             self.prompts = load_prompt_sets(config.prompts_dir, [t for t in RESPONSE_TYPES if config.mix.get(t, 0) > 0])
-        if config.backend == "openai":
-            from dataengine.llm.cache import ResponseCache
-            from dataengine.llm.openai_backend import OpenAIChat
-            from dataengine.llm.usage import UsageLedger
-
-            cache_dir = config.state_path(LLM_CACHE_DIR, config.cache_dir)
-            usage_dir = config.state_path(LLM_USAGE_DIR)
-            assert config.openai is not None
-            self.chat = OpenAIChat(config.openai, ResponseCache(cache_dir) if cache_dir else None,
-                                   UsageLedger(usage_dir) if usage_dir else None,
-                                   config._api_key.get_secret_value() if config._api_key else None)
+        self.backend: Backend = _open_backend(config)
 
     @classmethod
     def requires(cls, config: LlavaSynthesisConfig) -> list[Requirement]:
@@ -211,12 +195,18 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
         return bound
 
     @classmethod
-    def ray_llm_config(cls, config: LlavaSynthesisConfig) -> VLLMBackendConfig | None:
-        return config.vllm if config.backend == "vllm" else None
+    def ray_llm_stage(cls, config: LlavaSynthesisConfig) -> RayLLMStage | None:
+        if config.backend != "vllm" or config.vllm is None:
+            return None
+        from dataengine.llm.backends.vllm_engine import postprocess_row, preprocess_row
+
+        return RayLLMStage(prepare=config.with_phase("prepare"), processor_kwargs=config.vllm.processor_kwargs(),
+                           preprocess=functools.partial(preprocess_row, config=config.vllm),
+                           postprocess=functools.partial(postprocess_row, config=config.vllm))
 
     def __del__(self) -> None:
-        if getattr(self, "chat", None) is not None:
-            self.chat.close()
+        if getattr(self, "backend", None) is not None:
+            self.backend.close()
 
     def process(self, batch: pa.Table) -> pa.Table:
         config = self.config
@@ -232,30 +222,26 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
             if context is not None and not context["captions"] and not context.get("objects"):
                 result[C.REJECT_REASON], context = "no_context", None
             contexts.append(context)
+        requests = self.requests(rows, contexts)
         if config.backend == "vllm" and config._phase == "prepare":
-            return self._vllm_requests(rows, contexts, out)
-        if config.backend == "template":
-            self._from_templates(rows, contexts, out)
-        elif config.backend == "openai":
-            self._from_openai(rows, contexts, out)
-        else:
-            self._from_vllm_replies(rows, contexts, out)
+            return self._vllm_requests(requests, out)
+        failed: str | None = None
+        for request, reply in self.backend.generate(requests):
+            result = out[request.index]
+            result.update({C.INSTRUCTION_TYPE: reply.kind or request.kind, C.LLM_MODEL: reply.model,
+                           C.LLM_PROMPT_TOKENS: reply.prompt_tokens, C.LLM_COMPLETION_TOKENS: reply.completion_tokens,
+                           C.LLM_COST_USD: reply.cost_usd, C.LLM_CACHED: reply.cached})
+            if reply.error is not None:
+                if config.transient_errors == "fail":  # stop, once the requests in flight are answered and cached
+                    failed = failed or f"LLM request for row {request.uid} failed after retries ({reply.error})"
+                result[C.REJECT_REASON] = f"llm_error:{reply.error}"
+            elif reply.turns is not None:
+                self._accept(reply.turns, request.context, None, result)
+            else:
+                self._parse_and_accept(request, reply, result)
+        if failed:
+            raise RuntimeError(f"{failed}; the run stops here and a rerun resumes (replies received so far are cached)")
         return pa.table({name: [r[name] for r in out] for name in _RESULT_COLUMNS})
-
-    # ---- backends ----
-
-    def _from_templates(self, rows: list[dict], contexts: list[dict | None], out: list[dict]) -> None:
-        from dataengine.llm.templates import template_conversation
-
-        config = self.config
-        for row, context, result in zip(rows, contexts, out):
-            if context is None:
-                continue
-            kind, turns = template_conversation(context, row_seed(row[C.UID], config.seed), self.templates,
-                                                config.max_qa_turns, config.detailed_fraction,
-                                                tuple(config.absent_labels), config.short_first_fraction)
-            result.update({C.INSTRUCTION_TYPE: kind, C.LLM_MODEL: "template"})
-            self._accept(turns, context, None, result)
 
     def type_and_question(self, uid: str) -> tuple[str, str | None]:
         """A row's response type and, for `detail`, the question we ask (LLaVA picks it from a list too)."""
@@ -264,82 +250,46 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
         questions = self.prompts[kind].questions
         return kind, questions[row_seed(uid, config.seed + 1) % len(questions)] if kind == "detail" else None
 
-    def requests(self, rows: list[dict], contexts: list[dict | None]) -> list[tuple[int, str, str | None, list[dict]]]:
-        """(row index, response type, fixed question, chat messages) for every row with a context."""
+    def requests(self, rows: list[dict], contexts: list[dict | None]) -> list[Request]:
+        """A request for every row with a context; LLM backends get the response type, question and messages."""
         from dataengine.llm.prompts import build_messages
 
         requests = []
         for i, (row, context) in enumerate(zip(rows, contexts)):
             if context is None:
                 continue
+            if self.config.backend == "template":
+                requests.append(Request(i, row[C.UID], context, row=row))
+                continue
             kind, question = self.type_and_question(row[C.UID])
-            requests.append((i, kind, question, build_messages(self.prompts[kind], context, question)))
+            requests.append(Request(i, row[C.UID], context, kind, question,
+                                    build_messages(self.prompts[kind], context, question), row))
         return requests
 
-    def _from_openai(self, rows: list[dict], contexts: list[dict | None], out: list[dict]) -> None:
-        from dataengine.llm.openai_backend import RequestFailed
-
-        config = self.config
-        requests = self.requests(rows, contexts)
-        if not requests:
-            return
-        assert self.chat is not None
-        failed: str | None = None
-        for j, reply in self.chat.complete_iter([messages for *_, messages in requests]):
-            i, kind, question, _ = requests[j]
-            result = out[i]
-            result.update({C.INSTRUCTION_TYPE: kind, C.LLM_MODEL: config.model_label})
-            if isinstance(reply, RequestFailed):
-                if config.transient_errors == "fail":  # stop, once the requests in flight are answered and cached
-                    failed = failed or f"LLM request for row {rows[i][C.UID]} failed after retries ({reply})"
-                result[C.REJECT_REASON] = f"llm_error:{reply.reason}"
-                continue
-            result.update({C.LLM_PROMPT_TOKENS: reply.prompt_tokens, C.LLM_COMPLETION_TOKENS: reply.completion_tokens,
-                           C.LLM_COST_USD: reply.cost_usd, C.LLM_CACHED: reply.cached})
-            self._parse_and_accept(kind, question, reply.content, reply.finish_reason, contexts[i], result)
-        if failed:
-            raise RuntimeError(f"{failed}; the run stops here and a rerun resumes (replies received so far are cached)")
-
-    def _vllm_requests(self, rows: list[dict], contexts: list[dict | None], out: list[dict]) -> pa.Table:
+    def _vllm_requests(self, requests: list[Request], out: list[dict]) -> pa.Table:
         """Prepare phase: each row's chat messages as JSON, for Ray Data LLM to generate from."""
-        from dataengine.llm.vllm_backend import REQUEST_COLUMN
+        from dataengine.llm.backends.vllm_engine import REQUEST_COLUMN, request_json
 
-        messages: list[str | None] = [None] * len(rows)
-        for i, _, _, request in self.requests(rows, contexts):
-            messages[i] = json.dumps(request, ensure_ascii=False)
+        messages: list[str | None] = [None] * len(out)
+        for request in requests:
+            messages[request.index] = request_json(request.messages or [])
         return pa.table({REQUEST_COLUMN: pa.array(messages, pa.string()),
                          C.REJECT_REASON: pa.array([r[C.REJECT_REASON] for r in out], pa.string())})
 
-    def _from_vllm_replies(self, rows: list[dict], contexts: list[dict | None], out: list[dict]) -> None:
-        """Finish rows that Ray Data LLM generated for (see `dataengine.llm.vllm_backend`)."""
-        from dataengine.llm.vllm_backend import REPLY_COLUMNS
-
-        config = self.config
-        text_col, finish_col, in_col, out_col = REPLY_COLUMNS
-        for row, context, result in zip(rows, contexts, out):
-            if context is None:
-                continue
-            kind, question = self.type_and_question(row[C.UID])
-            result.update({C.INSTRUCTION_TYPE: kind, C.LLM_MODEL: config.model_label, C.LLM_CACHED: False,
-                           C.LLM_PROMPT_TOKENS: row.get(in_col), C.LLM_COMPLETION_TOKENS: row.get(out_col),
-                           C.LLM_COST_USD: 0.0})
-            self._parse_and_accept(kind, question, row.get(text_col), row.get(finish_col), context, result)
-
     # ---- checks shared by the backends ----
 
-    def _parse_and_accept(self, kind: str, question: str | None, text: str | None, finish: str | None,
-                          context: dict, result: dict) -> None:
+    def _parse_and_accept(self, request: Request, reply: Reply, result: dict) -> None:
         from dataengine.llm.prompts import parse_reply
         from dataengine.llm.validate import InvalidConversation
 
         try:
-            turns = parse_reply(text, finish, question)
+            turns = parse_reply(reply.text, reply.finish_reason, request.question)
         except InvalidConversation as e:
-            result[C.REJECT_REASON], result[C.LLM_RAW_RESPONSE] = e.reject_reason, text
+            result[C.REJECT_REASON], result[C.LLM_RAW_RESPONSE] = e.reject_reason, reply.text
             return
-        if kind == "detail":
+        if request.kind == "detail":
             turns = turns[:2]
-        self._accept(turns, context, text, result)
+        self._accept(turns, request.context, reply.text, result)
 
     def _accept(self, turns: list[dict], context: dict, raw: str | None, result: dict) -> None:
         from dataengine.llm.grounding import ungrounded_objects
@@ -369,3 +319,26 @@ _RESULT_COLUMNS = (C.INSTRUCTION_TYPE, C.CONVERSATIONS, C.LLM_MODEL, C.LLM_PROMP
 
 def _empty_result() -> dict[str, Any]:
     return dict.fromkeys(_RESULT_COLUMNS)
+
+
+def _open_backend(config: LlavaSynthesisConfig) -> Backend:
+    """The configured backend, behind `generate()`."""
+    if config.backend == "template":
+        from dataengine.llm.backends.template import TemplateBackend, Templates
+
+        return TemplateBackend(Templates.load(config.prompts_dir), config.seed, config.max_qa_turns,
+                               config.detailed_fraction, tuple(config.absent_labels), config.short_first_fraction)
+    if config.backend == "vllm":
+        from dataengine.llm.backends.vllm_engine import EngineReplies
+
+        return EngineReplies(config.model_label)
+    from dataengine.llm.backends.openai_chat import OpenAIChat
+    from dataengine.llm.cache import ResponseCache
+    from dataengine.llm.usage import UsageLedger
+
+    assert config.openai is not None  # the config's validator demands the section
+    cache_dir = config.state_path(LLM_CACHE_DIR, config.cache_dir)
+    usage_dir = config.state_path(LLM_USAGE_DIR)
+    return OpenAIChat(config.openai, ResponseCache(cache_dir) if cache_dir else None,
+                      UsageLedger(usage_dir) if usage_dir else None,
+                      config._api_key.get_secret_value() if config._api_key else None)

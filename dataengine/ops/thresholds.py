@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from dataengine import columns as C
+from dataengine.core import columns as C
 
 
 def at_most_one(config: Any, *fields: str) -> None:

@@ -3,7 +3,7 @@
 VQA benchmark and `dataengine demo`.
 
 It sits above the engine: it imports the engine and plugs into it through entry points
-(`dataengine.plugins`): the `synthweb-demo:` model source, the `synthweb` benchmark, the report's
+(`dataengine.core.plugins`): the `synthweb-demo:` model source, the `synthweb` benchmark, the report's
 ground-truth section and the `synthweb`, `demo-models` and `demo` commands. The engine never imports
 it (tests/test_architecture.py).
 """

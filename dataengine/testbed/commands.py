@@ -1,4 +1,4 @@
-"""The test bed's subcommands of the `dataengine` CLI (`dataengine.plugins.COMMANDS` entry points):
+"""The test bed's subcommands of the `dataengine` CLI (`dataengine.core.plugins.COMMANDS` entry points):
 `synthweb`, `demo-models` and `demo`."""
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     run_dir = fresh_run_dir(Path(args.spec), args.output)
     with run_console(run_dir, args):
-        return run_demo(n=args.n, seed=args.seed, spec_path=Path(args.spec), output=str(run_dir),
-                        train=not args.no_train)
+        summary = run_demo(n=args.n, seed=args.seed, spec_path=Path(args.spec), output=str(run_dir),
+                           train=not args.no_train)
+    print(summary)
+    return 0
 
 
 def _cmd_demo_models(args: argparse.Namespace) -> int:

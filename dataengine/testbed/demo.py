@@ -18,13 +18,14 @@ from typing import Any
 
 import polars as pl
 
-from dataengine import columns as C
-from dataengine.query import scan
-from dataengine.export import EXPORT_MANIFEST
-from dataengine.layout import EXPORT_DIR, INIT_DIR, LOG_FILE, MANIFEST, RESULT_FILE, stage_dir
-from dataengine.runner import RunError, format_summary, run_pipeline
-from dataengine.spec import PipelineSpec, load_spec
-from dataengine.report import write_report
+from dataengine.analysis.query import scan
+from dataengine.analysis.report import write_report
+from dataengine.core import columns as C
+from dataengine.core.layout import EXPORT_DIR, INIT_DIR, LOG_FILE, MANIFEST, RESULT_FILE, stage_dir
+from dataengine.core.progress import note
+from dataengine.engine.runner import RunError, format_summary, run_pipeline
+from dataengine.engine.spec import PipelineSpec, load_spec
+from dataengine.io.export import EXPORT_MANIFEST
 from dataengine.testbed.synthweb import SynthWebServer, build_synthweb, write_url_list
 from dataengine.testbed.synthweb import build as T  # the truth table's column names
 from dataengine.testbed.synthweb.models import DEMO_PREFIX, ensure_demo_models
@@ -237,33 +238,34 @@ def fresh_run_dir(spec_path: Path, output: str | None = None) -> Path:
 
 
 def run_demo(n: int = 1000, seed: int = 0, spec_path: Path = Path("pipelines/demo.yaml"), output: str | None = None,
-             train: bool = True) -> int:
-    """Build and serve the synthetic web, run the demo spec into `output` (see `fresh_run_dir`), score it."""
+             train: bool = True) -> str:
+    """Build and serve the synthetic web, run the demo spec into `output` (see `fresh_run_dir`), score it;
+    return the closing summary for the CLI to print (progress goes to the console as notes)."""
     spec = load_spec(spec_path)
     if not train:
         spec = spec.model_copy(update={"train": None})
     input_path = Path(spec.input.path)
     web_dir = input_path.parent
     run_dir = Path(output or spec.output)
-    print(f"building the synthetic web ({n} items, seed {seed}) in {web_dir} ...", flush=True)
+    note("building the synthetic web (%d items, seed %d) in %s ...", n, seed, web_dir)
     build_synthweb(web_dir, n=n, seed=seed)
     if any(str(getattr(stage, "model", "")).startswith(DEMO_PREFIX) for stage in spec.stages):
-        print("demo models (trained once on clean synthetic pairs, then cached) ...", flush=True)
+        note("demo models (trained once on clean synthetic pairs, then cached) ...")
         ensure_demo_models(vlm=spec.train is not None)
-    from dataengine.raydata import ray_session
+    from dataengine.engine.raydata import ray_session
 
     # one Ray for the curated run, its training, the baseline and the floor (each start costs seconds)
     with SynthWebServer(web_dir) as server, ray_session(None, spec.resources):
         urls = write_url_list(web_dir, server.base_url)
         if urls.resolve() != input_path.resolve():
             shutil.copyfile(urls, input_path)
-        print(f"serving it at {server.base_url}; running {spec_path} ...", flush=True)
+        note("serving it at %s; running %s ...", server.base_url, spec_path)
         result = run_pipeline(spec, output=run_dir)
         unfiltered = None
         if spec.train is not None:
             rows = json.loads((stage_dir(run_dir, 1) / RESULT_FILE).read_text())["lineage"]["samples"]["train"]
             baseline = unfiltered_spec(spec, run_dir.resolve(), rows)
-            print(f"\nthe same {rows} rows' worth of unfiltered data for comparison: {baseline.output} ...", flush=True)
+            note("the same %d rows' worth of unfiltered data for comparison: %s ...", rows, baseline.output)
             shutil.rmtree(baseline.output, ignore_errors=True)
             unfiltered = run_pipeline(baseline).manifest.get("train")
         before = _benchmark_before_training(result.run_dir, spec) if spec.train is not None else None
@@ -273,24 +275,22 @@ def run_demo(n: int = 1000, seed: int = 0, spec_path: Path = Path("pipelines/dem
     (result.run_dir / SCORES_FILE).write_text(json.dumps(scores, indent=2))
     if capfilt:
         (result.run_dir / CAPFILT_FILE).write_text(json.dumps(capfilt, indent=2))
-    print()
-    print(format_summary(result.manifest))
-    print("\nevery stage against the synthetic web's truth:")
-    print(format_scores(scores))
+    lines = ["", format_summary(result.manifest), "\nevery stage against the synthetic web's truth:", format_scores(scores)]
     if capfilt:
-        print(format_capfilt(capfilt))
+        lines.append(format_capfilt(capfilt))
     export = result.run_dir / EXPORT_DIR / EXPORT_MANIFEST
     if export.exists():
-        print(f"\ninstruction data: {json.loads(export.read_text())['samples']} LLaVA samples in {export.parent} "
-              "(llava.json, images/, conversations.parquet)")
+        lines.append(f"\ninstruction data: {json.loads(export.read_text())['samples']} LLaVA samples in {export.parent} "
+                     "(llava.json, images/, conversations.parquet)")
     if spec.train is not None and before is not None:
         rows = training_rows(before, result.manifest["train"], unfiltered)
         samples = result.manifest["train"]["stage2"]["lineage"]["samples"]["train"]
         (result.run_dir / TRAINING_FILE).write_text(json.dumps(dict(rows), indent=2))
-        print("\n" + format_training(rows, samples))
-        print(f"  models: {result.run_dir}/train/stage{{1,2}}/final (load with LlavaForConditionalGeneration.from_pretrained)")
+        lines.append("\n" + format_training(rows, samples))
+        lines.append(f"  models: {result.run_dir}/train/stage{{1,2}}/final (load with "
+                     "LlavaForConditionalGeneration.from_pretrained)")
     report = write_report(result.run_dir)
-    print(f"\noutputs in {result.run_dir}: dataset/ (kept), rejected/ (with reasons), run.json, {SCORES_FILE}")
-    print(f"report: {report.resolve()} (open it in a browser)")
-    print(f'try: dataengine query {run_dir} "SELECT reject_reason, COUNT(*) AS n FROM rejected GROUP BY 1 ORDER BY n DESC"')
-    return 0
+    lines.append(f"\noutputs in {result.run_dir}: dataset/ (kept), rejected/ (with reasons), run.json, {SCORES_FILE}")
+    lines.append(f"report: {report.resolve()} (open it in a browser)")
+    lines.append(f'try: dataengine query {run_dir} "SELECT reject_reason, COUNT(*) AS n FROM rejected GROUP BY 1 ORDER BY n DESC"')
+    return "\n".join(lines)

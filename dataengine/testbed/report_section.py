@@ -1,5 +1,5 @@
 """The demo's section of the run report: each filter scored against the synthetic web's truth, and the
-curated-vs-unfiltered training table (a `dataengine.plugins.REPORT_SECTIONS` entry point)."""
+curated-vs-unfiltered training table (a `dataengine.core.plugins.REPORT_SECTIONS` entry point)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dataengine.plugins import ReportSection
+from dataengine.core.plugins import ReportSection
 from dataengine.testbed.demo import CAPFILT_FILE, SCORES_FILE, TRAINING_FILE
 
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from dataengine import columns as C
-from dataengine.llm.templates import Templates, grid_position, plural
+from dataengine.core import columns as C
+from dataengine.llm.backends.template import Templates, grid_position, plural
 
 BENCHMARK_SEED = 7_000_003  # no synthetic web or demo model uses this seed stream
 _NUMBERS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6"}

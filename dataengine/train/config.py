@@ -14,8 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from dataengine.fields import OPERATIONAL, decisive
-from dataengine.plugins import BENCHMARKS, registered
+from dataengine.core.fields import OPERATIONAL, decisive
+from dataengine.core.plugins import BENCHMARKS, registered
 
 Projector = Literal["linear", "mlp2x_gelu"]
 
@@ -94,7 +94,7 @@ class EvalSpec(_Strict):
     """Held-out split and benchmarks run after each stage."""
 
     heldout_fraction: float = Field(default=0.02, ge=0, lt=1, description="Rows (by uid hash) never trained on.")
-    benchmark: str | None = Field(default=None, description="A registered benchmark (dataengine.plugins); "
+    benchmark: str | None = Field(default=None, description="A registered benchmark (dataengine.core.plugins); "
                                   "synthweb: the test bed's VQA benchmark on fresh synthetic scenes (counts, "
                                   "colours, positions, POPE).")
     benchmark_size: int = Field(default=200, gt=0, description="Images in the benchmark.")

@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dataengine import columns as C
-from dataengine.export import ExportOptions, sample_turns
-from dataengine.layout import DATASET_DIR
+from dataengine.core import columns as C
+from dataengine.core.layout import DATASET_DIR
+from dataengine.io.export import ExportOptions, sample_turns
 from dataengine.llm.validate import GPT, HUMAN, IMAGE_TOKEN
 
 IGNORE_INDEX = -100
@@ -106,7 +106,7 @@ def to_messages(turns: list[dict[str, str]], image: Any) -> list[dict[str, Any]]
 
 def read_split(run_dir: str | Path, split: Split) -> Any:
     """The kept rows of one split as a Ray dataset, image bytes included, one task per part file."""
-    from dataengine.raydata import read_files
+    from dataengine.core.raytools import read_files
 
     def read(path: str) -> pa.Table:
         parquet = pq.ParquetFile(path)
@@ -162,7 +162,7 @@ def encode_batch(batch: pa.Table, processor_dir: str, stage: int, max_length: in
 def encoded_split(run_dir: str | Path, split: Split, stage: int, processor_dir: str, max_length: int,
                   num_cpus: float = 1.0) -> Any:
     """`read_split` tokenized by `encode_batch` in Ray Data tasks (streaming: nothing is materialised)."""
-    from dataengine.raydata import map_tables
+    from dataengine.core.raytools import map_tables
 
     return map_tables(read_split(run_dir, split), encode_batch,
                       {"processor_dir": processor_dir, "stage": stage, "max_length": max_length}, 64, num_cpus)

@@ -11,6 +11,7 @@ directories (`save_pretrained` + processor) plus the optimizer, scheduler and da
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -25,6 +26,8 @@ from dataengine.train.batching import MicroBatch, step_batches, token_loss_sum
 from dataengine.train.checkpoints import LINEAGE_FILE, OPTIMIZER_FILE, STATE_FILE, latest_checkpoint, write_file_list
 from dataengine.train.config import StageSpec
 from dataengine.train.model import load_llava, set_trainable
+
+log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("bad_image", "no_sample", "too_long")
 LOOP_KEY = "loop"  # Ray Train hands `train_loop` a dict: the LoopConfig sits under this key
@@ -293,7 +296,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: `loop_config[LOOP_KEY]` is the `LoopConfig` the trainer built."""
     import ray.train
 
-    from dataengine.raydata import quiet_worker_logs
+    from dataengine.core.raytools import quiet_worker_logs
 
     quiet_worker_logs()
     config: LoopConfig = loop_config[LOOP_KEY]
@@ -340,6 +343,5 @@ def _maybe_fail(config: LoopConfig, step: int, rank: int) -> None:
         marker = Path(config.metrics_path).with_name(f"failed-at-{fail}")
         if not marker.exists():
             marker.write_text(str(os.getpid()))
-            print(f"injected failure: killing training worker rank {rank} (pid {os.getpid()}) at step {step}",
-                  flush=True)
+            log.warning("injected failure: killing training worker rank %d (pid %d) at step %d", rank, os.getpid(), step)
             os._exit(1)

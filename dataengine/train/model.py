@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dataengine.models import cache_dir, from_local_or_hub, resolve_model_ref
+from dataengine.models.sources import cache_dir, from_local_or_hub, resolve_model_ref
 from dataengine.train.config import ModelSpec
 from dataengine.train.convert import convert_open_clip_vision, is_open_clip_dir
 

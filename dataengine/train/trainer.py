@@ -1,4 +1,4 @@
-"""Train a run's output: one Ray Train `TorchTrainer` per stage, then the evaluation.
+"""Train a run's output: one Ray Train `TorchTrainer` per stage (`eval/train_then_eval.py` evaluates it).
 
 Layout under `<run>/train/`:
     stage1/init/        the assembled starting model (stage 2 starts from stage 1's final model)
@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dataengine.atomic import write_text_atomic
-from dataengine.layout import CHECKPOINTS_DIR, FINAL_DIR, INIT_DIR, MANIFEST, METRICS_FILE, RESULT_FILE, stage_dir
-from dataengine.progress import note, watch_steps
+from dataengine.core.atomic import write_text_atomic
+from dataengine.core.layout import CHECKPOINTS_DIR, FINAL_DIR, INIT_DIR, MANIFEST, METRICS_FILE, RESULT_FILE, stage_dir
+from dataengine.core.progress import note, watch_steps
+from dataengine.train.checkpoints import LINEAGE_FILE, STATE_FILE, latest_checkpoint, prune_checkpoints
 from dataengine.train.config import StageSpec, TrainSpec
 from dataengine.train.data import encoded_split, kept_files, plan_splits
-from dataengine.train.checkpoints import LINEAGE_FILE, STATE_FILE, latest_checkpoint, prune_checkpoints
 from dataengine.train.loop import LOOP_KEY, LoopConfig, train_loop
 from dataengine.train.model import build_llava
 
@@ -205,19 +205,3 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
     note("stage %d: %d steps, %d samples, skipped %s -> %s", stage, summary["steps"], summary["samples_trained"],
              summary["skipped"] or "none", final)
     return summary
-
-
-def train_spec_for(run_dir: str | Path, spec_path: str | None) -> TrainSpec:
-    """The `train:` section from `spec_path`, else from the spec recorded in the run's run.json."""
-    from dataengine.spec import load_spec, parse_spec
-
-    run_json = Path(run_dir) / MANIFEST
-    if spec_path:
-        spec = load_spec(spec_path)
-    elif run_json.is_file():
-        spec = parse_spec(json.loads(run_json.read_text())["spec"], str(run_json))
-    else:
-        raise TrainError(f"{run_dir}: no run.json (not a run directory?) and no --spec given")
-    if spec.train is None:
-        raise TrainError(f"{spec_path or run_json}: the spec has no train: section (add one, or pass --spec)")
-    return spec.train

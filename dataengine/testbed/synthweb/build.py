@@ -22,14 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dataengine import columns as C
-from dataengine.testbed.synthweb.render import (
-    DUP_TRANSFORMS,
-    decode_image,
-    encode_jpeg,
-    render_scene,
-    transform_image,
-)
+from dataengine.core import columns as C
+from dataengine.testbed.synthweb.render import DUP_TRANSFORMS, decode_image, encode_jpeg, render_scene, transform_image
 from dataengine.testbed.synthweb.scenes import Scene, caption_scene, crop_scene, flip_scene, generate_scene
 
 log = logging.getLogger(__name__)
@@ -70,7 +64,7 @@ _TRUNCATE_AT = (0.55, 0.65)
 _PICK_TRIES = 20
 _POOL_MIN_MEGAPIXELS = 40.0  # below this a process pool costs more to start than it saves
 
-# truth table columns (synthweb only; the pipeline's own columns live in dataengine.columns)
+# truth table columns (synthweb only; the pipeline's own columns live in dataengine.core.columns)
 ID = "id"
 PATH = "path"
 TRUE_CAPTION = "true_caption"

@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dataengine.models import ModelNotFound, cache_dir as default_cache_dir
-from dataengine.progress import note
+from dataengine.core.progress import note
+from dataengine.models.sources import ModelNotFound
+from dataengine.models.sources import cache_dir as default_cache_dir
 from dataengine.testbed.synthweb.tokenizer import build_caption_tokenizer
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"

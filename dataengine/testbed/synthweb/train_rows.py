@@ -33,7 +33,7 @@ def make_train_rows(n: int, seed: int = 11) -> list[dict]:
 
     import numpy as np
 
-    from dataengine.llm.templates import Templates, template_conversation
+    from dataengine.llm.backends.template import Templates, template_conversation
     from dataengine.testbed.synthweb.build import boxes_json
     from dataengine.testbed.synthweb.render import render_scene
     from dataengine.testbed.synthweb.scenes import KINDS, caption_scene, generate_scene

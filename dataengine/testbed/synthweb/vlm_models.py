@@ -22,13 +22,12 @@ def _texts(n: int, seed: int) -> list[str]:
     import json
 
     import numpy as np
+    from jinja2 import Template
 
-    from dataengine.llm.templates import Templates, template_conversation
+    from dataengine.llm.backends.template import Templates, template_conversation
     from dataengine.testbed.synthweb.build import boxes_json
     from dataengine.testbed.synthweb.scenes import KINDS, caption_scene, generate_scene
     from dataengine.train.model import LLAVA_CHAT_TEMPLATE
-
-    from jinja2 import Template
 
     template, templates = Template(LLAVA_CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")), Templates.load()
     texts = []

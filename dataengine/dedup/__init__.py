@@ -1,0 +1,1 @@
+"""Near-duplicate search: image descriptors (SSCD, pHash) and the FAISS index that groups them."""

@@ -1,0 +1,208 @@
+"""The engine's Ray adapter: the Ray session, and a pipeline's stages as one Ray Data stream.
+
+Every `ray.init` and every stage's `map_batches` and compute-strategy knob lives here, so a Ray upgrade
+that renames one (as `concurrency` became `compute`) touches this file and `core/raytools.py` (the Ray
+helpers the layers below the engine use) only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import ray.data
+
+import dataengine
+from dataengine.core import columns as C
+from dataengine.core.atomic import write_parquet_atomic
+from dataengine.core.raytools import QUIET_WORKERS
+from dataengine.core.schemas import sample_schema
+from dataengine.engine.spec import ResourcesSpec
+from dataengine.ops import get_op
+from dataengine.ops.base import Op, RayLLMStage, Step, run_step
+
+log = logging.getLogger(__name__)
+
+SUMMARY_SHARD, SUMMARY_PART, SUMMARY_ROWS, SUMMARY_REJECTED = "shard", "part", "rows", "rejected"
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, resources: ResourcesSpec) -> Iterator[None]:
+    """Use the Ray already initialised in this process, connect to `address`, or start an embedded one."""
+    if ray.is_initialized():
+        yield
+        return
+    common = {"log_to_driver": True, "logging_level": logging.WARNING}
+    if address and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        ray.init(address=address, **common)  # a Ray job (`dataengine submit`): its runtime env ships the code
+    elif address:
+        # workers on other machines import dataengine from this checkout
+        package_dir = str(Path(dataengine.__file__).resolve().parent)
+        ray.init(address=address, runtime_env={"py_modules": [package_dir], **QUIET_WORKERS}, **common)
+    else:
+        ray.init(
+            address="local", num_cpus=resources.num_cpus or os.cpu_count(), num_gpus=resources.num_gpus,
+            object_store_memory=resources.object_store_memory, include_dashboard=False, runtime_env=QUIET_WORKERS, **common,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+_TASK_OPS: dict[tuple[int, str], Op] = {}
+
+
+def _run_task_step(batch: pa.Table, step: Step, schema: pa.Schema) -> pa.Table:
+    """Task body for stateless ops and for decisions; an op object is cached per worker process."""
+    op = None
+    if step.decision is None:
+        key = (step.index, step.config.model_dump_json(), repr(step.config.__pydantic_private__))
+        op = _TASK_OPS.get(key)
+        if op is None:
+            op = _TASK_OPS[key] = get_op(step.config.op)(step.config)
+    return run_step(step, op, batch, schema)
+
+
+class _StageActor:
+    """Actor body for stateful (model) ops: the op, and its model, are built once per actor."""
+
+    def __init__(self, step: Step, schema: pa.Schema) -> None:
+        self.step, self.schema = step, schema
+        self.op = get_op(step.config.op)(step.config)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        _maybe_crash()
+        return run_step(self.step, self.op, batch, self.schema)
+
+
+CRASH_ENV = "DATAENGINE_FAULT_ACTOR_CRASH"  # fault injection for tests: a marker path; crash once
+
+
+def _maybe_crash() -> None:
+    """Kill this actor's process mid-batch, once per marker file (tests of Ray Data's actor restarts)."""
+    marker = os.environ.get(CRASH_ENV)
+    if marker:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # exactly one process wins
+        except FileExistsError:
+            return
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        os._exit(1)
+
+
+def _write_parts(batch: pa.Table, parts_dir: str) -> pa.Table:
+    """Write a batch's rows as one Parquet part per shard; return a small summary for the driver
+    (per part: its shard, name, rows, and rows rejected per stage as JSON, for the progress lines).
+
+    A part's name is a hash of its uids, so a retried task that rewrites the same rows overwrites
+    its own part instead of duplicating it.
+    """
+    shards, parts, counts, rejected = [], [], [], []
+    shard_col = batch.column(C.SHARD)
+    for shard in pc.unique(shard_col).to_pylist():
+        rows = batch.filter(pc.equal(shard_col, shard))
+        rows = rows.sort_by(C.UID)
+        digest = hashlib.sha1("\n".join(rows.column(C.UID).to_pylist()).encode()).hexdigest()[:20]
+        write_parquet_atomic(rows, Path(parts_dir) / shard / f"{digest}.parquet")
+        by_stage = pc.value_counts(rows.column(C.REJECT_STAGE).drop_null()).to_pylist()
+        shards.append(shard), parts.append(digest), counts.append(rows.num_rows)
+        rejected.append(json.dumps({entry["values"]: entry["counts"] for entry in by_stage}))
+    return pa.table({SUMMARY_SHARD: pa.array(shards, pa.string()), SUMMARY_PART: pa.array(parts, pa.string()),
+                     SUMMARY_ROWS: pa.array(counts, pa.int64()), SUMMARY_REJECTED: pa.array(rejected, pa.string())})
+
+
+def stream_pipeline(shard_paths: list[Path], steps: list[Step], parts_dir: Path) -> Iterator[dict]:
+    """Run the steps over the shards on Ray Data; yield one summary row per written part.
+
+    The rows themselves never come to the driver: workers write them under `parts_dir`.
+    """
+    # Shard files are read here and handed over, one block per shard: `read_parquet`'s threaded file
+    # listing races on an optional fsspec import in Ray 2.60. Before a barrier, shards carry images,
+    # so this is the place to move to a datasource when inputs outgrow the driver.
+    ds = ray.data.from_arrow([pq.read_table(p) for p in shard_paths])
+    schema = sample_schema()  # read here: workers on other nodes may not have schemas/
+    actor_cpus = _actor_cpu_scale(steps)
+    for step in steps:
+        config = step.config
+        common = dict(batch_size=config.batch_size, batch_format="pyarrow", udf_modifying_row_count=False)
+        llm = get_op(config.op).ray_llm_stage(config) if step.decision is None else None
+        if llm is not None:
+            ds = _ray_llm_stage(ds, step, schema, llm, common)
+        elif step.decision is None and get_op(config.op).stateful:
+            size = config.concurrency or 1
+            ds = ds.map_batches(
+                _StageActor, fn_constructor_args=(step, schema), num_cpus=config.num_cpus * actor_cpus,
+                num_gpus=config.num_gpus or None, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
+                **common,
+            )
+        elif step.decision is None:
+            compute = ray.data.TaskPoolStrategy(size=config.concurrency) if config.concurrency else None
+            ds = ds.map_batches(_run_task_step, fn_args=(step, schema), num_cpus=config.num_cpus, compute=compute,
+                                **common)
+        else:  # applying a decision is cheap and needs no model: not the op's actor-pool size or GPUs
+            ds = ds.map_batches(_run_task_step, fn_args=(step, schema), num_cpus=1, **common)
+    ds = ds.map_batches(_write_parts, fn_args=(str(parts_dir),), batch_size=None, batch_format="pyarrow")
+    summaries = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    try:
+        for summary in summaries:
+            yield from summary.to_pylist()
+    except Exception as e:
+        log.debug("the stream failed", exc_info=True)  # the whole story, for the run's log
+        _release_failed_execution(e)
+        raise
+    finally:
+        getattr(summaries, "close", lambda: None)()  # stopped early by the caller: the execution ends now
+
+
+def _release_failed_execution(error: BaseException) -> None:
+    """Free the actors of a failed Ray Data execution now. It leaves its actor pool in reference cycles,
+    and the tracebacks of `error`'s chain, which the caller keeps, reach them through Ray's frames: the
+    actors would hold their CPUs (and the next run or training stage would wait for them) until a
+    garbage collection that may not come. The messages stay; Ray's internal frames go (logged above)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:  # `raise` then adds this frame and the callers'
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
+    gc.collect()
+
+
+def _actor_cpu_scale(steps: list[Step]) -> float:
+    """Scale for actors' CPU reservations so that the pools of a segment, which all hold their CPUs for
+    the whole segment, leave one CPU for the tasks feeding them; otherwise a small machine (2 cores,
+    4 model stages) deadlocks: every actor waits for input a starved task never produces."""
+    pools = [(s.config.concurrency or 1) * s.config.num_cpus for s in steps
+             if s.decision is None and get_op(s.config.op).stateful and s.config.num_gpus == 0]
+    total = float(ray.cluster_resources().get("CPU", 0))
+    budget = total - 1
+    if not pools or total <= 0 or sum(pools) <= budget:
+        return 1.0
+    scale = max(budget, 0.5) / sum(pools)
+    log.info("model stages reserve %.2g CPUs for their actors on a cluster of %.0g; scaling each reservation "
+             "by %.2f so the other stages can run (set num_cpus per stage to choose yourself)", sum(pools), total, scale)
+    return scale
+
+
+def _ray_llm_stage(ds: ray.data.Dataset, step: Step, schema: pa.Schema, llm: RayLLMStage,
+                   common: dict) -> ray.data.Dataset:
+    """Prepare (the op writes requests) -> Ray Data LLM's vLLM processor -> finish (the op reads replies)."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    ds = ds.map_batches(_run_task_step, fn_args=(Step(step.index, llm.prepare), schema), num_cpus=1, **common)
+    processor = build_processor(vLLMEngineProcessorConfig(**llm.processor_kwargs), preprocess=llm.preprocess,
+                                postprocess=llm.postprocess)
+    ds = processor(ds)
+    return ds.map_batches(_run_task_step, fn_args=(step, schema), num_cpus=1, **common)

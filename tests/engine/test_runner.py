@@ -1,0 +1,252 @@
+"""End-to-end runs on the synthetic web: accounting, outputs, schemas, rerun, recovery."""
+
+import hashlib
+import json
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dataengine.core import columns as C
+from dataengine.core.schemas import rejected_schema, sample_schema
+from dataengine.engine.raydata import _write_parts
+from dataengine.engine.runner import AccountingError, RunError, commit_shard, run_pipeline
+from dataengine.engine.spec import parse_spec
+from dataengine.io.inputs import plan_shards
+from tests.conftest import download_stage
+
+
+def _outputs(run_dir):
+    kept = pl.read_parquet(run_dir / "dataset" / "*.parquet")
+    rejected = pl.read_parquet(run_dir / "rejected" / "*.parquet")
+    return kept, rejected
+
+
+def test_every_row_accounted_once(synthweb_run):
+    spec, result, truth = synthweb_run
+    kept, rejected = _outputs(result.run_dir)
+    assert kept.height + rejected.height == truth.height == result.manifest["totals"]["in"]
+    uids = kept["uid"].to_list() + rejected["uid"].to_list()
+    assert len(set(uids)) == len(uids) == truth.height
+    for stage in result.stages:
+        assert stage["in"] == stage["kept"] + stage["rejected"]
+    download = result.stages[-1]
+    assert download["stage"] == "download" and download["kept"] == kept.height
+    assert sum(download["rejected_by_reason"].values()) == rejected.height
+
+
+def test_rejections_match_the_truth(synthweb_run):
+    _, result, truth = synthweb_run
+    kept, rejected = _outputs(result.run_dir)
+    got = pl.concat([kept.select("source_id").with_columns(reason=pl.lit(None, pl.String)),
+                     rejected.select("source_id", reason="reject_reason")])
+    joined = truth.join(got, left_on="id", right_on="source_id")
+    assert joined.height == truth.height
+    broken = joined.filter(pl.col("broken"))
+    assert broken.height > 0 and joined.filter(~pl.col("broken")).height > 0
+    mismatched = broken.filter(pl.col("reason") != pl.col("expected_reason"))
+    assert mismatched.height == 0, mismatched.select("id", "url_kind", "reason", "expected_reason").to_dicts()
+    assert joined.filter(~pl.col("broken"))["reason"].null_count() == joined.filter(~pl.col("broken")).height
+
+
+def test_kept_rows_carry_image_facts(synthweb_run, synthweb_dir):
+    _, result, truth = synthweb_run
+    kept, _ = _outputs(result.run_dir)
+    rows = kept.join(truth, left_on="source_id", right_on="id")
+    for row in rows.head(10).iter_rows(named=True):
+        assert min(row["width"], row["height"]) == 256  # keep_ratio: smaller side becomes image_size
+        assert (row["original_width"], row["original_height"]) == (row["width_right"], row["height_right"])
+        served = (synthweb_dir / "files" / "img" / row["path"].rsplit("/", 1)[1]).read_bytes()
+        assert row["sha256"] == hashlib.sha256(served).hexdigest() and row["original_bytes"] == len(served)
+        assert row["image"][:2] == b"\xff\xd8" and row["image_format"] == "jpeg"
+    flaky = rows.filter(pl.col("url_kind") == "flaky")
+    assert flaky.height and (flaky["download_attempts"] == 2).all()
+    redirected = rows.filter(pl.col("url_kind") == "redirect")
+    assert redirected.height and redirected["final_url"].str.contains("/img/").all()
+
+
+def test_written_parquet_matches_the_schema_files(synthweb_run):
+    _, result, _ = synthweb_run
+    for directory, schema in (("dataset", sample_schema()), ("rejected", rejected_schema())):
+        files = sorted((result.run_dir / directory).glob("part-*.parquet"))
+        assert files
+        for f in files:
+            assert pq.read_schema(f).remove_metadata().equals(schema.remove_metadata(), check_metadata=False), f
+
+
+def test_manifest_records_spec_versions_and_counts(synthweb_run):
+    spec, result, _ = synthweb_run
+    manifest = json.loads((result.run_dir / "run.json").read_text())
+    assert manifest["status"] == "complete" and manifest["spec_hash"] == spec.spec_hash()
+    assert manifest["spec"]["stages"][0]["op"] == "download"
+    assert manifest["versions"]["ray"] and manifest["versions"]["pyarrow"]
+    assert manifest["started_at"] <= manifest["ended_at"]
+    assert [s["stage"] for s in manifest["stages"]] == ["input", "download"]
+    assert manifest["stages"][1]["busy_seconds"] > 0
+    assert manifest["attempts"][0]["shards_processed"] == manifest["input"]["shards"] == 3
+
+
+def test_rerun_skips_committed_shards(synthweb_run):
+    spec, result, _ = synthweb_run
+    before = {p: p.stat().st_mtime_ns for p in (result.run_dir / "dataset").glob("*.parquet")}
+    again = run_pipeline(spec)
+    assert again.manifest["attempts"][-1]["shards_processed"] == 0
+    assert again.manifest["totals"] == result.manifest["totals"]
+    assert {p: p.stat().st_mtime_ns for p in (result.run_dir / "dataset").glob("*.parquet")} == before
+
+
+def test_another_spec_in_the_same_output_is_refused(synthweb_run):
+    spec, result, _ = synthweb_run
+    changed = spec.model_copy(update={"stages": [spec.stages[0].model_copy(update={"image_size": 128})]})
+    with pytest.raises(RunError, match="holds a run of another spec"):
+        run_pipeline(changed)
+
+
+def _offline_spec(tmp_path, n=30, shard_rows=10):
+    """A spec whose URLs all fail validation, so rows flow without any network."""
+    pq.write_table(pa.table({"url": [None, "ftp://x/y", "gopher://h/", "example.com/a.jpg", "file:///etc/passwd"] * (n // 5),
+                             "caption": ["c"] * n}), tmp_path / "in.parquet")
+    return parse_spec({"name": "offline", "input": {"path": str(tmp_path / "in.parquet"), "shard_rows": shard_rows},
+                       "output": str(tmp_path / "run"), "stages": [download_stage()]})
+
+
+def _process_offline(spec, shard):
+    from dataengine.ops import apply_stage, get_op
+
+    op = get_op("download")(spec.stages[0])
+    return apply_stage(op, pq.read_table(shard.path), "download", 0)
+
+
+def test_recovery_commits_finished_parts_and_redoes_half_done_shards(ray_local, tmp_path):
+    spec = _offline_spec(tmp_path)
+    run_dir = tmp_path / "run"
+    shards = plan_shards(spec.input, run_dir)
+    # a killed attempt left shard 0 fully written but uncommitted, and shard 1 half written
+    _write_parts(_process_offline(spec, shards[0]), str(run_dir / "_parts" / "segment-0"))
+    _write_parts(_process_offline(spec, shards[1]).slice(0, 4), str(run_dir / "_parts" / "segment-0"))
+    result = run_pipeline(spec)
+    attempt = result.manifest["attempts"][-1]
+    assert attempt["shards_recovered"] == 1 and attempt["shards_processed"] == 2
+    assert result.manifest["totals"] == {"in": 30, "kept": 0, "rejected": 30}
+    assert result.stages[-1]["rejected_by_reason"] == {"bad_url": 30}
+    assert not (run_dir / "_parts").exists() or not any((run_dir / "_parts").iterdir())
+
+
+def test_commit_refuses_a_shard_with_a_lost_row(tmp_path):
+    spec = _offline_spec(tmp_path, n=10, shard_rows=10)
+    shards = plan_shards(spec.input, tmp_path / "run")
+    processed = _process_offline(spec, shards[0])
+    summary = _write_parts(processed.slice(1), str(tmp_path / "run" / "_parts" / "segment-0"))
+    with pytest.raises(AccountingError, match="1 uids lost"):
+        commit_shard(tmp_path / "run", shards[0], summary.column("part").to_pylist(), ["download"])
+
+
+def test_odd_captions_and_urls_reach_the_outputs_intact(ray_local, tmp_path):
+    huge = "long " * 200_000  # a 1 MB caption
+    csv = b"url,caption\n,\nftp://x/y.jpg,caf\xe9\n" + b"file:///etc/passwd," + huge.strip().encode() + b"\n"
+    (tmp_path / "in.csv").write_bytes(csv)
+    spec = parse_spec({"name": "odd", "input": {"path": str(tmp_path / "in.csv")}, "output": str(tmp_path / "run"),
+                       "stages": [download_stage()]})
+    result = run_pipeline(spec)
+    rejected = pl.read_parquet(tmp_path / "run" / "rejected" / "*.parquet").sort("uid")
+    assert rejected["reject_reason"].to_list() == ["bad_url"] * 3
+    assert rejected["caption"].to_list()[1:] == ["caf\ufffd", huge.strip()]
+    assert result.manifest["totals"] == {"in": 3, "kept": 0, "rejected": 3}
+
+
+def test_accounting_catches_rows_lost_after_commit(ray_local, tmp_path):
+    from dataengine.engine.runner import check_accounting
+
+    spec = _offline_spec(tmp_path)
+    result = run_pipeline(spec)
+    shards = plan_shards(spec.input, result.run_dir)
+    counts = {k: result.manifest["totals"][k] for k in ("in", "kept", "rejected")} | {"stages": result.stages}
+    check_accounting(result.run_dir, shards, counts)  # the books balance
+    next((result.run_dir / "rejected").glob("part-*.parquet")).unlink()
+    with pytest.raises(AccountingError, match="rejected/ holds 20 rows, the commit markers say 30"):
+        check_accounting(result.run_dir, shards, counts)
+
+
+def test_a_failing_run_is_recorded_as_failed_and_resumes(ray_local, tmp_path, monkeypatch):
+    import dataengine.engine.runner as runner
+
+    spec = _offline_spec(tmp_path)
+    real_commit = runner.commit_shard
+    calls = []
+
+    def commit_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "commit_shard", commit_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        run_pipeline(spec)
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert manifest["status"] == "failed" and "disk full" in manifest["attempts"][-1]["error"]
+    monkeypatch.setattr(runner, "commit_shard", real_commit)
+    result = run_pipeline(spec)
+    assert result.manifest["status"] == "complete" and result.manifest["totals"]["in"] == 30
+    assert result.manifest["attempts"][-1]["shards_processed"] + result.manifest["attempts"][-1]["shards_recovered"] == 2
+
+
+def test_empty_input_completes_with_zero_rows(tmp_path):
+    (tmp_path / "in.jsonl").write_text("")
+    spec = parse_spec({"name": "empty", "input": {"path": str(tmp_path / "in.jsonl")}, "output": str(tmp_path / "run"),
+                       "stages": [download_stage()]})
+    result = run_pipeline(spec)
+    assert result.manifest["totals"] == {"in": 0, "kept": 0, "rejected": 0}
+    assert result.manifest["status"] == "complete"
+
+
+def test_barrier_decision_reads_shards_that_never_reached_the_stage(tmp_path):
+    from dataengine.engine.runner import Segment, _barrier_decision
+    from dataengine.io.inputs import Shard
+
+    spec = parse_spec({"name": "b", "input": {"path": "x"}, "output": str(tmp_path),
+                       "stages": [download_stage(), {"op": "clip_score_filter", "keep_top_fraction": 0.5}]})
+    segments = tmp_path / "_segments" / "0"
+    segments.mkdir(parents=True)
+    # shard a: every row died at download, so it has no clip_score column at all
+    pq.write_table(pa.table({C.UID: ["a1", "a2"], C.REJECT_REASON: ["http_404", "timeout"]}), segments / "a.parquet")
+    pq.write_table(pa.table({C.UID: ["b1", "b2", "b3", "b4"], C.REJECT_REASON: [None, None, None, None],
+                             C.CLIP_SCORE: pa.array([0.1, 0.9, 0.5, 0.7], pa.float32())}), segments / "b.parquet")
+    shards = [Shard("a", 2, tmp_path / "a.parquet"), Shard("b", 4, tmp_path / "b.parquet")]
+    decision = _barrier_decision(tmp_path, Segment(1, (), 1, final=True), spec.stages[1], shards)
+    assert decision["rows"] == 4 and decision["keep"] == 2 and decision["uid"] == "b4"
+    assert json.loads((tmp_path / "_state" / "decision-1.json").read_text()) == decision
+
+
+def test_resume_after_a_failure_past_a_barrier_keeps_segment_work_and_the_decision(ray_local, tmp_path, monkeypatch):
+    import dataengine.engine.runner as runner
+    from dataengine.testbed.synthweb.models import build_random_open_clip
+
+    clip = build_random_open_clip(tmp_path / "clip")
+    base = _offline_spec(tmp_path)
+    spec = parse_spec({**base.model_dump(mode="json"), "stages": [
+        download_stage(), {"op": "clip_score_filter", "model": str(clip), "pretrained": None, "keep_top_fraction": 0.5}]})
+    real_commit = runner.commit_shard
+
+    def fail_in_the_last_segment(run_dir, shard, parts, stage_names, segment=None):
+        if segment is not None and segment.final:
+            raise OSError("disk full")
+        return real_commit(run_dir, shard, parts, stage_names, segment)
+
+    monkeypatch.setattr(runner, "commit_shard", fail_in_the_last_segment)
+    with pytest.raises(OSError, match="disk full"):
+        run_pipeline(spec)
+    state = tmp_path / "run" / "_state"
+    segment0 = {p.name: p.stat().st_mtime_ns for p in (state / "segment-0").glob("*.json")}
+    decision = (state / "decision-1.json").stat().st_mtime_ns
+    assert len(segment0) == 3
+    monkeypatch.setattr(runner, "commit_shard", real_commit)
+    result = run_pipeline(spec)
+    attempt = result.manifest["attempts"][-1]
+    # the final segment only: its shards are recomputed, or committed from the parts the failed attempt wrote
+    assert attempt["shards_processed"] + attempt["shards_recovered"] == 3
+    assert {p.name: p.stat().st_mtime_ns for p in (state / "segment-0").glob("*.json")} == segment0
+    assert (state / "decision-1.json").stat().st_mtime_ns == decision
+    assert result.manifest["totals"] == {"in": 30, "kept": 0, "rejected": 30}
+    assert not (tmp_path / "run" / "_segments").exists()

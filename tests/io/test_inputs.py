@@ -1,0 +1,117 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dataengine.core import columns as C
+from dataengine.io.inputs import InputError, InputSpec, plan_shards, read_input_file
+
+ROWS = [("http://a/1.jpg", "a cat", "k1"), ("http://a/2.jpg", "two dogs", "k2"), (None, None, "k3"), ("", "", "k4")]
+
+
+def _write_all_formats(tmp_path):
+    urls, caps, ids = zip(*ROWS)
+    pq.write_table(pa.table({"url": list(urls), "caption": list(caps), "key": list(ids)}), tmp_path / "in.parquet")
+    with open(tmp_path / "in.jsonl", "w") as f:
+        for u, c, k in ROWS:
+            f.write(json.dumps({"url": u, "caption": c, "key": k}) + "\n")
+    csv = "url,caption,key\n" + "".join(f'{u or ""},"{c or ""}",{k}\n' for u, c, k in ROWS)
+    (tmp_path / "in.csv").write_text(csv)
+    (tmp_path / "in.tsv").write_text(csv.replace(",", "\t").replace('"', ""))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv", "tsv"])
+def test_every_format_reads_the_same_rows(tmp_path, fmt):
+    _write_all_formats(tmp_path)
+    table = read_input_file(tmp_path / f"in.{fmt}", InputSpec(path=".", id_col="key"))
+    assert table.column_names == [C.URL, C.CAPTION, C.SOURCE_ID, C.BOXES]
+    assert table.column(C.SOURCE_ID).to_pylist() == ["k1", "k2", "k3", "k4"]
+    assert table.column(C.BOXES).null_count == 4  # no boxes_col: null
+    urls = table.column(C.URL).to_pylist()
+    assert urls[:2] == ["http://a/1.jpg", "http://a/2.jpg"]
+    assert urls[2] in (None, "") and urls[3] in (None, "")  # CSV cannot tell null from empty
+    assert table.column(C.CAPTION).to_pylist()[1] == "two dogs"
+
+
+def test_boxes_column_becomes_json_from_nested_parquet_and_jsonl(tmp_path):
+    import json
+
+    boxes = [[{"label": "dog", "box": [0.1, 0.2, 0.5, 0.9]}], None]
+    pq.write_table(pa.table({"url": ["http://a/1", "http://a/2"], "caption": ["a", "b"], "objs": boxes}), tmp_path / "in.parquet")
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps({"url": "http://a/1", "caption": "a", "objs": b}) for b in boxes))
+    for name in ("in.parquet", "in.jsonl"):
+        table = read_input_file(tmp_path / name, InputSpec(path=".", boxes_col="objs"))
+        values = table.column(C.BOXES).to_pylist()
+        assert json.loads(values[0]) == boxes[0] and values[1] is None, name
+    with pytest.raises(InputError, match="input.boxes_col: column 'nope' not found"):
+        read_input_file(tmp_path / "in.parquet", InputSpec(path=".", boxes_col="nope"))
+
+
+def test_missing_url_column_names_field_file_and_columns(tmp_path):
+    pq.write_table(pa.table({"URL": ["x"], "caption": ["c"]}), tmp_path / "in.parquet")
+    with pytest.raises(InputError) as e:
+        read_input_file(tmp_path / "in.parquet", InputSpec(path="."))
+    assert "input.url_col: column 'url' not found" in str(e.value) and "['URL', 'caption']" in str(e.value)
+
+
+def test_missing_caption_column_suggests_null(tmp_path):
+    (tmp_path / "in.csv").write_text("url\nhttp://a/1.jpg\n")
+    with pytest.raises(InputError, match="caption_col: null"):
+        read_input_file(tmp_path / "in.csv", InputSpec(path="."))
+    table = read_input_file(tmp_path / "in.csv", InputSpec(path=".", caption_col=None))
+    assert table.column(C.CAPTION).to_pylist() == [None]
+
+
+def test_no_files_and_unknown_extension(tmp_path):
+    with pytest.raises(InputError, match="input.path: no input files match"):
+        plan_shards(InputSpec(path=str(tmp_path / "nothing*.parquet")), tmp_path / "run")
+    (tmp_path / "list.txt").write_text("url\n")
+    with pytest.raises(InputError, match="input.format: cannot tell the format"):
+        plan_shards(InputSpec(path=str(tmp_path / "list.txt")), tmp_path / "run")
+
+
+def test_unparseable_file_is_a_clear_error(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"url": "http://a"}\n{not json\n')
+    with pytest.raises(InputError, match=r"cannot read .*in.jsonl as jsonl"):
+        read_input_file(tmp_path / "in.jsonl", InputSpec(path=".", caption_col=None))
+
+
+def test_non_utf8_and_huge_captions_survive(tmp_path):
+    huge = "word " * 200_000  # 1 MB
+    (tmp_path / "in.csv").write_bytes(b"url,caption\nhttp://a/1.jpg,caf\xe9 \xff\xfe\nhttp://a/2.jpg," + huge.encode() + b"\n")
+    table = read_input_file(tmp_path / "in.csv", InputSpec(path="."))
+    caps = table.column(C.CAPTION).to_pylist()
+    assert caps[0] == "caf\ufffd \ufffd\ufffd"
+    assert caps[1].strip() == huge.strip()
+    (tmp_path / "in.jsonl").write_bytes(b'{"url": "http://a/1.jpg", "caption": "bad \xff byte"}\n')
+    table = read_input_file(tmp_path / "in.jsonl", InputSpec(path="."))
+    assert table.column(C.CAPTION).to_pylist() == ["bad \ufffd byte"]
+
+
+def test_plan_shards_assigns_stable_uids_and_marks_duplicate_ids(tmp_path):
+    pq.write_table(pa.table({"url": [f"http://a/{i}" for i in range(25)], "caption": ["c"] * 25,
+                             "key": [f"k{i % 20}" for i in range(25)]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"url": ["http://b/0"], "caption": ["c"], "key": ["k0"]}), tmp_path / "b.parquet")
+    spec = InputSpec(path=str(tmp_path / "*.parquet"), id_col="key", shard_rows=10)
+    shards = plan_shards(spec, tmp_path / "run")
+    assert [s.rows for s in shards] == [10, 10, 6]
+    rows = pa.concat_tables([pq.read_table(s.path) for s in shards])
+    uids = rows.column(C.UID).to_pylist()
+    assert len(set(uids)) == 26 and uids[0] == "0000-0000000000" and uids[-1] == "0001-0000000000"
+    reasons = dict(zip(uids, rows.column(C.REJECT_REASON).to_pylist()))
+    duplicates = sorted(u for u, r in reasons.items() if r == "duplicate_id")
+    # k0..k4 repeat at rows 20..24 of a.parquet, and k0 again in b.parquet
+    assert duplicates == [f"0000-{i:010d}" for i in range(20, 25)] + ["0001-0000000000"]
+    # a second plan reuses the first one, and a changed input is refused
+    assert plan_shards(spec, tmp_path / "run") == shards
+    pq.write_table(pa.table({"url": ["http://c"], "caption": ["c"], "key": ["z"]}), tmp_path / "c.parquet")
+    with pytest.raises(InputError, match="changed since"):
+        plan_shards(spec, tmp_path / "run")
+
+
+def test_empty_input_plans_no_shards(tmp_path):
+    (tmp_path / "in.jsonl").write_text("")
+    assert plan_shards(InputSpec(path=str(tmp_path / "in.jsonl")), tmp_path / "run") == []
+    pq.write_table(pa.table({"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())}), tmp_path / "e.parquet")
+    assert plan_shards(InputSpec(path=str(tmp_path / "e.parquet")), tmp_path / "run2") == []

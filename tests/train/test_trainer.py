@@ -1,0 +1,149 @@
+"""The trainer on Ray Train: loss goes down; 2 workers = 1 worker even through a worker process
+killed mid-training (restart from the last checkpoint); a spec's train: section runs after its data stages, and a
+stopped stage resumes at the right step with the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dataengine.core.layout import stage_dir
+from dataengine.train.config import TrainSpec
+from dataengine.train.trainer import TrainError, train_stage
+
+pytestmark = pytest.mark.slow
+
+
+def _spec(parts: dict[str, Path], **overrides) -> TrainSpec:
+    """Stage 2 only; one optimizer step per epoch (the global batch is all 32 rows), 3 epochs."""
+    data = {"model": {"vision": str(parts["vision"]), "lm": str(parts["lm"])}, "stages": [2],
+            "stage2": {"lr": 3e-3, "global_batch": 32, "micro_batch": 8, "epochs": 3, "max_length": 512,
+                       "checkpoint_every": overrides.pop("checkpoint_every", 1)},
+            "eval": {"heldout_fraction": 0.0}, "max_failures": 0}
+    data.update(overrides)
+    return TrainSpec.model_validate(data)
+
+
+def _steps(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage_dir(run, 2) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(str(stage_dir(run, 2) / "final")).state_dict()
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, tiny_vlm_parts, tiny_train_run, tmp_path_factory):
+    """One uninterrupted single-worker run that the other tests compare against."""
+    run = _dataset_only(tiny_train_run, tmp_path_factory.mktemp("ref") / "run")
+    result = train_stage(run, _spec(tiny_vlm_parts, checkpoint_every=100), 2)  # checkpoints do not change weights
+    return run, result
+
+
+def test_training_runs_and_loss_goes_down(reference, tiny_vlm_parts):
+    run, result = reference
+    steps = _steps(run)
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    losses = [s["loss"] for s in steps]
+    assert losses[0] > losses[1] > losses[2] and losses[2] < losses[0] - 0.1, losses
+    assert result["steps"] == 3 and result["samples_trained"] == 3 * 32
+    assert result["skipped"] == {"bad_image": 0, "no_sample": 0, "too_long": 0}
+    lineage = result["lineage"]
+    assert lineage["spec_hash"] == "feedc0de" and lineage["samples"]["train"] == 32 and lineage["stage"] == 2
+    assert len(lineage["data_version"]) == 16
+    assert lineage["train_hash"] == _spec(tiny_vlm_parts).train_hash()
+    final = stage_dir(run, 2) / "final"
+    assert json.loads((final / "dataengine_lineage.json").read_text())["step"] == 3
+
+
+def _dataset_only(run: Path, dest: Path) -> Path:
+    """A copy of a run without its training outputs."""
+    dest.mkdir(parents=True)
+    shutil.copytree(run / "dataset", dest / "dataset")
+    shutil.copy(run / "run.json", dest / "run.json")
+    return dest
+
+
+def test_two_workers_with_a_failure_give_the_result_of_one(reference, tiny_vlm_parts, tmp_path):
+    """2 DDP workers (gloo) reach the weights of 1 worker, even though rank 1's process is killed after
+    step 2 (before that step's checkpoint) and Ray Train restarts the group from step 1's checkpoint.
+
+    The kill comes a fraction of a second after step 1's checkpoint, before Ray's controller has
+    registered it: the restart finds it on disk (`dataengine.train.checkpoints`)."""
+    run_one, _ = reference
+    run_two = _dataset_only(run_one, tmp_path / "two")
+    result = train_stage(run_two, _spec(tiny_vlm_parts, workers=2, max_failures=1), 2, fail_at_step=2, fail_rank=1)
+    killed_pid = int((stage_dir(run_two, 2) / "failed-at-2").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed_pid, 0)  # the worker process really died
+    assert [s["step"] for s in _steps(run_two)] == [1, 2, 2, 3]
+    assert result["steps"] == 3 and result["samples_trained"] == 3 * 32
+    assert _max_diff(_weights(run_one), _weights(run_two)) < 1e-4
+    losses_one = [s["loss"] for s in _steps(run_one)]
+    losses_two = [s["loss"] for s in _steps(run_two)]
+    assert [losses_two[i] for i in (0, 2, 3)] == pytest.approx(losses_one, rel=1e-4)
+
+
+def test_a_train_section_runs_after_the_data_stages_and_a_stopped_stage_resumes(ray_local, synthweb_dir, tiny_vlm_parts,
+                                                                               tmp_path, monkeypatch):
+    """download -> template synthesis -> train (stage 1) in one `run_pipeline`. Its training stops at
+    step 2 (an injected failure, no retries); `dataengine train RUN --resume` (spec from run.json)
+    continues from step 1's checkpoint and finishes; the checkpoint's lineage names the run."""
+    from dataengine import cli
+    from dataengine.engine.runner import run_pipeline
+    from dataengine.engine.spec import parse_spec
+    from dataengine.testbed.synthweb import SynthWebServer, write_url_list
+    from dataengine.train.trainer import FAIL_ENV
+    from tests.conftest import download_stage
+
+    urls, run = tmp_path / "urls.parquet", tmp_path / "run"
+    with SynthWebServer(synthweb_dir) as server:
+        shutil.copyfile(write_url_list(synthweb_dir, server.base_url), urls)
+        spec = parse_spec({
+            "name": "with-train", "input": {"path": str(urls), "boxes_col": "boxes"}, "output": str(run),
+            "stages": [download_stage(image_size=64), {"op": "llava_synthesis_mapper", "backend": "template"}],
+            "train": {"model": {"vision": str(tiny_vlm_parts["vision"]), "lm": str(tiny_vlm_parts["lm"])},
+                      "stages": [1], "stage1": {"lr": 1e-3, "global_batch": 16, "micro_batch": 8, "max_steps": 3,
+                                                "checkpoint_every": 1},
+                      "eval": {"heldout_fraction": 0.1}, "max_failures": 0}})
+        monkeypatch.setenv(FAIL_ENV, "2")
+        with pytest.raises(TrainError, match="stage 1 failed"):
+            run_pipeline(spec)
+    monkeypatch.delenv(FAIL_ENV)
+    steps = [json.loads(line)["step"] for line in (stage_dir(run, 1) / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2] and not (stage_dir(run, 1) / "result.json").exists()
+
+    assert cli.main(["train", str(run), "--stage", "1", "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (stage_dir(run, 1) / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 2, 3]  # resumed after step 1's checkpoint, not from the start
+    trained = json.loads((stage_dir(run, 1) / "result.json").read_text())
+    kept = json.loads((run / "run.json").read_text())["totals"]["kept"]
+    assert trained["steps"] == 3 and trained["samples_trained"] == 3 * 16
+    lineage = trained["lineage"]
+    assert lineage["spec_hash"] == spec.spec_hash() and lineage["run_totals"]["kept"] == kept
+    assert lineage["samples"]["train"] + lineage["samples"]["heldout"] == kept
+    held = trained["eval"]["heldout"]
+    assert held["samples"] == lineage["samples"]["heldout"] > 0 and held["perplexity"] > 1
+    assert (stage_dir(run, 1) / "final" / "config.json").is_file()
+    # a train: section does not change the data's hash, but a trained stage refuses another train: section
+    edited = spec.model_copy(update={"train": spec.train.model_copy(update={"seed": 5})})
+    assert edited.spec_hash() == spec.spec_hash()
+    assert train_stage(run, spec.train, 1)["steps"] == 3  # done: returned as it is
+    before = (stage_dir(run, 1) / "metrics.jsonl").read_text()
+    assert train_stage(run, spec.train, 1, resume=True) == trained  # --resume on a finished stage: nothing to do
+    assert (stage_dir(run, 1) / "metrics.jsonl").read_text() == before
+    assert "<h3>stage1" in (run / "report.html").read_text()  # `dataengine train` rewrote the report with it
+    with pytest.raises(TrainError, match="trained with another train: section"):
+        train_stage(run, edited.train, 1)
