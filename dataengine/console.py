@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from dataengine.core.layout import LOG_FILE
 from dataengine.core.progress import PROGRESS_LOGGER, ProgressEvent, StageProgress, StepProgress
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -148,8 +149,6 @@ def run_log(run_dir: Path, verbose: bool) -> Iterator[Path]:
     and third-party bars land there. Only when stderr is this process's real stderr (not a test's
     capture) and not `--verbose`.
     """
-    from dataengine.core.layout import LOG_FILE
-
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOG_FILE
     root = logging.getLogger()

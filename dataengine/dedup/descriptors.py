@@ -22,6 +22,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dataengine.core import columns as C
+from dataengine.models.devices import select_device
+from dataengine.models.sources import ModelNotFound
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -71,9 +73,6 @@ class SscdModel:
 
     def __init__(self, path: str, device: str = "auto", size: int = 320) -> None:
         import torch
-
-        from dataengine.models.devices import select_device
-        from dataengine.models.sources import ModelNotFound
 
         self.torch, self.size = torch, size
         self.device = select_device(device)  # type: ignore[arg-type]

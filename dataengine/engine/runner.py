@@ -55,10 +55,11 @@ from dataengine.core.layout import (
     SEGMENTS_DIR,
     STATE_DIR,
 )
-from dataengine.core.progress import note
+from dataengine.core.progress import StageProgress, note, report
 from dataengine.core.schemas import conform, rejected_schema, sample_schema
 from dataengine.engine.spec import PipelineSpec, missing_requirements
 from dataengine.io.inputs import INPUT_STAGE, Shard, plan_shards
+from dataengine.llm.usage import BudgetExhausted, read_usage
 from dataengine.models.sources import resolve_model_refs
 from dataengine.ops import OpConfig, get_op, stage_name
 from dataengine.ops.base import Step
@@ -250,8 +251,6 @@ class SegmentProgress:
             self.report()
 
     def report(self, done: bool = False) -> None:
-        from dataengine.core.progress import StageProgress, report
-
         self.reported_at = time.perf_counter()
         seconds = self.reported_at - self.started
         for name in self.shown:
@@ -318,8 +317,6 @@ class BudgetStop(RunError):
 
 def _budget_stop(error: BaseException) -> str | None:
     """The budget message when `error` (possibly wrapped by Ray) is a `BudgetExhausted`."""
-    from dataengine.llm.usage import BudgetExhausted
-
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
@@ -527,8 +524,6 @@ def _write_manifest(run_dir: Path, spec: PipelineSpec, attempts: list[dict[str, 
 
 def _llm_usage(run_dir: Path) -> dict[str, Any] | None:
     """Tokens and estimated cost of every LLM request this run paid for (all attempts), if any."""
-    from dataengine.llm.usage import read_usage
-
     directory = run_dir / LLM_USAGE_DIR
     return read_usage(directory).as_dict() if directory.is_dir() else None
 

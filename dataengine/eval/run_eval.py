@@ -13,7 +13,10 @@ from typing import Any
 from dataengine.core.layout import FINAL_DIR, stage_dir
 from dataengine.core.plugins import BENCHMARKS, registered
 from dataengine.core.progress import note
+from dataengine.eval.heldout import heldout_loss
 from dataengine.train.config import TrainSpec
+from dataengine.train.data import encoded_split, plan_splits
+from dataengine.train.model import load_llava
 from dataengine.train.trainer import pixel_shape
 
 
@@ -23,10 +26,6 @@ def evaluate_model(model_dir: str, run_dir: str | None, stage: int, spec: TrainS
     the driver looked it up: a worker on another machine may not have the plugin's entry points)."""
     import ray.data
     import torch
-
-    from dataengine.eval.heldout import heldout_loss
-    from dataengine.train.data import encoded_split, plan_splits
-    from dataengine.train.model import load_llava
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # a task's bars interleave with the driver's
     model, processor = load_llava(model_dir)

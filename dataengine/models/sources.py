@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dataengine.core.plugins import MODEL_SOURCES, registered
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -49,8 +51,6 @@ def hub_offline() -> bool:
 def source_prefix(model: str) -> str | None:
     """The registered model source (`dataengine.core.plugins.MODEL_SOURCES`) a reference names, if any:
     `synthweb-demo:clip` names the test bed's source; `hf-hub:` and paths are not sources."""
-    from dataengine.core.plugins import MODEL_SOURCES, registered
-
     prefix, sep, _ = model.partition(":")
     return prefix if sep and prefix in registered(MODEL_SOURCES) else None
 
@@ -59,8 +59,6 @@ def resolve_model_ref(model: str) -> str:
     """A reference with a registered source prefix (`synthweb-demo:lm`) as the local path its source
     gives; any other reference unchanged. The runner resolves a spec's references once, on the driver,
     so workers get plain paths."""
-    from dataengine.core.plugins import MODEL_SOURCES, registered
-
     prefix = source_prefix(model)
     return str(registered(MODEL_SOURCES)[prefix](model)) if prefix else model
 

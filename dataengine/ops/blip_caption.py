@@ -21,6 +21,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from dataengine.core import columns as C
+from dataengine.models.loaders import load_blip
 from dataengine.ops.base import ModelOp, ModelOpConfig, register_op
 
 
@@ -49,8 +50,6 @@ class BlipCaptionMapper(ModelOp[BlipCaptionConfig]):
     Config = BlipCaptionConfig
 
     def load_model(self, config: BlipCaptionConfig) -> Any:
-        from dataengine.models.loaders import load_blip
-
         model, self.processor = load_blip(config.model, "caption", config.device, config.dtype)
         return model
 

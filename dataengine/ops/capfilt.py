@@ -23,6 +23,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from dataengine.core import columns as C
+from dataengine.models.loaders import load_blip
 from dataengine.ops.base import ModelOp, ModelOpConfig, Score, register_op
 
 
@@ -50,8 +51,6 @@ class CapfiltFilter(ModelOp[CapfiltConfig]):
                   higher_is_better=True, note="a row left of the line stays when a synthetic caption passes")
 
     def load_model(self, config: CapfiltConfig) -> Any:
-        from dataengine.models.loaders import load_blip
-
         model, self.processor = load_blip(config.model, "itm", config.device, config.dtype)
         return model
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from dataengine.core import columns as C
+from dataengine.models.loaders import load_open_clip
 from dataengine.ops.base import ModelOp, ModelOpConfig, Score, register_op
 from dataengine.ops.thresholds import KeepFractionBarrier, at_most_one
 
@@ -50,8 +51,6 @@ class ClipScoreFilter(KeepFractionBarrier, ModelOp[ClipScoreConfig]):
     not_kept_reason = "clip_score_not_top_{:g}"
 
     def load_model(self, config: ClipScoreConfig) -> Any:
-        from dataengine.models.loaders import load_open_clip
-
         model, self.preprocess, self.tokenizer = load_open_clip(config.model, config.pretrained, config.device, config.dtype)
         return model
 

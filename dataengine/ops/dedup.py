@@ -21,6 +21,8 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from dataengine.core import columns as C
+from dataengine.dedup.descriptors import SscdModel, decode_rgb, hamming, load_reference_images, phash
+from dataengine.dedup.index import SearchConfig, greedy_keep, hamming_pairs, near_duplicate_pairs
 from dataengine.ops.base import ModelOpConfig, Op, register_op
 
 DEFAULT_COSINE = {"sscd": 0.75, "clip": 0.95}
@@ -72,13 +74,9 @@ class Dedup(Op[DedupConfig]):
         super().__init__(config)
         self.sscd = None
         if config.descriptor == "sscd":
-            from dataengine.dedup.descriptors import SscdModel
-
             self.sscd = SscdModel(config.model or "", config.device, config.image_size)
 
     def process(self, batch: pa.Table) -> pa.Table:
-        from dataengine.dedup.descriptors import decode_rgb, phash
-
         config = self.config
         n = batch.num_rows
         if config.descriptor == "clip":
@@ -113,8 +111,6 @@ class Dedup(Op[DedupConfig]):
 
     @classmethod
     def decide(cls, config: DedupConfig, scores: pa.Table) -> dict[str, Any]:
-        from dataengine.dedup.index import SearchConfig, greedy_keep, hamming_pairs, near_duplicate_pairs
-
         uids = scores.column(C.UID).to_pylist()
         if not uids:
             return {"rows": 0, "pairs": 0, "method": "exact", "rejected": {}, "contaminated": 0}
@@ -156,8 +152,6 @@ class Dedup(Op[DedupConfig]):
 def _contamination(config: DedupConfig, uids: list[str], data: np.ndarray) -> dict[str, str]:
     """uid -> `contaminates:<reference>` for rows that copy a reference image."""
     import faiss
-
-    from dataengine.dedup.descriptors import SscdModel, hamming, load_reference_images, phash
 
     references = load_reference_images(config.against or "")
     names = [name for name, _ in references]

@@ -21,6 +21,7 @@ from pydantic import Field
 from dataengine.core import columns as C
 from dataengine.io.export import FORMATS, ExportOptions, export_run, sample_turns
 from dataengine.llm.readiness import readiness_problem, token_length
+from dataengine.models.loaders import load_tokenizer
 from dataengine.ops.base import Op, OpConfig, register_op
 
 ExportFormat = Literal["llava_json", "parquet"]
@@ -55,8 +56,6 @@ class Export(Op[ExportConfig]):
         super().__init__(config)
         self.tokenizer = None
         if config.tokenizer:
-            from dataengine.models.loaders import load_tokenizer
-
             self.tokenizer = load_tokenizer(config.tokenizer)
 
     def process(self, batch: pa.Table) -> pa.Table:

@@ -33,9 +33,21 @@ from dataengine.core import columns as C
 from dataengine.core.fields import OPERATIONAL
 from dataengine.core.layout import LLM_CACHE_DIR, LLM_USAGE_DIR
 from dataengine.llm.backends.base import Backend, Reply, Request, row_seed
-from dataengine.llm.backends.openai_chat import OpenAIBackendConfig
-from dataengine.llm.backends.vllm_engine import VLLMBackendConfig
-from dataengine.llm.prompts import RESPONSE_TYPES
+from dataengine.llm.backends.openai_chat import OpenAIBackendConfig, OpenAIChat
+from dataengine.llm.backends.template import TemplateBackend, Templates
+from dataengine.llm.backends.vllm_engine import (
+    REQUEST_COLUMN,
+    EngineReplies,
+    VLLMBackendConfig,
+    postprocess_row,
+    preprocess_row,
+    request_json,
+)
+from dataengine.llm.cache import ResponseCache
+from dataengine.llm.grounding import ObjectVocabulary, ungrounded_objects
+from dataengine.llm.prompts import RESPONSE_TYPES, build_messages, load_prompt_sets, parse_reply
+from dataengine.llm.usage import UsageLedger
+from dataengine.llm.validate import InvalidConversation, Limits, validate_conversation
 from dataengine.ops.base import Op, OpConfig, RayLLMStage, Requirement, register_op
 
 log = logging.getLogger(__name__)
@@ -168,15 +180,11 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
 
     def __init__(self, config: LlavaSynthesisConfig) -> None:
         super().__init__(config)
-        from dataengine.llm.grounding import ObjectVocabulary
-        from dataengine.llm.validate import Limits
 
         self.limits = Limits(config.max_turns, config.max_turn_chars, config.max_total_chars)
         self.vocabulary = ObjectVocabulary.load(config.object_vocabulary or
                                                 (Path(config.prompts_dir) / "objects.txt" if config.prompts_dir else None))
         if config.backend != "template":
-            from dataengine.llm.prompts import load_prompt_sets
-
             self.prompts = load_prompt_sets(config.prompts_dir, [t for t in RESPONSE_TYPES if config.mix.get(t, 0) > 0])
         self.backend: Backend = _open_backend(config)
 
@@ -198,7 +206,6 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
     def ray_llm_stage(cls, config: LlavaSynthesisConfig) -> RayLLMStage | None:
         if config.backend != "vllm" or config.vllm is None:
             return None
-        from dataengine.llm.backends.vllm_engine import postprocess_row, preprocess_row
 
         return RayLLMStage(prepare=config.with_phase("prepare"), processor_kwargs=config.vllm.processor_kwargs(),
                            preprocess=functools.partial(preprocess_row, config=config.vllm),
@@ -252,8 +259,6 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
 
     def requests(self, rows: list[dict], contexts: list[dict | None]) -> list[Request]:
         """A request for every row with a context; LLM backends get the response type, question and messages."""
-        from dataengine.llm.prompts import build_messages
-
         requests = []
         for i, (row, context) in enumerate(zip(rows, contexts)):
             if context is None:
@@ -268,8 +273,6 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
 
     def _vllm_requests(self, requests: list[Request], out: list[dict]) -> pa.Table:
         """Prepare phase: each row's chat messages as JSON, for Ray Data LLM to generate from."""
-        from dataengine.llm.backends.vllm_engine import REQUEST_COLUMN, request_json
-
         messages: list[str | None] = [None] * len(out)
         for request in requests:
             messages[request.index] = request_json(request.messages or [])
@@ -279,9 +282,6 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
     # ---- checks shared by the backends ----
 
     def _parse_and_accept(self, request: Request, reply: Reply, result: dict) -> None:
-        from dataengine.llm.prompts import parse_reply
-        from dataengine.llm.validate import InvalidConversation
-
         try:
             turns = parse_reply(reply.text, reply.finish_reason, request.question)
         except InvalidConversation as e:
@@ -292,9 +292,6 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
         self._accept(turns, request.context, reply.text, result)
 
     def _accept(self, turns: list[dict], context: dict, raw: str | None, result: dict) -> None:
-        from dataengine.llm.grounding import ungrounded_objects
-        from dataengine.llm.validate import InvalidConversation, validate_conversation
-
         config = self.config
         try:
             turns = validate_conversation(turns, self.limits)
@@ -324,17 +321,10 @@ def _empty_result() -> dict[str, Any]:
 def _open_backend(config: LlavaSynthesisConfig) -> Backend:
     """The configured backend, behind `generate()`."""
     if config.backend == "template":
-        from dataengine.llm.backends.template import TemplateBackend, Templates
-
         return TemplateBackend(Templates.load(config.prompts_dir), config.seed, config.max_qa_turns,
                                config.detailed_fraction, tuple(config.absent_labels), config.short_first_fraction)
     if config.backend == "vllm":
-        from dataengine.llm.backends.vllm_engine import EngineReplies
-
         return EngineReplies(config.model_label)
-    from dataengine.llm.backends.openai_chat import OpenAIChat
-    from dataengine.llm.cache import ResponseCache
-    from dataengine.llm.usage import UsageLedger
 
     assert config.openai is not None  # the config's validator demands the section
     cache_dir = config.state_path(LLM_CACHE_DIR, config.cache_dir)

@@ -15,6 +15,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from dataengine.core import columns as C
+from dataengine.models.loaders import load_causal_lm
 from dataengine.ops.base import ModelOp, ModelOpConfig, Score, register_op
 from dataengine.ops.thresholds import KeepFractionBarrier, at_most_one
 
@@ -45,8 +46,6 @@ class PerplexityFilter(KeepFractionBarrier, ModelOp[PerplexityConfig]):
     not_kept_reason = "text_ppl_not_lowest_{:g}"
 
     def load_model(self, config: PerplexityConfig) -> Any:
-        from dataengine.models.loaders import load_causal_lm
-
         model, self.tokenizer = load_causal_lm(config.model, config.device, config.dtype)
         self.tokenizer.padding_side = "right"  # absolute positions stay right; the mask hides the padding
         self.prefix = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id

@@ -10,13 +10,7 @@ import pytest
 
 from dataengine.core import columns as C
 from dataengine.engine.spec import SpecError, parse_spec
-from dataengine.llm.backends.vllm_engine import (
-    REPLY_COLUMNS,
-    REQUEST_COLUMN,
-    VLLMBackendConfig,
-    postprocess_row,
-    preprocess_row,
-)
+from dataengine.llm.backends.vllm_engine import REPLY_COLUMNS, REQUEST_COLUMN, VLLMBackendConfig
 from dataengine.ops import apply_stage
 from dataengine.ops.llava_synthesis import LlavaSynthesisConfig, LlavaSynthesisMapper
 from dataengine.testbed.synthweb.llm_responder import SceneResponder, asked_question, fenced_context
@@ -67,19 +61,22 @@ def test_a_vllm_spec_on_a_python_without_vllm_is_refused_before_any_work(tmp_pat
 def test_prepare_engine_finish_phases_on_cpu():
     """Prepare writes chat messages; a stand-in engine answers through preprocess/postprocess; finish validates."""
     config = LlavaSynthesisConfig(backend="vllm", vllm=VLLMBackendConfig(model="m", max_tokens=400))
+    stage = LlavaSynthesisMapper.ray_llm_stage(config)  # what the engine's Ray adapter builds the processor from
+    assert stage is not None and stage.processor_kwargs["model_source"] == "m"
+    assert LlavaSynthesisMapper.ray_llm_stage(LlavaSynthesisConfig(backend="template")) is None
     batch = pa.table({C.UID: ["a", "b", "c"], C.CAPTION: ["a red circle", None, "a blue star"]})
-    prepared = apply_stage(LlavaSynthesisMapper(config.with_phase("prepare")), batch, "synth", 0)
+    prepared = apply_stage(LlavaSynthesisMapper(stage.prepare), batch, "synth", 0)
     requests = prepared.column(REQUEST_COLUMN).to_pylist()
     assert requests[1] is None and prepared.column(C.REJECT_REASON).to_pylist() == [None, "no_context", None]
     responder = SceneResponder()
     engine_rows = []
     for row in prepared.to_pylist():
-        engine_in = preprocess_row(row, config.vllm)
+        engine_in = stage.preprocess(row)
         assert engine_in["sampling_params"]["max_tokens"] == (400 if row[REQUEST_COLUMN] else 1)
         messages = engine_in["messages"]
         text = responder({"messages": messages}).content if row[REQUEST_COLUMN] else "."
-        engine_rows.append(postprocess_row({**engine_in, "generated_text": text, "num_input_tokens": 50,
-                                            "num_generated_tokens": 400 if row[C.UID] == "c" else 30}, config.vllm))
+        engine_rows.append(stage.postprocess({**engine_in, "generated_text": text, "num_input_tokens": 50,
+                                              "num_generated_tokens": 400 if row[C.UID] == "c" else 30}))
     assert "messages" not in engine_rows[0] and set(REPLY_COLUMNS) <= set(engine_rows[0])
     assert engine_rows[1][REPLY_COLUMNS[0]] is None  # the placeholder's reply is dropped
     finished = apply_stage(LlavaSynthesisMapper(config), pa.Table.from_pylist(engine_rows), "synth", 0).to_pylist()
