@@ -6,7 +6,7 @@ the evaluator, the exporter, the report and `dataengine query` all read and writ
       dataengine.log      what the console did not show
       report.html         the run report
       dataset/            kept rows (Parquet parts)         rejected/  rejected rows, with reasons
-      _parts/ _segments/  intermediate rows (removed when the run completes)
+      _parts/             parts workers wrote, not yet committed or read by the next segment (removed at the end)
       _state/             commit markers, barrier decisions, the LLM reply cache and usage
       export/             LLaVA JSON + images, conversations.parquet
       train/stageN/       init/ checkpoints/ final/ metrics.jsonl result.json
@@ -19,7 +19,7 @@ from pathlib import Path
 MANIFEST = "run.json"
 LOG_FILE = "dataengine.log"
 REPORT_FILE = "report.html"
-DATASET_DIR, REJECTED_DIR, PARTS_DIR, SEGMENTS_DIR = "dataset", "rejected", "_parts", "_segments"
+DATASET_DIR, REJECTED_DIR, PARTS_DIR = "dataset", "rejected", "_parts"
 STATE_DIR = "_state"
 COMMITTED_DIR = f"{STATE_DIR}/committed"
 LLM_CACHE_DIR, LLM_USAGE_DIR = f"{STATE_DIR}/llm-cache", f"{STATE_DIR}/llm-usage"

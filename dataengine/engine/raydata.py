@@ -9,31 +9,27 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import ray.data
 
 import dataengine
 from dataengine.core import columns as C
-from dataengine.core.atomic import write_parquet_atomic
 from dataengine.core.raytools import QUIET_WORKERS
 from dataengine.core.schemas import sample_schema
+from dataengine.engine.parts import shed_rejected, write_alive
 from dataengine.engine.spec import ResourcesSpec
 from dataengine.ops import get_op
 from dataengine.ops.base import Op, RayLLMStage, Step, run_step
 
 log = logging.getLogger(__name__)
 
-SUMMARY_SHARD, SUMMARY_PART, SUMMARY_ROWS, SUMMARY_REJECTED = "shard", "part", "rows", "rejected"
 
 
 @contextlib.contextmanager
@@ -63,28 +59,33 @@ def ray_session(address: str | None, resources: ResourcesSpec) -> Iterator[None]
 _TASK_OPS: dict[tuple[int, str], Op] = {}
 
 
-def _run_task_step(batch: pa.Table, step: Step, schema: pa.Schema) -> pa.Table:
-    """Task body for stateless ops and for decisions; an op object is cached per worker process."""
+def _run_task_step(batch: pa.Table, step: Step, schema: pa.Schema, parts_dir: str) -> pa.Table:
+    """Task body for stateless ops and for decisions (an op object is cached per worker process); the
+    rows the step rejects leave the stream here."""
     op = None
     if step.decision is None:
         key = (step.index, step.config.model_dump_json(), repr(step.config.__pydantic_private__))
         op = _TASK_OPS.get(key)
         if op is None:
             op = _TASK_OPS[key] = get_op(step.config.op)(step.config)
-    return run_step(step, op, batch, schema)
+    return shed_rejected(run_step(step, op, batch, schema), parts_dir)
 
 
 class _StageActor:
     """Actor body for stateful (model) ops: the op, and its model, are built once per actor."""
 
-    def __init__(self, step: Step, schema: pa.Schema) -> None:
-        self.step, self.schema = step, schema
+    def __init__(self, step: Step, schema: pa.Schema, parts_dir: str) -> None:
+        self.step, self.schema, self.parts_dir = step, schema, parts_dir
         self.op = get_op(step.config.op)(step.config)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         _maybe_crash()
-        return run_step(self.step, self.op, batch, self.schema)
+        return shed_rejected(run_step(self.step, self.op, batch, self.schema), self.parts_dir)
 
+
+#: reading a shard's files and writing its parts wait on the disk more than they compute; asking a whole
+#: CPU would stall a small cluster whose model actors hold the rest (1 CPU: an actor at 0.5 and a read at 1)
+IO_TASK_CPUS = 0.25
 
 CRASH_ENV = "DATAENGINE_FAULT_ACTOR_CRASH"  # fault injection for tests: a marker path; crash once
 
@@ -102,58 +103,48 @@ def _maybe_crash() -> None:
         os._exit(1)
 
 
-def _write_parts(batch: pa.Table, parts_dir: str) -> pa.Table:
-    """Write a batch's rows as one Parquet part per shard; return a small summary for the driver
-    (per part: its shard, name, rows, and rows rejected per stage as JSON, for the progress lines).
-
-    A part's name is a hash of its uids, so a retried task that rewrites the same rows overwrites
-    its own part instead of duplicating it.
-    """
-    shards, parts, counts, rejected = [], [], [], []
-    shard_col = batch.column(C.SHARD)
-    for shard in pc.unique(shard_col).to_pylist():
-        rows = batch.filter(pc.equal(shard_col, shard))
-        rows = rows.sort_by(C.UID)
-        digest = hashlib.sha1("\n".join(rows.column(C.UID).to_pylist()).encode()).hexdigest()[:20]
-        write_parquet_atomic(rows, Path(parts_dir) / shard / f"{digest}.parquet")
-        by_stage = pc.value_counts(rows.column(C.REJECT_STAGE).drop_null()).to_pylist()
-        shards.append(shard), parts.append(digest), counts.append(rows.num_rows)
-        rejected.append(json.dumps({entry["values"]: entry["counts"] for entry in by_stage}))
-    return pa.table({SUMMARY_SHARD: pa.array(shards, pa.string()), SUMMARY_PART: pa.array(parts, pa.string()),
-                     SUMMARY_ROWS: pa.array(counts, pa.int64()), SUMMARY_REJECTED: pa.array(rejected, pa.string())})
+def _read_inputs(batch: pa.Table) -> pa.Table:
+    """Read task: a shard's files (the input shard, or the rows a previous segment kept), without the
+    busy seconds that segment already accounted for."""
+    tables = []
+    for files in batch.column("files").to_pylist():
+        for f in files:
+            table = pq.read_table(f)
+            tables.append(table.drop_columns([c for c in table.column_names if c.startswith(C.STAGE_SECONDS_PREFIX)]))
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
-def stream_pipeline(shard_paths: list[Path], steps: list[Step], parts_dir: Path) -> Iterator[dict]:
-    """Run the steps over the shards on Ray Data; yield one summary row per written part.
-
-    The rows themselves never come to the driver: workers write them under `parts_dir`.
-    """
-    # Shard files are read here and handed over, one block per shard: `read_parquet`'s threaded file
-    # listing races on an optional fsspec import in Ray 2.60. Before a barrier, shards carry images,
-    # so this is the place to move to a datasource when inputs outgrow the driver.
-    ds = ray.data.from_arrow([pq.read_table(p) for p in shard_paths])
+def stream_pipeline(inputs: list[list[str]], steps: list[Step], parts_dir: Path, final: bool) -> Iterator[dict]:
+    """Run the steps over the shards (each a list of files) on Ray Data; yield one summary row per part
+    written (shard, rows back, rejected per stage). Rows never come to the driver: tasks read the shards,
+    and workers write rejected rows as they fall out (`parts.shed_rejected`) and the alive rows at the
+    end (`parts.write_alive`) under `parts_dir`."""
+    ds = ray.data.from_items([{"files": files} for files in inputs], override_num_blocks=max(1, len(inputs)))
+    ds = ds.map_batches(_read_inputs, batch_size=1, batch_format="pyarrow", num_cpus=IO_TASK_CPUS)
     schema = sample_schema()  # read here: workers on other nodes may not have schemas/
     actor_cpus = _actor_cpu_scale(steps)
+    parts = str(parts_dir)
     for step in steps:
         config = step.config
-        common = dict(batch_size=config.batch_size, batch_format="pyarrow", udf_modifying_row_count=False)
+        common = dict(batch_size=config.batch_size, batch_format="pyarrow")
         llm = get_op(config.op).ray_llm_stage(config) if step.decision is None else None
         if llm is not None:
-            ds = _ray_llm_stage(ds, step, schema, llm, common)
+            ds = _ray_llm_stage(ds, step, schema, parts, llm, common)
         elif step.decision is None and get_op(config.op).stateful:
             size = config.concurrency or 1
             ds = ds.map_batches(
-                _StageActor, fn_constructor_args=(step, schema), num_cpus=config.num_cpus * actor_cpus,
+                _StageActor, fn_constructor_args=(step, schema, parts), num_cpus=config.num_cpus * actor_cpus,
                 num_gpus=config.num_gpus or None, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
                 **common,
             )
         elif step.decision is None:
             compute = ray.data.TaskPoolStrategy(size=config.concurrency) if config.concurrency else None
-            ds = ds.map_batches(_run_task_step, fn_args=(step, schema), num_cpus=config.num_cpus, compute=compute,
-                                **common)
+            ds = ds.map_batches(_run_task_step, fn_args=(step, schema, parts), num_cpus=config.num_cpus,
+                                compute=compute, **common)
         else:  # applying a decision is cheap and needs no model: not the op's actor-pool size or GPUs
-            ds = ds.map_batches(_run_task_step, fn_args=(step, schema), num_cpus=1, **common)
-    ds = ds.map_batches(_write_parts, fn_args=(str(parts_dir),), batch_size=None, batch_format="pyarrow")
+            ds = ds.map_batches(_run_task_step, fn_args=(step, schema, parts), num_cpus=1, **common)
+    ds = ds.map_batches(write_alive, fn_args=(parts, final), batch_size=None, batch_format="pyarrow",
+                        num_cpus=IO_TASK_CPUS)
     summaries = ds.iter_batches(batch_size=None, batch_format="pyarrow")
     try:
         for summary in summaries:
@@ -196,13 +187,13 @@ def _actor_cpu_scale(steps: list[Step]) -> float:
     return scale
 
 
-def _ray_llm_stage(ds: ray.data.Dataset, step: Step, schema: pa.Schema, llm: RayLLMStage,
+def _ray_llm_stage(ds: ray.data.Dataset, step: Step, schema: pa.Schema, parts: str, llm: RayLLMStage,
                    common: dict) -> ray.data.Dataset:
     """Prepare (the op writes requests) -> Ray Data LLM's vLLM processor -> finish (the op reads replies)."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    ds = ds.map_batches(_run_task_step, fn_args=(Step(step.index, llm.prepare), schema), num_cpus=1, **common)
+    ds = ds.map_batches(_run_task_step, fn_args=(Step(step.index, llm.prepare), schema, parts), num_cpus=1, **common)
     processor = build_processor(vLLMEngineProcessorConfig(**llm.processor_kwargs), preprocess=llm.preprocess,
                                 postprocess=llm.postprocess)
     ds = processor(ds)
-    return ds.map_batches(_run_task_step, fn_args=(step, schema), num_cpus=1, **common)
+    return ds.map_batches(_run_task_step, fn_args=(step, schema, parts), num_cpus=1, **common)

@@ -10,8 +10,8 @@ import pytest
 
 from dataengine.core import columns as C
 from dataengine.core.schemas import rejected_schema, sample_schema
-from dataengine.engine.raydata import _write_parts
-from dataengine.engine.runner import AccountingError, RunError, commit_shard, run_pipeline
+from dataengine.engine.parts import shed_rejected
+from dataengine.engine.runner import AccountingError, RunError, run_pipeline
 from dataengine.engine.spec import parse_spec
 from dataengine.io.inputs import plan_shards
 from tests.conftest import download_stage
@@ -123,23 +123,15 @@ def test_recovery_commits_finished_parts_and_redoes_half_done_shards(ray_local, 
     run_dir = tmp_path / "run"
     shards = plan_shards(spec.input, run_dir)
     # a killed attempt left shard 0 fully written but uncommitted, and shard 1 half written
-    _write_parts(_process_offline(spec, shards[0]), str(run_dir / "_parts" / "segment-0"))
-    _write_parts(_process_offline(spec, shards[1]).slice(0, 4), str(run_dir / "_parts" / "segment-0"))
+    parts = str(run_dir / "_parts" / "segment-0")
+    shed_rejected(_process_offline(spec, shards[0]), parts)
+    shed_rejected(_process_offline(spec, shards[1]).slice(0, 4), parts)
     result = run_pipeline(spec)
     attempt = result.manifest["attempts"][-1]
     assert attempt["shards_recovered"] == 1 and attempt["shards_processed"] == 2
     assert result.manifest["totals"] == {"in": 30, "kept": 0, "rejected": 30}
     assert result.stages[-1]["rejected_by_reason"] == {"bad_url": 30}
     assert not (run_dir / "_parts").exists() or not any((run_dir / "_parts").iterdir())
-
-
-def test_commit_refuses_a_shard_with_a_lost_row(tmp_path):
-    spec = _offline_spec(tmp_path, n=10, shard_rows=10)
-    shards = plan_shards(spec.input, tmp_path / "run")
-    processed = _process_offline(spec, shards[0])
-    summary = _write_parts(processed.slice(1), str(tmp_path / "run" / "_parts" / "segment-0"))
-    with pytest.raises(AccountingError, match="1 uids lost"):
-        commit_shard(tmp_path / "run", shards[0], summary.column("part").to_pylist(), ["download"])
 
 
 def test_odd_captions_and_urls_reach_the_outputs_intact(ray_local, tmp_path):
@@ -156,23 +148,29 @@ def test_odd_captions_and_urls_reach_the_outputs_intact(ray_local, tmp_path):
 
 
 def test_accounting_catches_rows_lost_after_commit(ray_local, tmp_path):
-    from dataengine.engine.runner import check_accounting
+    from dataengine.engine.accounting import check_accounting, final_markers
+    from dataengine.engine.segments import Segment
 
     spec = _offline_spec(tmp_path)
     result = run_pipeline(spec)
     shards = plan_shards(spec.input, result.run_dir)
+    markers = final_markers(result.run_dir, Segment(0, (0,), None, final=True), shards)
     counts = {k: result.manifest["totals"][k] for k in ("in", "kept", "rejected")} | {"stages": result.stages}
-    check_accounting(result.run_dir, shards, counts)  # the books balance
+    check_accounting(result.run_dir, shards, markers, counts)  # the books balance
     next((result.run_dir / "rejected").glob("part-*.parquet")).unlink()
     with pytest.raises(AccountingError, match="rejected/ holds 20 rows, the commit markers say 30"):
-        check_accounting(result.run_dir, shards, counts)
+        check_accounting(result.run_dir, shards, markers, counts)
+    (result.run_dir / "dataset").mkdir(exist_ok=True)
+    pq.write_table(pa.table({C.UID: ["x"]}), result.run_dir / "dataset" / "part-999999-stray.parquet")
+    with pytest.raises(AccountingError, match="dataset/ holds 1 files no commit lists"):
+        check_accounting(result.run_dir, shards, markers, counts)
 
 
 def test_a_failing_run_is_recorded_as_failed_and_resumes(ray_local, tmp_path, monkeypatch):
     import dataengine.engine.runner as runner
 
     spec = _offline_spec(tmp_path)
-    real_commit = runner.commit_shard
+    real_commit = runner._commit_task
     calls = []
 
     def commit_then_fail(*args, **kwargs):
@@ -181,12 +179,13 @@ def test_a_failing_run_is_recorded_as_failed_and_resumes(ray_local, tmp_path, mo
             raise OSError("disk full")
         return real_commit(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "commit_shard", commit_then_fail)
+    monkeypatch.setattr(runner, "_commit_task", commit_then_fail)
     with pytest.raises(OSError, match="disk full"):
         run_pipeline(spec)
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())
     assert manifest["status"] == "failed" and "disk full" in manifest["attempts"][-1]["error"]
-    monkeypatch.setattr(runner, "commit_shard", real_commit)
+    assert len(list((tmp_path / "run" / "_state" / "committed").glob("*.json"))) == 1  # the commit under way landed
+    monkeypatch.setattr(runner, "_commit_task", real_commit)
     result = run_pipeline(spec)
     assert result.manifest["status"] == "complete" and result.manifest["totals"]["in"] == 30
     assert result.manifest["attempts"][-1]["shards_processed"] + result.manifest["attempts"][-1]["shards_recovered"] == 2
@@ -201,52 +200,65 @@ def test_empty_input_completes_with_zero_rows(tmp_path):
     assert result.manifest["status"] == "complete"
 
 
-def test_barrier_decision_reads_shards_that_never_reached_the_stage(tmp_path):
-    from dataengine.engine.runner import Segment, _barrier_decision
+def test_barrier_decision_reads_what_the_previous_segment_kept(ray_local, tmp_path):
+    """Shard a lost every row before the barrier (its marker lists no parts); shard b kept four."""
+    from dataengine.engine.runner import _barrier_decision
+    from dataengine.engine.segments import plan_segments
     from dataengine.io.inputs import Shard
 
     spec = parse_spec({"name": "b", "input": {"path": "x"}, "output": str(tmp_path),
                        "stages": [download_stage(), {"op": "clip_score_filter", "keep_top_fraction": 0.5}]})
-    segments = tmp_path / "_segments" / "0"
-    segments.mkdir(parents=True)
-    # shard a: every row died at download, so it has no clip_score column at all
-    pq.write_table(pa.table({C.UID: ["a1", "a2"], C.REJECT_REASON: ["http_404", "timeout"]}), segments / "a.parquet")
-    pq.write_table(pa.table({C.UID: ["b1", "b2", "b3", "b4"], C.REJECT_REASON: [None, None, None, None],
-                             C.CLIP_SCORE: pa.array([0.1, 0.9, 0.5, 0.7], pa.float32())}), segments / "b.parquet")
+    segments = plan_segments(list(spec.stages))
+    state = tmp_path / "_state" / "segment-0"
+    state.mkdir(parents=True)
+    pq.write_table(pa.table({C.UID: ["b1", "b2", "b3", "b4"], C.CLIP_SCORE: pa.array([0.1, 0.9, 0.5, 0.7], pa.float32())}),
+                   tmp_path / "b-rows.parquet")
+    (state / "a.json").write_text(json.dumps({"next": []}))
+    (state / "b.json").write_text(json.dumps({"next": ["b-rows.parquet"]}))
     shards = [Shard("a", 2, tmp_path / "a.parquet"), Shard("b", 4, tmp_path / "b.parquet")]
-    decision = _barrier_decision(tmp_path, Segment(1, (), 1, final=True), spec.stages[1], shards)
+    decision = _barrier_decision(tmp_path, segments[1], segments, spec.stages[1], shards)
     assert decision["rows"] == 4 and decision["keep"] == 2 and decision["uid"] == "b4"
     assert json.loads((tmp_path / "_state" / "decision-1.json").read_text()) == decision
 
 
 def test_resume_after_a_failure_past_a_barrier_keeps_segment_work_and_the_decision(ray_local, tmp_path, monkeypatch):
+    """Captions only (no network): caption rules, then a perplexity quantile (a barrier), then the rules
+    again in the last segment, whose commits fail the first time."""
     import dataengine.engine.runner as runner
-    from dataengine.testbed.synthweb.models import build_random_open_clip
+    from dataengine.testbed.synthweb.models import build_random_causal_lm
 
-    clip = build_random_open_clip(tmp_path / "clip")
-    base = _offline_spec(tmp_path)
-    spec = parse_spec({**base.model_dump(mode="json"), "stages": [
-        download_stage(), {"op": "clip_score_filter", "model": str(clip), "pretrained": None, "keep_top_fraction": 0.5}]})
-    real_commit = runner.commit_shard
+    captions = [f"a red circle and {k} blue squares" for k in range(24)] + ["x", "img_001.jpg"] * 3
+    lm = build_random_causal_lm(tmp_path / "lm", captions * 5)
+    pq.write_table(pa.table({"url": [f"http://h/{i}.jpg" for i in range(30)], "caption": captions}), tmp_path / "in.parquet")
+    spec = parse_spec({"name": "barrier", "input": {"path": str(tmp_path / "in.parquet"), "shard_rows": 10},
+                       "output": str(tmp_path / "run"), "stages": [
+                           {"op": "caption_rules_filter"},
+                           {"op": "perplexity_filter", "model": str(lm), "keep_lowest_fraction": 0.5},
+                           {"op": "caption_rules_filter", "name": "rules_again"}]})
+    real_commit = runner._commit_task
 
-    def fail_in_the_last_segment(run_dir, shard, parts, stage_names, segment=None):
-        if segment is not None and segment.final:
+    def fail_in_the_last_segment(run_dir, segment, *args):
+        if segment.final:
             raise OSError("disk full")
-        return real_commit(run_dir, shard, parts, stage_names, segment)
+        return real_commit(run_dir, segment, *args)
 
-    monkeypatch.setattr(runner, "commit_shard", fail_in_the_last_segment)
+    monkeypatch.setattr(runner, "_commit_task", fail_in_the_last_segment)
     with pytest.raises(OSError, match="disk full"):
         run_pipeline(spec)
     state = tmp_path / "run" / "_state"
     segment0 = {p.name: p.stat().st_mtime_ns for p in (state / "segment-0").glob("*.json")}
     decision = (state / "decision-1.json").stat().st_mtime_ns
     assert len(segment0) == 3
-    monkeypatch.setattr(runner, "commit_shard", real_commit)
+    monkeypatch.setattr(runner, "_commit_task", real_commit)
     result = run_pipeline(spec)
     attempt = result.manifest["attempts"][-1]
-    # the final segment only: its shards are recomputed, or committed from the parts the failed attempt wrote
+    # the last segment only: its shards are recomputed, or committed from the parts the failed attempt wrote
     assert attempt["shards_processed"] + attempt["shards_recovered"] == 3
     assert {p.name: p.stat().st_mtime_ns for p in (state / "segment-0").glob("*.json")} == segment0
     assert (state / "decision-1.json").stat().st_mtime_ns == decision
-    assert result.manifest["totals"] == {"in": 30, "kept": 0, "rejected": 30}
-    assert not (tmp_path / "run" / "_segments").exists()
+    by_stage = {s["stage"]: s for s in result.stages}
+    assert result.manifest["totals"]["in"] == 30 and by_stage["caption_rules_filter"]["rejected"] == 6
+    assert by_stage["perplexity_filter"]["kept"] == 12 and result.manifest["totals"]["kept"] == 12
+    kept = pl.read_parquet(tmp_path / "run" / "dataset" / "*.parquet")
+    assert kept.height == 12 and kept["uid"].n_unique() == 12 and kept["text_ppl"].null_count() == 0
+    assert not (tmp_path / "run" / "_parts").exists()

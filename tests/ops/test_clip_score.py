@@ -107,7 +107,7 @@ def test_keep_top_fraction_is_a_barrier_and_keeps_the_top_rows(ray_local, synthw
     assert kept.height == clip["kept"] and kept["clip_score"].min() >= rejected["clip_score"].max()
     decision = json.loads((result.run_dir / "_state" / "decision-1.json").read_text())
     assert decision["keep"] == clip["kept"] and decision["rows"] == clip["in"]
-    assert not (result.run_dir / "_segments").exists()  # intermediate rows cleaned up at the end
+    assert not (result.run_dir / "_parts").exists()  # intermediate rows cleaned up at the end
 
 
 def test_text_caption_best_scores_capfilts_caption_and_falls_back_to_the_web_one(tiny_clip):

@@ -1,0 +1,144 @@
+"""Commit a shard's segment without rewriting its kept rows; run as a Ray task, never on the driver.
+
+The commit checks that the shard's parts hold every uid that entered the segment exactly once (a
+retried task that batched differently can write a uid twice: the later copy is dropped), gathers the
+rows rejected during the segment into one `rejected/part-<shard>-s<k>.parquet`, and writes the
+marker: counts, busy seconds, the files the shard owns and, in the last segment, the moves that put
+its `kept-*` parts into `dataset/`. The marker is the commit point; the moves come after it and are
+finished by the next run if a kill interrupts them (`finish_commit`), so a shard is in `dataset/`
+whole or, with no marker, not at all (`clear_uncommitted`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dataengine.core import columns as C
+from dataengine.core.atomic import write_parquet_atomic, write_text_atomic
+from dataengine.core.layout import DATASET_DIR, REJECTED_DIR
+from dataengine.core.schemas import conform, rejected_schema
+from dataengine.engine.parts import KEPT_PART, REJECTED_PART, ROWS_PART, part_seconds
+from dataengine.engine.segments import Segment
+
+
+class AccountingError(RuntimeError):
+    """Rows were lost or duplicated: in != kept + rejected somewhere. Never ignored."""
+
+
+def commit_shard(run_dir: str, segment: Segment, shard_id: str, inputs: list[str], previous: dict[str, Any] | None,
+                 input_rows: int, stage_names: list[str]) -> dict[str, Any] | None:
+    """Commit one shard of `segment`; None when its parts do not hold every input uid yet (a killed
+    attempt's half-done shard). `inputs`: the files the segment read for this shard (relative paths)."""
+    root = Path(run_dir)
+    part_dir = segment.parts_dir(root) / shard_id
+    expected: set[str] = set()
+    for f in inputs:
+        expected.update(pq.read_table(root / f, columns=[C.UID]).column(C.UID).to_pylist())
+    files = sorted(part_dir.glob("*.parquet")) if part_dir.is_dir() else []
+    seen: set[str] = set()
+    for path in files:
+        uids = pq.read_table(path, columns=[C.UID]).column(C.UID).to_pylist()
+        again = seen.intersection(uids)
+        if again:  # a re-delivery: keep the first copy
+            _drop_uids(path, again)
+        seen.update(uids)
+    if seen - expected:
+        extra = sorted(seen - expected)
+        raise AccountingError(f"shard {shard_id}: {len(extra)} unexpected uids in segment {segment.index} "
+                              f"(e.g. {extra[:3]})")
+    if seen != expected:
+        return None
+    files = [p for p in files if p.exists()]
+    alive = [p for p in files if p.name.startswith((KEPT_PART, ROWS_PART))]
+    shed = [p for p in files if p.name.startswith(REJECTED_PART)]
+    marker = _marker(root, segment, shard_id, alive, shed, previous, input_rows, stage_names)
+    write_text_atomic(segment.marker(root, shard_id), json.dumps(marker))
+    finish_commit(root, segment, shard_id, marker)
+    return marker
+
+
+def _marker(root: Path, segment: Segment, shard_id: str, alive: list[Path], shed: list[Path],
+            previous: dict[str, Any] | None, input_rows: int, stage_names: list[str]) -> dict[str, Any]:
+    """Counts and files of the shard so far (this segment added to the previous segment's marker);
+    writes the segment's rejected rows as one file."""
+    reasons: dict[str, Counter[str]] = defaultdict(Counter)
+    for stage, by_reason in ((previous or {}).get("rejected_by_stage") or {}).items():
+        reasons[stage].update(by_reason)
+    seconds: Counter[str] = Counter((previous or {}).get("seconds") or {})
+    rejected_files = list((previous or {}).get("rejected_files") or [])
+    n_rejected = (previous or {}).get("rejected", 0)
+    for path in alive:
+        for index, s in part_seconds(path).items():
+            seconds[stage_names[int(index)]] += s
+    if shed:
+        rows = pa.concat_tables([pq.read_table(p) for p in shed], promote_options="permissive")
+        for index, s in _seconds_of(rows).items():
+            seconds[stage_names[int(index)]] += s
+        for stage, reason in zip(rows.column(C.REJECT_STAGE).to_pylist(), rows.column(C.REJECT_REASON).to_pylist()):
+            reasons[stage][reason] += 1
+        target = f"{REJECTED_DIR}/part-{shard_id}-s{segment.index}.parquet"
+        write_parquet_atomic(conform(rows.sort_by(C.UID), rejected_schema()), root / target)
+        rejected_files.append(target)
+        n_rejected += rows.num_rows
+    n_alive = sum(pq.read_metadata(p).num_rows for p in alive)
+    relative = [str(p.relative_to(root)) for p in alive]
+    marker: dict[str, Any] = {
+        "shard": shard_id, "segment": segment.index, "rows": input_rows, "alive": n_alive, "rejected": n_rejected,
+        "rejected_by_stage": {s: dict(c) for s, c in reasons.items()}, "seconds": dict(seconds),
+        "rejected_files": rejected_files, "committed_at": time.time(),
+    }
+    if segment.final:
+        moves = [[r, f"{DATASET_DIR}/part-{shard_id}-{Path(r).stem.removeprefix(KEPT_PART + '-')}.parquet"]
+                 for r in relative]
+        marker.update(kept=n_alive, moves=moves, dataset_files=[dst for _, dst in moves])
+    else:
+        marker["next"] = relative
+    return marker
+
+
+def _seconds_of(rows: pa.Table) -> dict[str, float]:
+    return {c.removeprefix(C.STAGE_SECONDS_PREFIX): float(pc.sum(rows.column(c)).as_py() or 0.0)
+            for c in rows.column_names if c.startswith(C.STAGE_SECONDS_PREFIX)}
+
+
+def _drop_uids(path: Path, uids: set[str]) -> None:
+    table = pq.read_table(path)
+    keep = pc.invert(pc.is_in(table.column(C.UID), pa.array(sorted(uids), pa.string())))
+    table = table.filter(keep)
+    if table.num_rows:
+        write_parquet_atomic(table, path)
+    else:
+        path.unlink()
+
+
+def finish_commit(root: Path, segment: Segment, shard_id: str, marker: dict[str, Any]) -> None:
+    """The steps after the marker, each safe to repeat: move kept parts into `dataset/`, remove the
+    segment's rejected parts (their rows are in `rejected/` now) and, in the last segment, the parts."""
+    for src, dst in marker.get("moves", []):
+        if (root / src).exists():
+            (root / dst).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(root / src, root / dst)
+    part_dir = segment.parts_dir(root) / shard_id
+    if segment.final:
+        shutil.rmtree(part_dir, ignore_errors=True)
+    elif part_dir.is_dir():
+        for shed in part_dir.glob(f"{REJECTED_PART}-*.parquet"):
+            shed.unlink(missing_ok=True)
+
+
+def clear_uncommitted(root: Path, segment: Segment, shard_id: str) -> None:
+    """Outputs a killed commit may have written before its marker: they belong to no commit."""
+    (root / REJECTED_DIR / f"part-{shard_id}-s{segment.index}.parquet").unlink(missing_ok=True)
+    if segment.final:
+        for stray in (root / DATASET_DIR).glob(f"part-{shard_id}-*.parquet"):
+            stray.unlink()

@@ -1,0 +1,119 @@
+"""What workers write while a segment streams: rejected rows as they fall out, alive rows at the end.
+
+A row rejected by a stage leaves the stream right there: the worker writes it to a `rejected-*` part
+of its shard and puts in its place one *tally* row per shard and stage (no uid, the count and the
+shed rows' busy seconds), so later stages, model batches included, carry alive rows only, and the
+driver still learns how many rows of a shard came back. At the end of the segment a worker writes
+the alive rows: `kept-*` parts, already in the sample schema, in the last segment (committing moves
+them into `dataset/` unchanged), `rows-*` parts before a barrier (the next segment reads them).
+
+A part's name is a hash of its uids, so a retried task that writes the same rows again overwrites
+its own part; a retry that batched differently is caught at commit (every uid exactly once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dataengine.core import columns as C
+from dataengine.core.atomic import write_parquet_atomic
+from dataengine.core.schemas import conform, sample_schema
+
+TALLY = "_tally"  # on a tally row: how many rejected rows it stands for (null on real rows)
+REJECTED_PART, KEPT_PART, ROWS_PART = "rejected", "kept", "rows"
+SECONDS_METADATA = b"dataengine.seconds"  # a kept part's busy seconds per stage index (its rows' share)
+SUMMARY_SHARD, SUMMARY_PART, SUMMARY_ROWS, SUMMARY_REJECTED = "shard", "part", "rows", "rejected"
+
+
+def part_name(kind: str, uids: list[str]) -> str:
+    return f"{kind}-{hashlib.sha1(chr(10).join(sorted(uids)).encode()).hexdigest()[:20]}.parquet"
+
+
+def is_tally(batch: pa.Table) -> np.ndarray:
+    if TALLY not in batch.column_names:
+        return np.zeros(batch.num_rows, dtype=bool)
+    return pc.is_valid(batch.column(TALLY)).to_numpy(zero_copy_only=False)
+
+
+def shed_rejected(batch: pa.Table, parts_dir: str) -> pa.Table:
+    """Write the rows a step just rejected to their shards' `rejected-*` parts; return the alive rows
+    and the tally rows (earlier ones, and one per shard and stage for the rows written now)."""
+    if C.REJECT_REASON not in batch.column_names:
+        return batch
+    tally = is_tally(batch)
+    dead = pc.is_valid(batch.column(C.REJECT_REASON)).to_numpy(zero_copy_only=False) & ~tally
+    if not dead.any():
+        return batch
+    shed = batch.filter(pa.array(dead))
+    seconds_columns = [c for c in batch.column_names if c.startswith(C.STAGE_SECONDS_PREFIX)]
+    tallies = []
+    for shard in pc.unique(shed.column(C.SHARD)).to_pylist():
+        rows = shed.filter(pc.equal(shed.column(C.SHARD), shard))
+        write_parquet_atomic(rows.drop_columns([c for c in (TALLY,) if c in rows.column_names]),
+                             Path(parts_dir) / shard / part_name(REJECTED_PART, rows.column(C.UID).to_pylist()))
+        for stage in pc.unique(rows.column(C.REJECT_STAGE)).to_pylist():
+            of_stage = rows.filter(pc.equal(rows.column(C.REJECT_STAGE), stage))
+            entry = {C.SHARD: shard, C.REJECT_STAGE: stage, C.REJECT_REASON: TALLY, TALLY: of_stage.num_rows}
+            entry.update({c: float(pc.sum(of_stage.column(c)).as_py() or 0.0) for c in seconds_columns})
+            tallies.append(entry)
+    kept = batch.filter(pa.array(~dead))
+    if TALLY not in kept.column_names:
+        kept = kept.append_column(TALLY, pa.nulls(kept.num_rows, pa.int64()))
+    fields = {name: kept.schema.field(name).type for name in tallies[0]}
+    new = pa.table({name: pa.array([t.get(name) for t in tallies], fields[name]) for name in fields})
+    return pa.concat_tables([kept, new], promote_options="permissive")
+
+
+def write_alive(batch: pa.Table, parts_dir: str, final: bool) -> pa.Table:
+    """Write the alive rows of a batch, one part per shard; return one summary row per shard: rows
+    that came back (alive + tallied), rejected per stage (JSON), and the part's name."""
+    tally = is_tally(batch)
+    shards, parts, counts, rejected = [], [], [], []
+    for shard in pc.unique(batch.column(C.SHARD)).to_pylist():
+        in_shard = pc.equal(batch.column(C.SHARD), shard).to_numpy(zero_copy_only=False)
+        alive = batch.filter(pa.array(in_shard & ~tally))
+        tallies = batch.filter(pa.array(in_shard & tally))
+        by_stage: dict[str, int] = {}
+        if tallies.num_rows:
+            for stage, n in zip(tallies.column(C.REJECT_STAGE).to_pylist(), tallies.column(TALLY).to_pylist()):
+                by_stage[stage] = by_stage.get(stage, 0) + n
+        name = ""
+        if alive.num_rows:
+            alive = alive.sort_by(C.UID).drop_columns([c for c in (TALLY,) if c in alive.column_names])
+            name = part_name(KEPT_PART if final else ROWS_PART, alive.column(C.UID).to_pylist())
+            table = _as_kept(alive) if final else alive
+            write_parquet_atomic(table, Path(parts_dir) / shard / name)
+        shards.append(shard), parts.append(name), counts.append(alive.num_rows + sum(by_stage.values()))
+        rejected.append(json.dumps(by_stage))
+    return pa.table({SUMMARY_SHARD: pa.array(shards, pa.string()), SUMMARY_PART: pa.array(parts, pa.string()),
+                     SUMMARY_ROWS: pa.array(counts, pa.int64()), SUMMARY_REJECTED: pa.array(rejected, pa.string())})
+
+
+def _as_kept(alive: pa.Table) -> pa.Table:
+    """Alive rows as `dataset/` holds them: the sample schema, with their busy seconds per stage kept in
+    the file's metadata (the columns themselves are internal)."""
+    seconds = {c.removeprefix(C.STAGE_SECONDS_PREFIX): float(pc.sum(alive.column(c)).as_py() or 0.0)
+               for c in alive.column_names if c.startswith(C.STAGE_SECONDS_PREFIX)}
+    kept = conform(alive.drop_columns([c for c in (C.REJECT_STAGE, C.REJECT_REASON) if c in alive.column_names]),
+                   sample_schema())
+    return kept.replace_schema_metadata({**(kept.schema.metadata or {}), SECONDS_METADATA: json.dumps(seconds).encode()})
+
+
+def part_seconds(path: Path) -> dict[str, float]:
+    """Busy seconds per stage index a part's rows account for: from a kept part's metadata, else from
+    its `_seconds_<i>` columns."""
+    schema = pq.read_schema(path)
+    if schema.metadata and SECONDS_METADATA in schema.metadata:
+        return json.loads(schema.metadata[SECONDS_METADATA])
+    columns = [c for c in schema.names if c.startswith(C.STAGE_SECONDS_PREFIX)]
+    if not columns:
+        return {}
+    table = pq.read_table(path, columns=columns)
+    return {c.removeprefix(C.STAGE_SECONDS_PREFIX): float(pc.sum(table.column(c)).as_py() or 0.0) for c in columns}
