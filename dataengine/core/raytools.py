@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
 
@@ -76,3 +76,18 @@ def parallel_map(fn: Callable[..., T], args: list[tuple]) -> list[T]:
         return [fn(*a) for a in args]
     remote = ray.remote(num_cpus=1)(fn)
     return ray.get([remote.remote(*a) for a in args])
+
+
+def get(refs: Any) -> Any:
+    """`ray.get`, raising a task's own exception (an `InputError`, an `AccountingError`) instead of Ray's
+    wrapper, whose message carries the remote traceback: the CLI prints the message, never a traceback."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(refs)
+    except RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, Exception) and not isinstance(cause, RayTaskError):
+            raise cause from None
+        raise

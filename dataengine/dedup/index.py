@@ -62,20 +62,6 @@ def exact_pairs(vectors: np.ndarray, threshold: float, use_gpu: bool = False) ->
     return pairs[pairs[:, 0] < pairs[:, 1]]
 
 
-def hamming_pairs(codes: np.ndarray, max_distance: int) -> np.ndarray:
-    """All pairs (i < j) of binary codes (uint8 rows) within `max_distance` bits (exact, FAISS binary flat)."""
-    faiss = _faiss()
-    if len(codes) < 2:
-        return np.zeros((0, 2), dtype=np.int64)
-    codes = np.ascontiguousarray(codes, dtype=np.uint8)
-    index = faiss.IndexBinaryFlat(codes.shape[1] * 8)
-    index.add(codes)
-    lims, _, ids = index.range_search(codes, max_distance + 1)  # strictly below the radius
-    rows = np.repeat(np.arange(len(codes)), np.diff(lims).astype(np.int64))
-    pairs = np.stack([rows, ids], axis=1)
-    return pairs[pairs[:, 0] < pairs[:, 1]]
-
-
 def partitioned_pairs(vectors: np.ndarray, config: SearchConfig, seed: int = 0) -> np.ndarray:
     """Pairs found by comparing only within k-means partitions (each vector in `assign` of them)."""
     faiss = _faiss()

@@ -39,19 +39,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from dataengine.core import columns as C
+from dataengine.core import raytools
 from dataengine.core.atomic import remove_stale_temporaries, write_text_atomic
 from dataengine.core.layout import DATASET_DIR, LLM_USAGE_DIR, MANIFEST, PARTS_DIR, REJECTED_DIR
 from dataengine.core.progress import StageProgress, note, report
 from dataengine.engine.accounting import aggregate_counts, check_accounting, final_markers
+from dataengine.engine.barriers import decide
 from dataengine.engine.commit import AccountingError, clear_uncommitted, commit_shard, finish_commit
 from dataengine.engine.parts import SUMMARY_REJECTED, SUMMARY_ROWS, SUMMARY_SHARD
 from dataengine.engine.segments import Segment, plan_segments
 from dataengine.engine.spec import PipelineSpec, ResourcesSpec, missing_requirements
-from dataengine.io.inputs import INPUT_STAGE, Shard, plan_shards
+from dataengine.io.inputs import INPUT_STAGE, Shard, plan_path, plan_shards
 from dataengine.llm.usage import BudgetExhausted, read_usage
 from dataengine.models.sources import resolve_model_refs
 from dataengine.ops import OpConfig, get_op, stage_name
@@ -116,18 +114,19 @@ def run_pipeline(spec: PipelineSpec, output: str | Path | None = None, address: 
     attempt = {"started_at": _now(), "shards_processed": 0, "shards_recovered": 0}
     attempts = [*(previous or {}).get("attempts", []), attempt]
     started = time.perf_counter()
-    shards = plan_shards(spec.input, run_dir)
     stage_names = spec.stage_names()
-    for d in (DATASET_DIR, REJECTED_DIR, PARTS_DIR):
-        remove_stale_temporaries(run_dir / d)
-    _write_manifest(run_dir, spec, attempts, shards, stage_names, status="running")
-
     # what workers get: run-bound configs whose plugin model references (synthweb-demo:lm) are paths
     stages = [resolve_model_refs(get_op(c.op).bind_run(c, run_dir)) for c in spec.stages]
     segments = plan_segments(stages)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_marked_failed_on_error(run_dir, spec, attempts, shards, stage_names))
         ray = LazyRay(stack, address, spec.resources)
+        if not plan_path(run_dir).exists():
+            ray.start()  # a task reads the input and writes the shards; the driver gets the plan
+        shards = plan_shards(spec.input, run_dir, in_task=ray.started)
+        for d in (DATASET_DIR, REJECTED_DIR, PARTS_DIR):
+            remove_stale_temporaries(run_dir / d)
+        _write_manifest(run_dir, spec, attempts, shards, stage_names, status="running")
+        stack.enter_context(_marked_failed_on_error(run_dir, spec, attempts, shards, stage_names))
         for segment in segments:
             work = _segment_work(run_dir, segment, segments, shards)
             pending = _prepare_segment(run_dir, segment, work, stage_names, attempt, ray)
@@ -182,30 +181,18 @@ def _segment_steps(run_dir: Path, segment: Segment, stages: list[OpConfig], segm
 
 def _barrier_decision(run_dir: Path, segment: Segment, segments: list[Segment], config: OpConfig,
                       shards: list[Shard]) -> dict[str, Any]:
-    """Decide a barrier stage, in a task, over every row the previous segment kept; saved, so a resumed
+    """Decide a barrier stage, in tasks, over every row the previous segment kept; saved, so a resumed
     run applies the very same decision."""
-    import ray
-
     path = segment.decision_path(run_dir)
     if path.exists():
         return json.loads(path.read_text())
     before = segments[segment.index - 1]
     files = [str(run_dir / f) for s in shards for f in (before.read_marker(run_dir, s.id) or {}).get("next", [])]
     started = time.perf_counter()
-    decision, rows = ray.get(ray.remote(num_cpus=1)(decide).remote(config, files))
+    decision, rows = decide(config, files)
     note("%s decided over %d rows in %.2fs", stage_name(config), rows, time.perf_counter() - started)
     write_text_atomic(path, json.dumps(decision))
     return decision
-
-
-def decide(config: OpConfig, files: list[str]) -> tuple[dict[str, Any], int]:
-    """Task body: the op's decision over `files` (uid and the op's decision columns)."""
-    op = get_op(config.op)
-    wanted = [C.UID, *op.decision_columns(config)]
-    # optional columns (clip_score for dedup) may be absent: read what each file has, concat fills the gaps
-    tables = [pq.read_table(f, columns=[c for c in wanted if c in set(pq.read_schema(f).names)]) for f in files]
-    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({C.UID: pa.array([], pa.string())})
-    return op.decide(config, table), table.num_rows
 
 
 def _prepare_segment(run_dir: Path, segment: Segment, work: list[ShardWork], stage_names: list[str],
@@ -252,9 +239,7 @@ def _commit_task(run_dir: Path, segment: Segment, w: ShardWork, stage_names: lis
 
 
 def _commit_all(run_dir: Path, segment: Segment, work: list[ShardWork], stage_names: list[str]) -> list[Any]:
-    import ray
-
-    return ray.get([_commit_task(run_dir, segment, w, stage_names) for w in work])
+    return raytools.get([_commit_task(run_dir, segment, w, stage_names) for w in work])
 
 
 class SegmentProgress:
@@ -309,7 +294,7 @@ def _run_segment(run_dir: Path, segment: Segment, steps: list[Step], pending: li
                 return
             for ref in ready:
                 w = commits.pop(ref)
-                if ray.get(ref) is None:
+                if raytools.get(ref) is None:
                     raise AccountingError(f"shard {w.shard.id}: all {w.rows} rows came back, but not every uid once")
                 done += 1
                 attempt["shards_processed"] += 1

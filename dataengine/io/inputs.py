@@ -160,21 +160,36 @@ def _fingerprint(files: list[Path], spec: InputSpec) -> str:
     return h.hexdigest()[:16]
 
 
-def plan_shards(spec: InputSpec, run_dir: Path) -> list[Shard]:
-    """Read the input once and write the shard plan, or reuse the plan a previous attempt wrote."""
+def plan_path(run_dir: Path) -> Path:
+    return Path(run_dir) / SHARD_DIR / "plan.json"
+
+
+def plan_shards(spec: InputSpec, run_dir: Path, in_task: bool = False) -> list[Shard]:
+    """Read the input once and write the shard plan, or reuse the plan a previous attempt wrote. With
+    `in_task`, a Ray task reads the input and writes the shards: the caller (the driver) gets the plan."""
     files = resolve_files(spec)
     fingerprint = _fingerprint(files, spec)
     shard_dir = run_dir / SHARD_DIR
-    plan_path = shard_dir / "plan.json"
-    if plan_path.exists():
-        plan = json.loads(plan_path.read_text())
+    if plan_path(run_dir).exists():
+        plan = json.loads(plan_path(run_dir).read_text())
         if plan["fingerprint"] != fingerprint:
             raise InputError(
                 f"input.path: the input files or input settings changed since {run_dir} was started "
                 f"(plan {plan['fingerprint']}, now {fingerprint}); use a new output directory"
             )
         return [Shard(s["id"], s["rows"], shard_dir / f"{s['id']}.parquet") for s in plan["shards"]]
+    if in_task:
+        import ray
 
+        from dataengine.core import raytools
+
+        return raytools.get(ray.remote(num_cpus=1)(write_plan).remote(spec, run_dir, files, fingerprint))
+    return write_plan(spec, run_dir, files, fingerprint)
+
+
+def write_plan(spec: InputSpec, run_dir: Path, files: list[Path], fingerprint: str) -> list[Shard]:
+    """Read every input file, give each row its uid, mark repeated ids, write the shards and the plan."""
+    shard_dir = run_dir / SHARD_DIR
     tables = []
     for index, path in enumerate(files):
         table = read_input_file(path, spec)
@@ -196,7 +211,7 @@ def plan_shards(spec: InputSpec, run_dir: Path) -> list[Shard]:
         "fingerprint": fingerprint, "files": [str(f) for f in files], "total_rows": rows.num_rows,
         "shard_rows": spec.shard_rows, "shards": [{"id": s.id, "rows": s.rows} for s in shards],
     }
-    write_text_atomic(plan_path, json.dumps(plan, indent=2))
+    write_text_atomic(plan_path(run_dir), json.dumps(plan, indent=2))
     if not rows.num_rows:
         log.warning("input %s has no rows", spec.path)
     return shards

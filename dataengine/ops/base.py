@@ -120,6 +120,13 @@ class Op(ABC, Generic[ConfigT]):
         return []
 
     @classmethod
+    def quantile(cls, config: ConfigT) -> Quantile | None:
+        """A barrier whose decision is a rank cut (keep the best `fraction` by `column`) says so here:
+        the engine then finds the cut across tasks instead of gathering every score (`decide` is not
+        called). None: `decide` sees all rows at once."""
+        return None
+
+    @classmethod
     def decide(cls, config: ConfigT, scores: pa.Table) -> dict[str, Any]:
         """A JSON-serialisable decision from `uid` + `decision_columns` of every alive row."""
         raise NotImplementedError(f"{cls.__qualname__} is not a barrier op")
@@ -152,6 +159,15 @@ class ModelOp(Op[ModelConfigT]):
     def load_model(self, config: ModelConfigT) -> Any:
         """Load and return the model (in eval mode, on `config.device` in `config.dtype`); keep its
         processor or tokenizer on `self`."""
+
+
+@dataclass(frozen=True)
+class Quantile:
+    """Keep round(fraction * n) rows, best first by `column` (highest or lowest), ties by smaller uid."""
+
+    column: str
+    fraction: float
+    highest: bool
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ from pydantic import Field, model_validator
 
 from dataengine.core import columns as C
 from dataengine.dedup.descriptors import SscdModel, decode_rgb, hamming, load_reference_images, phash
-from dataengine.dedup.index import SearchConfig, greedy_keep, hamming_pairs, near_duplicate_pairs
+from dataengine.dedup.hamming import near_pairs
+from dataengine.dedup.index import SearchConfig, greedy_keep, near_duplicate_pairs
 from dataengine.ops.base import ModelOpConfig, Op, register_op
 
 DEFAULT_COSINE = {"sscd": 0.75, "clip": 0.95}
@@ -126,7 +127,7 @@ class Dedup(Op[DedupConfig]):
         idx = np.flatnonzero(alive)
         method = "exact"
         if config.descriptor == "phash":
-            pairs = hamming_pairs(data[idx], config.max_hamming)
+            pairs = near_pairs(data[idx], config.max_hamming)
         else:
             search = SearchConfig(threshold=config.cosine(), exact_max_rows=config.exact_max_rows,
                                   partitions=config.partitions, assign=config.assign, use_gpu=config.use_gpu_index)

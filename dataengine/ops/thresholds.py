@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from dataengine.core import columns as C
+from dataengine.ops.base import Quantile
 
 
 def at_most_one(config: Any, *fields: str) -> None:
@@ -72,6 +73,11 @@ class KeepFractionBarrier:
     @classmethod
     def decision_columns(cls, config: Any) -> list[str]:
         return [cls.score.column]
+
+    @classmethod
+    def quantile(cls, config: Any) -> Quantile | None:
+        fraction = cls._fraction(config)
+        return Quantile(cls.score.column, fraction, cls.score.higher_is_better) if fraction is not None else None
 
     @classmethod
     def decide(cls, config: Any, scores: pa.Table) -> dict[str, Any]:

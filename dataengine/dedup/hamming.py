@@ -1,0 +1,69 @@
+"""Near-duplicate binary codes (pHash) without comparing all pairs: multi-index hashing.
+
+Two codes within `r` differing bits agree exactly on at least one of `r + 1` disjoint bands of their
+bits (pigeonhole), so the pairs that share a band value are a superset of the answer: each band is a
+bucketing, candidates are the pairs inside a bucket, and each candidate is checked by its full Hamming
+distance. The answer is exactly the all-pairs search's, at the cost of the candidates instead of n^2
+(Norouzi et al., "Fast Search in Hamming Space with Multi-Index Hashing", CVPR 2012). With many bits
+allowed to differ the bands get too narrow to separate anything; then the all-pairs search is used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: narrower bands than this bucket random codes too coarsely to save anything over all pairs
+MIN_BAND_BITS = 12
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def band_keys(bits: np.ndarray, bands: int) -> list[np.ndarray]:
+    """One integer key per code for each of `bands` disjoint, nearly equal bit ranges (bits: n x B, 0/1)."""
+    edges = np.linspace(0, bits.shape[1], bands + 1).astype(int)
+    keys = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        weights = np.left_shift(np.uint64(1), np.arange(hi - lo, dtype=np.uint64))
+        keys.append(bits[:, lo:hi].astype(np.uint64) @ weights)
+    return keys
+
+
+def bucket_pairs(keys: np.ndarray) -> np.ndarray:
+    """Pairs (i < j) of rows with equal keys."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    sizes = np.diff(np.r_[starts, len(keys)])
+    chunks = []
+    for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
+        members = np.sort(order[start:start + size])
+        i, j = np.triu_indices(size, k=1)
+        chunks.append(np.stack([members[i], members[j]], axis=1))
+    return np.concatenate(chunks) if chunks else np.zeros((0, 2), dtype=np.int64)
+
+
+def distances(codes: np.ndarray, pairs: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+    """Hamming distance of each pair of codes (uint8 rows)."""
+    out = np.empty(len(pairs), dtype=np.int32)
+    for k in range(0, len(pairs), chunk):
+        p = pairs[k:k + chunk]
+        out[k:k + chunk] = _POPCOUNT[codes[p[:, 0]] ^ codes[p[:, 1]]].sum(axis=1, dtype=np.int32)
+    return out
+
+
+def near_pairs(codes: np.ndarray, max_distance: int) -> np.ndarray:
+    """All pairs (i < j) of codes within `max_distance` bits, sorted; the same as comparing every pair."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    n, width = codes.shape[0], codes.shape[1] * 8
+    if n < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    bands = max(max_distance + 1, -(-width // 64))  # more bands than r + 1 keep the guarantee; keys fit 64 bits
+    if width // bands < MIN_BAND_BITS:
+        i, j = np.triu_indices(n, k=1)
+        candidates = np.stack([i, j], axis=1)
+    else:
+        bits = np.unpackbits(codes, axis=1)
+        found = [bucket_pairs(keys) for keys in band_keys(bits, bands)]
+        candidates = np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), dtype=np.int64)
+    if not len(candidates):
+        return np.zeros((0, 2), dtype=np.int64)
+    return candidates[distances(codes, candidates) <= max_distance].astype(np.int64)
