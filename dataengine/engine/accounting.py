@@ -21,10 +21,14 @@ def final_markers(run_dir: Path, final: Segment, shards: list[Shard]) -> list[di
     return [json.loads(final.marker(run_dir, s.id).read_text()) for s in shards]
 
 
-def aggregate_counts(markers: list[dict[str, Any]], stage_names: list[str]) -> dict[str, Any]:
-    """Per-stage in/kept/rejected-by-reason and busy seconds, summed over the committed shards."""
+def aggregate_counts(markers: list[dict[str, Any]], stage_names: list[str],
+                     batch_sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    """Per-stage in/kept/rejected-by-reason and busy seconds, summed over the committed shards; for the
+    model stages in `batch_sizes`, the batches they ran and how full those were on average (rows in /
+    (batches x batch size): rejected rows leave the stream, so a model batch holds alive rows)."""
     rejected_by: dict[str, Counter[str]] = defaultdict(Counter)
     seconds: Counter[str] = Counter()
+    batches: Counter[str] = Counter()
     total_in = kept = rejected = 0
     for marker in markers:
         total_in += marker["rows"]
@@ -33,6 +37,7 @@ def aggregate_counts(markers: list[dict[str, Any]], stage_names: list[str]) -> d
         for stage, reasons in marker["rejected_by_stage"].items():
             rejected_by[stage].update(reasons)
         seconds.update(marker["seconds"])
+        batches.update(marker.get("batches") or {})
     unknown = set(rejected_by) - {INPUT_STAGE, *stage_names}
     if unknown:
         raise AccountingError(f"rows rejected by stages not in the spec: {sorted(unknown)}")
@@ -41,8 +46,12 @@ def aggregate_counts(markers: list[dict[str, Any]], stage_names: list[str]) -> d
     for name in [INPUT_STAGE, *stage_names]:
         reasons = dict(sorted(rejected_by[name].items(), key=lambda kv: -kv[1]))
         n_rejected = sum(reasons.values())
-        stages.append({"stage": name, "in": flowing, "kept": flowing - n_rejected, "rejected": n_rejected,
-                       "rejected_by_reason": reasons, "busy_seconds": round(seconds.get(name, 0.0), 3)})
+        stage = {"stage": name, "in": flowing, "kept": flowing - n_rejected, "rejected": n_rejected,
+                 "rejected_by_reason": reasons, "busy_seconds": round(seconds.get(name, 0.0), 3)}
+        n_batches = round(batches.get(name, 0.0))
+        if batch_sizes and name in batch_sizes and n_batches:
+            stage.update(batches=n_batches, mean_batch_fill=round(flowing / (n_batches * batch_sizes[name]), 4))
+        stages.append(stage)
         flowing -= n_rejected
     return {"in": total_in, "kept": kept, "rejected": rejected, "stages": stages}
 

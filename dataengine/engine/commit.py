@@ -27,7 +27,7 @@ from dataengine.core import columns as C
 from dataengine.core.atomic import write_parquet_atomic, write_text_atomic
 from dataengine.core.layout import DATASET_DIR, REJECTED_DIR
 from dataengine.core.schemas import conform, rejected_schema
-from dataengine.engine.parts import KEPT_PART, REJECTED_PART, ROWS_PART, part_seconds
+from dataengine.engine.parts import KEPT_PART, REJECTED_PART, ROWS_PART, counter_sums, part_counters
 from dataengine.engine.segments import Segment
 
 
@@ -74,16 +74,20 @@ def _marker(root: Path, segment: Segment, shard_id: str, alive: list[Path], shed
     reasons: dict[str, Counter[str]] = defaultdict(Counter)
     for stage, by_reason in ((previous or {}).get("rejected_by_stage") or {}).items():
         reasons[stage].update(by_reason)
-    seconds: Counter[str] = Counter((previous or {}).get("seconds") or {})
+    counters = {name: Counter((previous or {}).get(name) or {}) for name in C.STAGE_COUNTERS}
     rejected_files = list((previous or {}).get("rejected_files") or [])
     n_rejected = (previous or {}).get("rejected", 0)
+
+    def count(sums: dict[str, dict[str, float]]) -> None:
+        for name, by_index in sums.items():
+            for index, value in by_index.items():
+                counters[name][stage_names[int(index)]] += value
+
     for path in alive:
-        for index, s in part_seconds(path).items():
-            seconds[stage_names[int(index)]] += s
+        count(part_counters(path))
     if shed:
         rows = pa.concat_tables([pq.read_table(p) for p in shed], promote_options="permissive")
-        for index, s in _seconds_of(rows).items():
-            seconds[stage_names[int(index)]] += s
+        count(counter_sums(rows))
         for stage, reason in zip(rows.column(C.REJECT_STAGE).to_pylist(), rows.column(C.REJECT_REASON).to_pylist()):
             reasons[stage][reason] += 1
         target = f"{REJECTED_DIR}/part-{shard_id}-s{segment.index}.parquet"
@@ -94,7 +98,8 @@ def _marker(root: Path, segment: Segment, shard_id: str, alive: list[Path], shed
     relative = [str(p.relative_to(root)) for p in alive]
     marker: dict[str, Any] = {
         "shard": shard_id, "segment": segment.index, "rows": input_rows, "alive": n_alive, "rejected": n_rejected,
-        "rejected_by_stage": {s: dict(c) for s, c in reasons.items()}, "seconds": dict(seconds),
+        "rejected_by_stage": {s: dict(c) for s, c in reasons.items()},
+        **{name: dict(values) for name, values in counters.items()},
         "rejected_files": rejected_files, "committed_at": time.time(),
     }
     if segment.final:
@@ -104,11 +109,6 @@ def _marker(root: Path, segment: Segment, shard_id: str, alive: list[Path], shed
     else:
         marker["next"] = relative
     return marker
-
-
-def _seconds_of(rows: pa.Table) -> dict[str, float]:
-    return {c.removeprefix(C.STAGE_SECONDS_PREFIX): float(pc.sum(rows.column(c)).as_py() or 0.0)
-            for c in rows.column_names if c.startswith(C.STAGE_SECONDS_PREFIX)}
 
 
 def _drop_uids(path: Path, uids: set[str]) -> None:

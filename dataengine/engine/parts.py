@@ -28,7 +28,7 @@ from dataengine.core.schemas import conform, sample_schema
 
 TALLY = "_tally"  # on a tally row: how many rejected rows it stands for (null on real rows)
 REJECTED_PART, KEPT_PART, ROWS_PART = "rejected", "kept", "rows"
-SECONDS_METADATA = b"dataengine.seconds"  # a kept part's busy seconds per stage index (its rows' share)
+COUNTERS_METADATA = b"dataengine.counters"  # a kept part's busy seconds and batches per stage index
 SUMMARY_SHARD, SUMMARY_PART, SUMMARY_ROWS, SUMMARY_REJECTED = "shard", "part", "rows", "rejected"
 
 
@@ -52,7 +52,7 @@ def shed_rejected(batch: pa.Table, parts_dir: str) -> pa.Table:
     if not dead.any():
         return batch
     shed = batch.filter(pa.array(dead))
-    seconds_columns = [c for c in batch.column_names if c.startswith(C.STAGE_SECONDS_PREFIX)]
+    counter_columns = [c for c in batch.column_names if c.startswith(tuple(C.STAGE_COUNTERS.values()))]
     tallies = []
     for shard in pc.unique(shed.column(C.SHARD)).to_pylist():
         rows = shed.filter(pc.equal(shed.column(C.SHARD), shard))
@@ -61,7 +61,7 @@ def shed_rejected(batch: pa.Table, parts_dir: str) -> pa.Table:
         for stage in pc.unique(rows.column(C.REJECT_STAGE)).to_pylist():
             of_stage = rows.filter(pc.equal(rows.column(C.REJECT_STAGE), stage))
             entry = {C.SHARD: shard, C.REJECT_STAGE: stage, C.REJECT_REASON: TALLY, TALLY: of_stage.num_rows}
-            entry.update({c: float(pc.sum(of_stage.column(c)).as_py() or 0.0) for c in seconds_columns})
+            entry.update({c: float(pc.sum(of_stage.column(c)).as_py() or 0.0) for c in counter_columns})
             tallies.append(entry)
     kept = batch.filter(pa.array(~dead))
     if TALLY not in kept.column_names:
@@ -97,23 +97,29 @@ def write_alive(batch: pa.Table, parts_dir: str, final: bool) -> pa.Table:
 
 
 def _as_kept(alive: pa.Table) -> pa.Table:
-    """Alive rows as `dataset/` holds them: the sample schema, with their busy seconds per stage kept in
-    the file's metadata (the columns themselves are internal)."""
-    seconds = {c.removeprefix(C.STAGE_SECONDS_PREFIX): float(pc.sum(alive.column(c)).as_py() or 0.0)
-               for c in alive.column_names if c.startswith(C.STAGE_SECONDS_PREFIX)}
+    """Alive rows as `dataset/` holds them: the sample schema, with their busy seconds and batches per
+    stage kept in the file's metadata (the columns themselves are internal)."""
     kept = conform(alive.drop_columns([c for c in (C.REJECT_STAGE, C.REJECT_REASON) if c in alive.column_names]),
                    sample_schema())
-    return kept.replace_schema_metadata({**(kept.schema.metadata or {}), SECONDS_METADATA: json.dumps(seconds).encode()})
+    metadata = {**(kept.schema.metadata or {}), COUNTERS_METADATA: json.dumps(counter_sums(alive)).encode()}
+    return kept.replace_schema_metadata(metadata)
 
 
-def part_seconds(path: Path) -> dict[str, float]:
-    """Busy seconds per stage index a part's rows account for: from a kept part's metadata, else from
-    its `_seconds_<i>` columns."""
+def counter_sums(table: pa.Table) -> dict[str, dict[str, float]]:
+    """{"seconds": {stage index: sum}, "batches": {...}} over the table's counter columns."""
+    sums: dict[str, dict[str, float]] = {name: {} for name in C.STAGE_COUNTERS}
+    for name, prefix in C.STAGE_COUNTERS.items():
+        for c in table.column_names:
+            if c.startswith(prefix):
+                sums[name][c.removeprefix(prefix)] = float(pc.sum(table.column(c)).as_py() or 0.0)
+    return sums
+
+
+def part_counters(path: Path) -> dict[str, dict[str, float]]:
+    """Busy seconds and batches per stage index a part's rows account for: from a kept part's metadata,
+    else from its counter columns."""
     schema = pq.read_schema(path)
-    if schema.metadata and SECONDS_METADATA in schema.metadata:
-        return json.loads(schema.metadata[SECONDS_METADATA])
-    columns = [c for c in schema.names if c.startswith(C.STAGE_SECONDS_PREFIX)]
-    if not columns:
-        return {}
-    table = pq.read_table(path, columns=columns)
-    return {c.removeprefix(C.STAGE_SECONDS_PREFIX): float(pc.sum(table.column(c)).as_py() or 0.0) for c in columns}
+    if schema.metadata and COUNTERS_METADATA in schema.metadata:
+        return json.loads(schema.metadata[COUNTERS_METADATA])
+    columns = [c for c in schema.names if c.startswith(tuple(C.STAGE_COUNTERS.values()))]
+    return counter_sums(pq.read_table(path, columns=columns)) if columns else {name: {} for name in C.STAGE_COUNTERS}

@@ -80,7 +80,7 @@ class _StageActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         _maybe_crash()
-        return shed_rejected(run_step(self.step, self.op, batch, self.schema), self.parts_dir)
+        return shed_rejected(run_step(self.step, self.op, batch, self.schema, count_batch=True), self.parts_dir)
 
 
 #: reading a shard's files and writing its parts wait on the disk more than they compute; asking a whole
@@ -105,12 +105,13 @@ def _maybe_crash() -> None:
 
 def _read_inputs(batch: pa.Table) -> pa.Table:
     """Read task: a shard's files (the input shard, or the rows a previous segment kept), without the
-    busy seconds that segment already accounted for."""
+    busy seconds and batch counts that segment already accounted for."""
     tables = []
     for files in batch.column("files").to_pylist():
         for f in files:
             table = pq.read_table(f)
-            tables.append(table.drop_columns([c for c in table.column_names if c.startswith(C.STAGE_SECONDS_PREFIX)]))
+            counters = tuple(C.STAGE_COUNTERS.values())
+            tables.append(table.drop_columns([c for c in table.column_names if c.startswith(counters)]))
     return pa.concat_tables(tables, promote_options="permissive")
 
 

@@ -139,7 +139,8 @@ def run_pipeline(spec: PipelineSpec, output: str | Path | None = None, address: 
 
     attempt["ended_at"], attempt["seconds"] = _now(), round(time.perf_counter() - started, 3)
     markers = final_markers(run_dir, segments[-1], shards)
-    counts = aggregate_counts(markers, stage_names)
+    model_batches = {stage_name(c): c.batch_size for c in spec.stages if get_op(c.op).stateful}
+    counts = aggregate_counts(markers, stage_names, model_batches)
     check_accounting(run_dir, shards, markers, counts)
     manifest = _write_manifest(run_dir, spec, attempts, shards, stage_names, status="complete", counts=counts)
     for config in spec.stages:

@@ -197,12 +197,14 @@ class Step(NamedTuple):
     decision: dict[str, Any] | None = None
 
 
-def run_step(step: Step, op: Op | None, batch: pa.Table, schema: pa.Schema | None = None) -> pa.Table:
-    """Run a step on a batch: the op's `process`, or its class's `apply_decision`."""
+def run_step(step: Step, op: Op | None, batch: pa.Table, schema: pa.Schema | None = None,
+             count_batch: bool = False) -> pa.Table:
+    """Run a step on a batch: the op's `process`, or its class's `apply_decision`. `count_batch`: the
+    batch is one of a model stage's batches (run.json reports how full they were)."""
     name = stage_name(step.config)
     if step.decision is None:
         assert op is not None
-        return _apply(op.process, op.name, batch, name, step.index, schema)
+        return _apply(op.process, op.name, batch, name, step.index, schema, count_batch)
     op_class = get_op(step.config.op)
     return _apply(lambda rows: op_class.apply_decision(step.config, rows, step.decision), op_class.name,
                   batch, name, step.index, schema)
@@ -254,7 +256,7 @@ def apply_stage(op: Op, batch: pa.Table, stage: str, stage_index: int, schema: p
 
 
 def _apply(fn: Callable[[pa.Table], pa.Table], op_name: str, batch: pa.Table, stage: str, stage_index: int,
-           schema: pa.Schema | None) -> pa.Table:
+           schema: pa.Schema | None, count_batch: bool = False) -> pa.Table:
     n = batch.num_rows
     batch = _ensure_reject_columns(batch)
     alive = pc.is_null(batch.column(C.REJECT_REASON)).to_numpy(zero_copy_only=False)
@@ -274,7 +276,12 @@ def _apply(fn: Callable[[pa.Table], pa.Table], op_name: str, batch: pa.Table, st
     column = f"{C.STAGE_SECONDS_PREFIX}{stage_index}"
     if column in batch.column_names:  # a barrier stage's decision adds to the time it spent scoring
         seconds += batch.column(column).to_numpy(zero_copy_only=False)
-    return _set_column(batch, column, pa.array(seconds))
+    batch = _set_column(batch, column, pa.array(seconds))
+    if count_batch and len(alive_idx):  # one batch, spread over the rows in it: summed, it counts batches
+        share = np.zeros(n, dtype=np.float64)
+        share[alive_idx] = 1.0 / len(alive_idx)
+        batch = _set_column(batch, f"{C.STAGE_BATCHES_PREFIX}{stage_index}", pa.array(share))
+    return batch
 
 
 def _ensure_reject_columns(batch: pa.Table) -> pa.Table:

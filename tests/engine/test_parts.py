@@ -10,18 +10,8 @@ import pyarrow.parquet as pq
 
 from dataengine.core import columns as C
 from dataengine.core.schemas import sample_schema
-from dataengine.engine.parts import (
-    SECONDS_METADATA,
-    SUMMARY_PART,
-    SUMMARY_REJECTED,
-    SUMMARY_ROWS,
-    SUMMARY_SHARD,
-    TALLY,
-    is_tally,
-    part_seconds,
-    shed_rejected,
-    write_alive,
-)
+from dataengine.engine.parts import (COUNTERS_METADATA, SUMMARY_PART, SUMMARY_REJECTED, SUMMARY_ROWS, SUMMARY_SHARD,
+                                     TALLY, is_tally, part_counters, shed_rejected, write_alive)
 
 
 def _batch() -> pa.Table:
@@ -58,7 +48,8 @@ def test_alive_rows_are_written_per_shard_with_a_summary_counting_the_tallies(tm
     table = pq.read_table(kept)
     assert table.column(C.UID).to_pylist() == ["0-3"]
     assert pq.read_schema(kept).remove_metadata() == sample_schema().remove_metadata()  # final: the dataset's schema
-    assert json.loads(pq.read_schema(kept).metadata[SECONDS_METADATA]) == {"0": 0.5} == part_seconds(kept)
+    counters = json.loads(pq.read_schema(kept).metadata[COUNTERS_METADATA])
+    assert counters == {"seconds": {"0": 0.5}, "batches": {}} == part_counters(kept)
 
 
 def test_a_retried_batch_overwrites_its_own_parts(tmp_path):

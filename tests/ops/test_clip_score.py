@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 
 import numpy as np
 import polars as pl
@@ -102,6 +103,11 @@ def test_keep_top_fraction_is_a_barrier_and_keeps_the_top_rows(ray_local, synthw
     assert clip["in"] == first.stages[-1]["kept"]
     assert clip["kept"] == int(np.floor(0.3 * clip["in"] + 0.5))
     assert clip["rejected_by_reason"] == {"clip_score_not_top_0.3": clip["in"] - clip["kept"]}
+    # rows the download rejected left the stream: the model's batches held alive rows (a block's last is partial)
+    shards = result.manifest["input"]["shards"]
+    assert math.ceil(clip["in"] / 32) <= clip["batches"] <= math.ceil(clip["in"] / 32) + shards
+    assert clip["mean_batch_fill"] == round(clip["in"] / (clip["batches"] * 32), 4) > 0.5
+    assert "batches" not in result.stages[1]  # download runs as tasks: not a model stage
     kept = pl.read_parquet(result.run_dir / "dataset" / "*.parquet")
     rejected = pl.read_parquet(result.run_dir / "rejected" / "*.parquet").filter(pl.col("reject_stage") == "clip_score_filter")
     assert kept.height == clip["kept"] and kept["clip_score"].min() >= rejected["clip_score"].max()
