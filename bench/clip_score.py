@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from _record import append_result  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _record import report  # noqa: E402  (bench/ is on sys.path when run as a script)
 from PIL import Image, ImageDraw
 
 from dataengine.core import columns as C
@@ -93,10 +93,7 @@ def main() -> None:
              f"{torch.get_num_threads()}"]
     lines += [f"{name:<24}{rate:>8.1f} images/s" for name, rate in results.items()]
     lines.append(f"op / model-only: {ratio:.1%} (goal: 90% or more)")
-    report = "\n".join(lines)
-    print(report)
-    if not args.no_record:
-        append_result("clip_score_filter overhead", report)
+    report("clip_score_filter overhead", lines, record=not args.no_record)
 
 
 if __name__ == "__main__":

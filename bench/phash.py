@@ -14,7 +14,7 @@ import argparse
 import time
 
 import numpy as np
-from _record import append_result  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _record import report  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from dataengine.dedup.hamming import near_pairs
 
@@ -70,10 +70,8 @@ def main() -> None:
         ours, t_ours = timed(near_pairs, codes, RADIUS)
         lines.append(f"{n:>10,} {len(ours):>8,} {t_ours:>8.2f} {'-':>12} {'-':>7}  (all pairs not run: n^2)")
         print(lines[-1], flush=True)
-    report = "\n".join(lines)
-    print(report)
-    if not args.no_record:
-        append_result("pHash near-duplicates: multi-index hashing vs all pairs, radius 10 of 256 bits", report)
+    report("pHash near-duplicates: multi-index hashing vs all pairs, radius 10 of 256 bits", lines,
+           record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
-from _record import append_result  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _record import report  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from dataengine.core import columns as C
 from dataengine.ops.caption_rules import CaptionRulesConfig, CaptionRulesFilter
@@ -123,10 +123,7 @@ def main() -> None:
                      f"{rss / 2**20:>12,.0f} MiB")
         print(lines[-1], flush=True)
         shutil.rmtree(work, ignore_errors=True)
-    report = "\n".join(lines)
-    print(report)
-    if not args.no_record:
-        append_result("scale (a): caption_rules_filter, engine vs one process", report)
+    report("scale (a): caption_rules_filter, engine vs one process", lines, record=not args.no_record)
 
 
 if __name__ == "__main__":

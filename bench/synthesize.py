@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-from _record import append_result  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _record import report  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from dataengine.core import columns as C
 
@@ -92,10 +92,8 @@ def main() -> None:
             lines.append(f"{r['C']:>5} {r['L']:>5.2f} {r['rows']:>6} {r['kept']:>6} {r['seconds']:>8.2f} "
                          f"{r['achieved']:>8.1f} {r['limit']:>8.1f} {r['ratio']:>6.3f} {r['max_in_flight']:>14}")
             print(lines[-1], flush=True)
-    report = "\n".join(lines)
-    print(report)
-    if not args.no_record:
-        append_result("bench/synthesize.py: llava_synthesis_mapper (openai backend) vs the C/L limit", report)
+    report("bench/synthesize.py: llava_synthesis_mapper (openai backend) vs the C/L limit", lines,
+           record=not args.no_record)
 
 
 if __name__ == "__main__":
