@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -233,3 +235,26 @@ def encode_jpeg(image: Any, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def kill_session(leader: subprocess.Popen) -> None:
+    """`kill -9` a run started with `start_new_session=True` and everything it started (its embedded Ray:
+    GCS, raylet and workers, whatever process group they put themselves in), and wait until all are gone,
+    as if the machine had killed them: a rerun must not meet the killed run's last workers still writing."""
+    import psutil
+
+    def members() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if os.getsid(p.pid) == leader.pid:
+                    found.append(p)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                continue
+        return found
+
+    for p in members():
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    leader.wait()
+    psutil.wait_procs(members(), timeout=30)

@@ -23,6 +23,7 @@ import dataengine
 from dataengine.core import columns as C
 from dataengine.core.raytools import QUIET_WORKERS
 from dataengine.core.schemas import sample_schema
+from dataengine.engine import barriers
 from dataengine.engine.parts import shed_rejected, write_alive
 from dataengine.engine.spec import ResourcesSpec
 from dataengine.ops import get_op
@@ -68,6 +69,8 @@ def _run_task_step(batch: pa.Table, step: Step, schema: pa.Schema, parts_dir: st
         op = _TASK_OPS.get(key)
         if op is None:
             op = _TASK_OPS[key] = get_op(step.config.op)(step.config)
+    else:
+        step = Step(step.index, step.config, barriers.for_batch(step.decision, batch))
     return shed_rejected(run_step(step, op, batch, schema), parts_dir)
 
 
@@ -124,6 +127,7 @@ def stream_pipeline(inputs: list[list[str]], steps: list[Step], parts_dir: Path,
     ds = ds.map_batches(_read_inputs, batch_size=1, batch_format="pyarrow", num_cpus=IO_TASK_CPUS)
     schema = sample_schema()  # read here: workers on other nodes may not have schemas/
     actor_cpus = _actor_cpu_scale(steps)
+    task_cpus = _task_cpu_cap(steps, actor_cpus)
     parts = str(parts_dir)
     for step in steps:
         config = step.config
@@ -140,10 +144,10 @@ def stream_pipeline(inputs: list[list[str]], steps: list[Step], parts_dir: Path,
             )
         elif step.decision is None:
             compute = ray.data.TaskPoolStrategy(size=config.concurrency) if config.concurrency else None
-            ds = ds.map_batches(_run_task_step, fn_args=(step, schema, parts), num_cpus=config.num_cpus,
-                                compute=compute, **common)
+            ds = ds.map_batches(_run_task_step, fn_args=(step, schema, parts),
+                                num_cpus=min(config.num_cpus, task_cpus), compute=compute, **common)
         else:  # applying a decision is cheap and needs no model: not the op's actor-pool size or GPUs
-            ds = ds.map_batches(_run_task_step, fn_args=(step, schema, parts), num_cpus=1, **common)
+            ds = ds.map_batches(_run_task_step, fn_args=(step, schema, parts), num_cpus=min(1, task_cpus), **common)
     ds = ds.map_batches(write_alive, fn_args=(parts, final), batch_size=None, batch_format="pyarrow",
                         num_cpus=IO_TASK_CPUS)
     summaries = ds.iter_batches(batch_size=None, batch_format="pyarrow")
@@ -176,8 +180,7 @@ def _actor_cpu_scale(steps: list[Step]) -> float:
     """Scale for actors' CPU reservations so that the pools of a segment, which all hold their CPUs for
     the whole segment, leave one CPU for the tasks feeding them; otherwise a small machine (2 cores,
     4 model stages) deadlocks: every actor waits for input a starved task never produces."""
-    pools = [(s.config.concurrency or 1) * s.config.num_cpus for s in steps
-             if s.decision is None and get_op(s.config.op).stateful and s.config.num_gpus == 0]
+    pools = _model_pools(steps)
     total = float(ray.cluster_resources().get("CPU", 0))
     budget = total - 1
     if not pools or total <= 0 or sum(pools) <= budget:
@@ -186,6 +189,21 @@ def _actor_cpu_scale(steps: list[Step]) -> float:
     log.info("model stages reserve %.2g CPUs for their actors on a cluster of %.0g; scaling each reservation "
              "by %.2f so the other stages can run (set num_cpus per stage to choose yourself)", sum(pools), total, scale)
     return scale
+
+
+def _model_pools(steps: list[Step]) -> list[float]:
+    return [(s.config.concurrency or 1) * s.config.num_cpus for s in steps
+            if s.decision is None and get_op(s.config.op).stateful and s.config.num_gpus == 0]
+
+
+def _task_cpu_cap(steps: list[Step], actor_scale: float) -> float:
+    """The most CPUs one task may ask for next to the segment's actor pools: on a 1-CPU cluster an actor
+    holds half of it, and a task asking for a whole CPU would never be scheduled."""
+    pools = _model_pools(steps)
+    if not pools:
+        return float("inf")
+    total = float(ray.cluster_resources().get("CPU", 0))
+    return max(total - sum(pools) * actor_scale, IO_TASK_CPUS)
 
 
 def _ray_llm_stage(ds: ray.data.Dataset, step: Step, schema: pa.Schema, parts: str, llm: RayLLMStage,

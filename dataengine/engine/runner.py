@@ -44,7 +44,7 @@ from dataengine.core.atomic import remove_stale_temporaries, write_text_atomic
 from dataengine.core.layout import DATASET_DIR, LLM_USAGE_DIR, MANIFEST, PARTS_DIR, REJECTED_DIR
 from dataengine.core.progress import StageProgress, note, report
 from dataengine.engine.accounting import aggregate_counts, check_accounting, final_markers
-from dataengine.engine.barriers import decide
+from dataengine.engine.barriers import decide, resolve
 from dataengine.engine.commit import AccountingError, clear_uncommitted, commit_shard, finish_commit
 from dataengine.engine.parts import SUMMARY_REJECTED, SUMMARY_ROWS, SUMMARY_SHARD
 from dataengine.engine.segments import Segment, plan_segments
@@ -185,15 +185,14 @@ def _barrier_decision(run_dir: Path, segment: Segment, segments: list[Segment], 
     """Decide a barrier stage, in tasks, over every row the previous segment kept; saved, so a resumed
     run applies the very same decision."""
     path = segment.decision_path(run_dir)
-    if path.exists():
-        return json.loads(path.read_text())
-    before = segments[segment.index - 1]
-    files = [str(run_dir / f) for s in shards for f in (before.read_marker(run_dir, s.id) or {}).get("next", [])]
-    started = time.perf_counter()
-    decision, rows = decide(config, files)
-    note("%s decided over %d rows in %.2fs", stage_name(config), rows, time.perf_counter() - started)
-    write_text_atomic(path, json.dumps(decision))
-    return decision
+    if not path.exists():
+        before = segments[segment.index - 1]
+        files = [str(run_dir / f) for s in shards for f in (before.read_marker(run_dir, s.id) or {}).get("next", [])]
+        started = time.perf_counter()
+        decision, rows = decide(config, files, path.with_suffix(""))
+        note("%s decided over %d rows in %.2fs", stage_name(config), rows, time.perf_counter() - started)
+        write_text_atomic(path, json.dumps(decision))  # the decision's commit point (its Parquet is written)
+    return resolve(json.loads(path.read_text()), path.parent)
 
 
 def _prepare_segment(run_dir: Path, segment: Segment, work: list[ShardWork], stage_names: list[str],
@@ -216,8 +215,8 @@ def _prepare_segment(run_dir: Path, segment: Segment, work: list[ShardWork], sta
     if unfinished:
         ray.start()
         for w, marker in zip(unfinished, _commit_all(run_dir, segment, unfinished, stage_names)):
-            if marker is None:
-                shutil.rmtree(segment.parts_dir(run_dir) / w.shard.id)
+            if marker is None:  # (a killed run's last workers may still be removing what they wrote)
+                shutil.rmtree(segment.parts_dir(run_dir) / w.shard.id, ignore_errors=True)
                 log.info("shard %s was half done in segment %d; redoing it", w.shard.id, segment.index)
                 pending.append(w)
             else:

@@ -10,8 +10,18 @@ import pyarrow.parquet as pq
 
 from dataengine.core import columns as C
 from dataengine.core.schemas import sample_schema
-from dataengine.engine.parts import (COUNTERS_METADATA, SUMMARY_PART, SUMMARY_REJECTED, SUMMARY_ROWS, SUMMARY_SHARD,
-                                     TALLY, is_tally, part_counters, shed_rejected, write_alive)
+from dataengine.engine.parts import (
+    COUNTERS_METADATA,
+    SUMMARY_PART,
+    SUMMARY_REJECTED,
+    SUMMARY_ROWS,
+    SUMMARY_SHARD,
+    TALLY,
+    is_tally,
+    part_counters,
+    shed_rejected,
+    write_alive,
+)
 
 
 def _batch() -> pa.Table:

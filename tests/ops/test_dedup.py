@@ -77,4 +77,8 @@ def test_phash_dedup_on_the_synthetic_web_finds_planted_copies(ray_local, synthw
     assert len(planted) >= 3 and recall == 1.0 and precision >= 0.9, (recall, precision, merged)
     decision = json.loads((result.run_dir / "_state" / "decision-1.json").read_text())
     assert decision["contaminated"] == len(contaminated) and decision["method"] == "exact"
+    # the uid -> reason map is Parquet, a file per shard, read by the tasks that apply it: not in the JSON
+    assert decision["rejected"] == {"parquet": "decision-1"}
+    saved = pl.read_parquet(result.run_dir / "_state" / "decision-1" / "*.parquet")
+    assert saved.height == dedup.height and set(saved["uid"]) == set(dedup["uid"])
     assert result.stages[-1]["rejected"] == dedup.height

@@ -251,13 +251,12 @@ def test_pipeline_budget_stop_then_resume_pays_each_row_once(ray_local, server, 
 @pytest.mark.slow
 def test_kill_minus_nine_then_resume_does_not_repay_answered_requests(ray_local, server, tmp_path):
     import os
-    import signal
     import subprocess
     import sys
 
     from dataengine.engine.runner import run_pipeline
     from dataengine.engine.spec import load_spec
-    from tests.conftest import write_spec
+    from tests.conftest import kill_session, write_spec
 
     n = 60
     urls = tmp_path / "input.parquet"
@@ -279,8 +278,7 @@ def test_kill_minus_nine_then_resume_does_not_repay_answered_requests(ray_local,
             time.sleep(0.02)
         assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_session(proc)
     sent_before = server.requests
     assert 25 <= sent_before < n
     result = run_pipeline(load_spec(spec_file))
