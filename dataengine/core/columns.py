@@ -55,6 +55,7 @@ REJECT_REASON = "reject_reason"
 # internal, never written to dataset/ or rejected/
 INTERNAL_PREFIX = "_"
 SHARD = "_shard"
+TALLY = "_tally"  # in the stream only: a row standing for this many rows a stage rejected (null on real rows)
 STAGE_SECONDS_PREFIX = "_seconds_"  # + stage index: per-row share of a batch's wall time
 STAGE_BATCHES_PREFIX = "_batches_"  # + stage index: per-row share of one model batch (sums to the batches)
 STAGE_COUNTERS = {"seconds": STAGE_SECONDS_PREFIX, "batches": STAGE_BATCHES_PREFIX}

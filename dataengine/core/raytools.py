@@ -91,3 +91,11 @@ def get(refs: Any) -> Any:
         if isinstance(cause, Exception) and not isinstance(cause, RayTaskError):
             raise cause from None
         raise
+
+
+def submit(fn: Callable[..., T], *args: Any, num_cpus: float = 1) -> Any:
+    """`fn(*args)` as one Ray task asking `num_cpus`; the reference to `get`. The one place below the
+    engine's adapter that sets a task's resources."""
+    import ray
+
+    return ray.remote(num_cpus=num_cpus)(fn).remote(*args)

@@ -39,13 +39,12 @@ PARQUET = "parquet"  # in a saved decision: where that map's per-shard Parquet f
 def decide(config: OpConfig, files: list[str], out_dir: Path) -> tuple[dict[str, Any], int]:
     """The barrier stage's decision over `files` and the number of rows it saw; a `rejected` map goes to
     Parquet files under `out_dir`."""
-    import ray
 
     quantile = get_op(config.op).quantile(config)
     decision = quantile_decision(files, quantile) if quantile is not None else None
     if decision is not None:
         return decision, decision["rows"]
-    return raytools.get(ray.remote(num_cpus=1)(decide_in_one_task).remote(config, files, str(out_dir)))
+    return raytools.get(raytools.submit(decide_in_one_task, config, files, str(out_dir)))
 
 
 def decide_in_one_task(config: OpConfig, files: list[str], out_dir: str) -> tuple[dict[str, Any], int]:
@@ -144,13 +143,12 @@ def _rows_between(files: list[str], column: str, highest: bool, lo: float, hi: f
 def quantile_decision(files: list[str], quantile: Quantile) -> dict[str, Any] | None:
     """`rank_fraction_decision` over every row of `files`, made from counts; None when the cut falls
     among rows without a score (they rank last: `decide` settles that rare case over all rows)."""
-    import ray
 
     chunks = [files[i:i + FILES_PER_TASK] for i in range(0, len(files), FILES_PER_TASK)]
     column, highest = quantile.column, quantile.highest
 
     def each(fn: Any, *args: Any) -> list[Any]:
-        return raytools.get([ray.remote(num_cpus=1)(fn).remote(chunk, column, highest, *args) for chunk in chunks])
+        return raytools.get([raytools.submit(fn, chunk, column, highest, *args) for chunk in chunks])
 
     stats = each(_stats)
     n, scored = sum(s[0] for s in stats), sum(s[1] for s in stats)

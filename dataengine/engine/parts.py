@@ -26,7 +26,6 @@ from dataengine.core import columns as C
 from dataengine.core.atomic import write_parquet_atomic
 from dataengine.core.schemas import conform, sample_schema
 
-TALLY = "_tally"  # on a tally row: how many rejected rows it stands for (null on real rows)
 REJECTED_PART, KEPT_PART, ROWS_PART = "rejected", "kept", "rows"
 COUNTERS_METADATA = b"dataengine.counters"  # a kept part's busy seconds and batches per stage index
 SUMMARY_SHARD, SUMMARY_PART, SUMMARY_ROWS, SUMMARY_REJECTED = "shard", "part", "rows", "rejected"
@@ -37,9 +36,9 @@ def part_name(kind: str, uids: list[str]) -> str:
 
 
 def is_tally(batch: pa.Table) -> np.ndarray:
-    if TALLY not in batch.column_names:
+    if C.TALLY not in batch.column_names:
         return np.zeros(batch.num_rows, dtype=bool)
-    return pc.is_valid(batch.column(TALLY)).to_numpy(zero_copy_only=False)
+    return pc.is_valid(batch.column(C.TALLY)).to_numpy(zero_copy_only=False)
 
 
 def shed_rejected(batch: pa.Table, parts_dir: str) -> pa.Table:
@@ -56,16 +55,16 @@ def shed_rejected(batch: pa.Table, parts_dir: str) -> pa.Table:
     tallies = []
     for shard in pc.unique(shed.column(C.SHARD)).to_pylist():
         rows = shed.filter(pc.equal(shed.column(C.SHARD), shard))
-        write_parquet_atomic(rows.drop_columns([c for c in (TALLY,) if c in rows.column_names]),
+        write_parquet_atomic(rows.drop_columns([c for c in (C.TALLY,) if c in rows.column_names]),
                              Path(parts_dir) / shard / part_name(REJECTED_PART, rows.column(C.UID).to_pylist()))
         for stage in pc.unique(rows.column(C.REJECT_STAGE)).to_pylist():
             of_stage = rows.filter(pc.equal(rows.column(C.REJECT_STAGE), stage))
-            entry = {C.SHARD: shard, C.REJECT_STAGE: stage, C.REJECT_REASON: TALLY, TALLY: of_stage.num_rows}
+            entry = {C.SHARD: shard, C.REJECT_STAGE: stage, C.REJECT_REASON: C.TALLY, C.TALLY: of_stage.num_rows}
             entry.update({c: float(pc.sum(of_stage.column(c)).as_py() or 0.0) for c in counter_columns})
             tallies.append(entry)
     kept = batch.filter(pa.array(~dead))
-    if TALLY not in kept.column_names:
-        kept = kept.append_column(TALLY, pa.nulls(kept.num_rows, pa.int64()))
+    if C.TALLY not in kept.column_names:
+        kept = kept.append_column(C.TALLY, pa.nulls(kept.num_rows, pa.int64()))
     fields = {name: kept.schema.field(name).type for name in tallies[0]}
     new = pa.table({name: pa.array([t.get(name) for t in tallies], fields[name]) for name in fields})
     return pa.concat_tables([kept, new], promote_options="permissive")
@@ -82,11 +81,11 @@ def write_alive(batch: pa.Table, parts_dir: str, final: bool) -> pa.Table:
         tallies = batch.filter(pa.array(in_shard & tally))
         by_stage: dict[str, int] = {}
         if tallies.num_rows:
-            for stage, n in zip(tallies.column(C.REJECT_STAGE).to_pylist(), tallies.column(TALLY).to_pylist()):
+            for stage, n in zip(tallies.column(C.REJECT_STAGE).to_pylist(), tallies.column(C.TALLY).to_pylist()):
                 by_stage[stage] = by_stage.get(stage, 0) + n
         name = ""
         if alive.num_rows:
-            alive = alive.sort_by(C.UID).drop_columns([c for c in (TALLY,) if c in alive.column_names])
+            alive = alive.sort_by(C.UID).drop_columns([c for c in (C.TALLY,) if c in alive.column_names])
             name = part_name(KEPT_PART if final else ROWS_PART, alive.column(C.UID).to_pylist())
             table = _as_kept(alive) if final else alive
             write_parquet_atomic(table, Path(parts_dir) / shard / name)

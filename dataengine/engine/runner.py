@@ -232,10 +232,8 @@ def _prepare_segment(run_dir: Path, segment: Segment, work: list[ShardWork], sta
 
 
 def _commit_task(run_dir: Path, segment: Segment, w: ShardWork, stage_names: list[str]) -> Any:
-    import ray
-
-    return ray.remote(num_cpus=COMMIT_CPUS)(commit_shard).remote(str(run_dir), segment, w.shard.id, w.inputs, w.previous,
-                                                               w.shard.rows, stage_names)
+    return raytools.submit(commit_shard, str(run_dir), segment, w.shard.id, w.inputs, w.previous, w.shard.rows,
+                           stage_names, num_cpus=COMMIT_CPUS)
 
 
 def _commit_all(run_dir: Path, segment: Segment, work: list[ShardWork], stage_names: list[str]) -> list[Any]:

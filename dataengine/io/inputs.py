@@ -179,11 +179,9 @@ def plan_shards(spec: InputSpec, run_dir: Path, in_task: bool = False) -> list[S
             )
         return [Shard(s["id"], s["rows"], shard_dir / f"{s['id']}.parquet") for s in plan["shards"]]
     if in_task:
-        import ray
-
         from dataengine.core import raytools
 
-        return raytools.get(ray.remote(num_cpus=1)(write_plan).remote(spec, run_dir, files, fingerprint))
+        return raytools.get(raytools.submit(write_plan, spec, run_dir, files, fingerprint))
     return write_plan(spec, run_dir, files, fingerprint)
 
 

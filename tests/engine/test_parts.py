@@ -16,7 +16,6 @@ from dataengine.engine.parts import (
     SUMMARY_REJECTED,
     SUMMARY_ROWS,
     SUMMARY_SHARD,
-    TALLY,
     is_tally,
     part_counters,
     shed_rejected,
@@ -38,7 +37,7 @@ def test_rejected_rows_leave_the_stream_and_a_tally_stands_in(tmp_path):
     tally = is_tally(out)
     assert out.filter(pa.array(~tally)).column(C.UID).to_pylist() == ["0-3", "1-0"]  # only alive rows travel on
     tallies = {(r[C.SHARD], r[C.REJECT_STAGE]): r for r in out.filter(pa.array(tally)).to_pylist()}
-    assert {k: r[TALLY] for k, r in tallies.items()} == {("000000", "download"): 1, ("000000", "clip"): 1,
+    assert {k: r[C.TALLY] for k, r in tallies.items()} == {("000000", "download"): 1, ("000000", "clip"): 1,
                                                           ("000001", "download"): 1}
     assert tallies[("000000", "clip")][f"{C.STAGE_SECONDS_PREFIX}0"] == 0.5  # the shed rows' busy time travels on
     shed = {p.parent.name: pq.read_table(p) for p in tmp_path.rglob("rejected-*.parquet")}
