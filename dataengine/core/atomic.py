@@ -9,6 +9,7 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,8 +27,10 @@ def _tmp_name(path: Path) -> Path:
 ROW_GROUP_ROWS = 256
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    _write_then_rename(path, lambda tmp: pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS))
+def write_parquet_atomic(table: pa.Table, path: Path, **options: Any) -> None:
+    """`options` go to `pq.write_table` (row groups of ROW_GROUP_ROWS unless given)."""
+    options.setdefault("row_group_size", ROW_GROUP_ROWS)
+    _write_then_rename(path, lambda tmp: pq.write_table(table, tmp, **options))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -112,3 +112,23 @@ def load_reference_images(path: str) -> list[tuple[str, np.ndarray]]:
     if not out:
         raise FileNotFoundError(f"against: no images found under {root}")
     return out
+
+
+def descriptor_matrix(column: Any) -> np.ndarray:
+    """A descriptor column as an n x d array without Python lists: float32 for `list<float>` embeddings,
+    uint8 for binary codes (every row set and of one length)."""
+    import pyarrow as pa
+
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(array)
+    if pa.types.is_fixed_size_binary(array.type):
+        width = array.type.byte_width
+        data = np.frombuffer(array.buffers()[1], dtype=np.uint8)[array.offset * width:(array.offset + n) * width]
+        return data.reshape(n, width)
+    if pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type):
+        offsets = np.frombuffer(array.buffers()[1], dtype=np.int32 if pa.types.is_binary(array.type) else np.int64)
+        offsets = offsets[array.offset:array.offset + n + 1]
+        data = np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+        return data.reshape(n, -1) if n else np.zeros((0, 0), np.uint8)
+    values = array.flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(values, dtype=np.float32).reshape(n, -1) if n else np.zeros((0, 0), np.float32)

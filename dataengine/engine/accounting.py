@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from dataengine.core.layout import DATASET_DIR, REJECTED_DIR
 from dataengine.engine.commit import AccountingError
 from dataengine.engine.segments import Segment
-from dataengine.io.inputs import INPUT_STAGE, Shard
+from dataengine.io.shard_plan import INPUT_STAGE, Shard
 
 
 def final_markers(run_dir: Path, final: Segment, shards: list[Shard]) -> list[dict[str, Any]]:

@@ -4,15 +4,15 @@ A rank cut (`keep_top_fraction`, `keep_lowest_fraction`: `Op.quantile`) is found
 scores: tasks count their scores per bin of the current interval, the driver narrows the interval to
 the bin holding the cut, and once few rows are left in it the tasks send just those (uid, score) rows,
 which settle the cut exactly, ties broken by uid: the decision `ops.thresholds.rank_fraction_decision`
-makes over all rows at once. Other decisions (dedup's groups) run `Op.decide` in one task; a decision's
-`rejected` map (uid -> reason) is written as Parquet, one file per shard, and each task applying it reads
-the files of its own shards only: neither the driver nor the tasks' arguments carry it.
+makes over all rows at once. Near-duplicate grouping (`Op.near_duplicates`) partitions, searches and
+groups in tasks (`engine/near_duplicates.py`) above its `exact_max_rows`; other decisions, and small
+ones, run `Op.decide` in one task. A decision's `rejected` map (uid -> reason) is written as Parquet, a
+file per shard (`engine/rejections.py`), and each task applying it reads the files of its own shards.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 
 from dataengine.core import columns as C
 from dataengine.core import raytools
-from dataengine.core.atomic import write_parquet_atomic
+from dataengine.engine import near_duplicates
+from dataengine.engine.rejections import PARQUET, REJECTED, write_rejected
 from dataengine.ops import OpConfig, get_op
 from dataengine.ops.base import Quantile
 
@@ -32,16 +33,14 @@ SETTLE_ROWS = 100_000
 FILES_PER_TASK = 64
 
 
-REJECTED = "rejected"  # a decision's uid -> reason map, when it has one
-PARQUET = "parquet"  # in a saved decision: where that map's per-shard Parquet files are (under the run)
-
-
 def decide(config: OpConfig, files: list[str], out_dir: Path) -> tuple[dict[str, Any], int]:
     """The barrier stage's decision over `files` and the number of rows it saw; a `rejected` map goes to
     Parquet files under `out_dir`."""
-
-    quantile = get_op(config.op).quantile(config)
+    op = get_op(config.op)
+    quantile, near = op.quantile(config), op.near_duplicates(config)
     decision = quantile_decision(files, quantile) if quantile is not None else None
+    if decision is None and near is not None:
+        decision = near_duplicates.decide(near, files, out_dir)
     if decision is not None:
         return decision, decision["rows"]
     return raytools.get(raytools.submit(decide_in_one_task, config, files, str(out_dir)))
@@ -57,53 +56,13 @@ def decide_in_one_task(config: OpConfig, files: list[str], out_dir: str) -> tupl
         pa.table({C.UID: pa.array([], pa.string()), C.SHARD: pa.array([], pa.string())})
     decision = op.decide(config, table.drop_columns([C.SHARD]))
     if isinstance(decision.get(REJECTED), dict):
-        decision[REJECTED] = {PARQUET: _write_rejected(decision[REJECTED], table, Path(out_dir))}
+        rejected = decision[REJECTED]
+        shard_of = dict(zip(table.column(C.UID).to_pylist(), table.column(C.SHARD).to_pylist()))
+        write_rejected(pa.table({C.UID: pa.array(list(rejected), pa.string()),
+                                 C.SHARD: pa.array([shard_of[u] for u in rejected], pa.string()),
+                                 C.REJECT_REASON: pa.array(list(rejected.values()), pa.string())}), Path(out_dir))
+        decision[REJECTED] = {PARQUET: Path(out_dir).name}
     return decision, table.num_rows
-
-
-def _write_rejected(rejected: dict[str, str], rows: pa.Table, out_dir: Path) -> str:
-    """uid -> reason as one Parquet file per shard under `out_dir` (replaced whole); returns its name."""
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
-    shard_of = dict(zip(rows.column(C.UID).to_pylist(), rows.column(C.SHARD).to_pylist()))
-    by_shard: dict[str, list[str]] = {}
-    for uid in rejected:
-        by_shard.setdefault(shard_of[uid], []).append(uid)
-    for shard, uids in by_shard.items():
-        write_parquet_atomic(pa.table({C.UID: uids, C.REJECT_REASON: [rejected[u] for u in uids]}),
-                             out_dir / f"{shard}.parquet")
-    return out_dir.name
-
-
-def resolve(decision: dict[str, Any], state_dir: Path) -> dict[str, Any]:
-    """A saved decision with its Parquet reference made absolute, for the tasks that apply it."""
-    ref = decision.get(REJECTED)
-    if isinstance(ref, dict) and PARQUET in ref:
-        return {**decision, REJECTED: {PARQUET: str(state_dir / ref[PARQUET])}}
-    return decision
-
-
-_LOADED: dict[tuple[str, str], dict[str, str]] = {}
-
-
-def for_batch(decision: dict[str, Any], batch: pa.Table) -> dict[str, Any]:
-    """The decision as `Op.apply_decision` takes it: a Parquet `rejected` map read for the batch's shards
-    (kept per worker process: a shard's batches come one after another)."""
-    ref = decision.get(REJECTED)
-    if not (isinstance(ref, dict) and PARQUET in ref):
-        return decision
-    rejected: dict[str, str] = {}
-    for shard in pa.compute.unique(batch.column(C.SHARD)).to_pylist():
-        key = (ref[PARQUET], shard)
-        if key not in _LOADED:
-            path = Path(ref[PARQUET]) / f"{shard}.parquet"
-            table = pq.read_table(path) if path.exists() else None
-            _LOADED[key] = dict(zip(table.column(C.UID).to_pylist(), table.column(C.REJECT_REASON).to_pylist())) \
-                if table is not None else {}
-            if len(_LOADED) > 64:
-                _LOADED.pop(next(iter(_LOADED)))
-        rejected.update(_LOADED[key])
-    return {**decision, REJECTED: rejected}
 
 
 def _values(files: list[str], column: str, highest: bool, with_uids: bool = False) -> tuple[np.ndarray, list[str]]:

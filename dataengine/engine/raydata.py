@@ -23,7 +23,7 @@ import dataengine
 from dataengine.core import columns as C
 from dataengine.core.raytools import QUIET_WORKERS
 from dataengine.core.schemas import sample_schema
-from dataengine.engine import barriers
+from dataengine.engine import rejections
 from dataengine.engine.parts import shed_rejected, write_alive
 from dataengine.engine.spec import ResourcesSpec
 from dataengine.ops import get_op
@@ -70,7 +70,7 @@ def _run_task_step(batch: pa.Table, step: Step, schema: pa.Schema, parts_dir: st
         if op is None:
             op = _TASK_OPS[key] = get_op(step.config.op)(step.config)
     else:
-        step = Step(step.index, step.config, barriers.for_batch(step.decision, batch))
+        step = Step(step.index, step.config, rejections.for_batch(step.decision, batch))
     return shed_rejected(run_step(step, op, batch, schema), parts_dir)
 
 
@@ -118,18 +118,48 @@ def _read_inputs(batch: pa.Table) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
+def _leading_task_steps(steps: list[Step]) -> list[Step]:
+    """The steps before the first model or LLM stage: they run in the task that reads the shard."""
+    fused = []
+    for step in steps:
+        op = get_op(step.config.op)
+        if step.decision is None and (op.stateful or op.ray_llm_stage(step.config) is not None):
+            break
+        fused.append(step)
+    return fused
+
+
+def _read_and_run(batch: pa.Table, steps: list[Step], schema: pa.Schema, parts_dir: str,
+                  final: bool | None) -> pa.Table:
+    """Read task: a shard, then the steps that need no model over it in their batch sizes, in this one
+    task (one process per shard, as a plain script would: no hop through the object store between them),
+    and, when no model stage follows (`final` is not None), its alive rows written here too."""
+    table = _read_inputs(batch)
+    for step in steps:
+        size = step.config.batch_size
+        outputs = [_run_task_step(table.slice(i, size), step, schema, parts_dir) for i in range(0, table.num_rows, size)]
+        table = pa.concat_tables(outputs, promote_options="permissive") if outputs else table
+    return table if final is None else write_alive(table, parts_dir, final)
+
+
 def stream_pipeline(inputs: list[list[str]], steps: list[Step], parts_dir: Path, final: bool) -> Iterator[dict]:
     """Run the steps over the shards (each a list of files) on Ray Data; yield one summary row per part
     written (shard, rows back, rejected per stage). Rows never come to the driver: tasks read the shards,
     and workers write rejected rows as they fall out (`parts.shed_rejected`) and the alive rows at the
     end (`parts.write_alive`) under `parts_dir`."""
-    ds = ray.data.from_items([{"files": files} for files in inputs], override_num_blocks=max(1, len(inputs)))
-    ds = ds.map_batches(_read_inputs, batch_size=1, batch_format="pyarrow", num_cpus=IO_TASK_CPUS)
     schema = sample_schema()  # read here: workers on other nodes may not have schemas/
     actor_cpus = _actor_cpu_scale(steps)
     task_cpus = _task_cpu_cap(steps, actor_cpus)
     parts = str(parts_dir)
-    for step in steps:
+    fused = _leading_task_steps(steps)
+    write_here = len(fused) == len(steps)
+    cpus = min(max(s.config.num_cpus if s.decision is None else 1 for s in fused), task_cpus) if fused else IO_TASK_CPUS
+    ds = ray.data.from_items([{"files": files} for files in inputs], override_num_blocks=max(1, len(inputs)))
+    limits = [s.config.concurrency for s in fused if s.decision is None and s.config.concurrency]
+    ds = ds.map_batches(_read_and_run, fn_args=(fused, schema, parts, final if write_here else None), batch_size=1,
+                        batch_format="pyarrow", num_cpus=cpus,
+                        compute=ray.data.TaskPoolStrategy(size=min(limits)) if limits else None)
+    for step in steps[len(fused):]:
         config = step.config
         common = dict(batch_size=config.batch_size, batch_format="pyarrow")
         llm = get_op(config.op).ray_llm_stage(config) if step.decision is None else None
@@ -148,8 +178,9 @@ def stream_pipeline(inputs: list[list[str]], steps: list[Step], parts_dir: Path,
                                 num_cpus=min(config.num_cpus, task_cpus), compute=compute, **common)
         else:  # applying a decision is cheap and needs no model: not the op's actor-pool size or GPUs
             ds = ds.map_batches(_run_task_step, fn_args=(step, schema, parts), num_cpus=min(1, task_cpus), **common)
-    ds = ds.map_batches(write_alive, fn_args=(parts, final), batch_size=None, batch_format="pyarrow",
-                        num_cpus=IO_TASK_CPUS)
+    if not write_here:
+        ds = ds.map_batches(write_alive, fn_args=(parts, final), batch_size=None, batch_format="pyarrow",
+                            num_cpus=IO_TASK_CPUS)
     summaries = ds.iter_batches(batch_size=None, batch_format="pyarrow")
     try:
         for summary in summaries:

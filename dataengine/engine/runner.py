@@ -44,12 +44,13 @@ from dataengine.core.atomic import remove_stale_temporaries, write_text_atomic
 from dataengine.core.layout import DATASET_DIR, LLM_USAGE_DIR, MANIFEST, PARTS_DIR, REJECTED_DIR
 from dataengine.core.progress import StageProgress, note, report
 from dataengine.engine.accounting import aggregate_counts, check_accounting, final_markers
-from dataengine.engine.barriers import decide, resolve
+from dataengine.engine.barriers import decide
 from dataengine.engine.commit import AccountingError, clear_uncommitted, commit_shard, finish_commit
 from dataengine.engine.parts import SUMMARY_REJECTED, SUMMARY_ROWS, SUMMARY_SHARD
+from dataengine.engine.rejections import resolve
 from dataengine.engine.segments import Segment, plan_segments
 from dataengine.engine.spec import PipelineSpec, ResourcesSpec, missing_requirements
-from dataengine.io.inputs import INPUT_STAGE, Shard, plan_path, plan_shards
+from dataengine.io.shard_plan import INPUT_STAGE, Shard, plan_path, plan_shards
 from dataengine.llm.usage import BudgetExhausted, read_usage
 from dataengine.models.sources import resolve_model_refs
 from dataengine.ops import OpConfig, get_op, stage_name

@@ -127,6 +127,12 @@ class Op(ABC, Generic[ConfigT]):
         return None
 
     @classmethod
+    def near_duplicates(cls, config: ConfigT) -> NearDuplicates | None:
+        """A barrier whose decision is near-duplicate grouping says how here: above `exact_max_rows` the
+        engine partitions, searches and groups across tasks (`decide` is not called). None: `decide`."""
+        return None
+
+    @classmethod
     def decide(cls, config: ConfigT, scores: pa.Table) -> dict[str, Any]:
         """A JSON-serialisable decision from `uid` + `decision_columns` of every alive row."""
         raise NotImplementedError(f"{cls.__qualname__} is not a barrier op")
@@ -168,6 +174,23 @@ class Quantile:
     column: str
     fraction: float
     highest: bool
+
+
+@dataclass(frozen=True)
+class NearDuplicates:
+    """Group rows whose descriptors in `column` are near (cosine >= `threshold`, or at most `threshold`
+    differing bits for binary codes); keep one per group, the highest `priority` first, ties by smaller
+    uid; reject the others as `duplicate_of:<kept uid>`. `screen(uids, descriptors)` rejects rows before
+    grouping (uid -> reason: copies of a benchmark) and must be picklable (tasks call it)."""
+
+    column: str
+    metric: Literal["cosine", "hamming"]
+    threshold: float
+    priority: str | None = None
+    exact_max_rows: int = 50_000
+    partitions: int | None = None
+    assign: int = 8
+    screen: Callable[[list[str], np.ndarray], dict[str, str]] | None = None
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,10 @@
 Descriptors: `sscd` (a TorchScript SSCD file; cosine > 0.75 is SSCD's documented operating point,
 ~90% precision on DISC), `clip` (the `clip_image_embedding` column clip_score_filter writes with
 `write_embedding: true`, reused at no cost), or `phash` (no model; Hamming distance). The op is a
-barrier: descriptors are computed in the stream, then the runner calls `decide` once over all rows:
-exact FAISS search below `exact_max_rows`, k-means partitions searched in parallel above it (see
-`dataengine.dedup.index`). One row per group is kept (highest `clip_score` when present, else the
+barrier: descriptors are computed in the stream, then up to `exact_max_rows` rows one task calls
+`decide` (exact FAISS search, or multi-index hashing for pHash); above it the engine partitions (k-means
+for vectors, hash bands for pHash), searches each partition and groups the pairs across tasks
+(`near_duplicates`, `dataengine.engine.near_duplicates`). One row per group is kept (highest `clip_score` when present, else the
 smallest uid); the others are rejected as `duplicate_of:<kept uid>`. With `against`, rows that are
 near-duplicates of a reference image (e.g. an evaluation benchmark) are rejected as
 `contaminates:<reference>` first. Thresholds are plain cosine similarities.
@@ -13,6 +14,7 @@ near-duplicates of a reference image (e.g. an evaluation benchmark) are rejected
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -21,10 +23,10 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from dataengine.core import columns as C
-from dataengine.dedup.descriptors import SscdModel, decode_rgb, hamming, load_reference_images, phash
+from dataengine.dedup.descriptors import SscdModel, decode_rgb, descriptor_matrix, hamming, load_reference_images, phash
 from dataengine.dedup.hamming import near_pairs
 from dataengine.dedup.index import SearchConfig, greedy_keep, near_duplicate_pairs
-from dataengine.ops.base import ModelOpConfig, Op, register_op
+from dataengine.ops.base import ModelOpConfig, NearDuplicates, Op, register_op
 
 DEFAULT_COSINE = {"sscd": 0.75, "clip": 0.95}
 
@@ -43,7 +45,7 @@ class DedupConfig(ModelOpConfig):
     flip_invariant: bool = Field(default=True, description="A mirrored copy gets the same descriptor.")
     exact_max_rows: int = Field(default=50_000, gt=1, description="Above this, search within k-means partitions.")
     partitions: int | None = Field(default=None, gt=1, description="k-means partitions; default about sqrt(rows).")
-    assign: int = Field(default=4, ge=1, description="Partitions each vector is placed in (recall vs time).")
+    assign: int = Field(default=8, ge=1, description="Nearest partitions a vector is searched in (recall vs time and disk).")
     use_gpu_index: bool = Field(default=False, description="Move FAISS indexes to the GPU (faiss-gpu) when one is present.")
     against: str | None = Field(default=None, description="Folder of images or Parquet with `image`: reject copies of them.")
     against_threshold: float | None = Field(default=None, description="Default: threshold (or max_hamming for phash).")
@@ -111,16 +113,21 @@ class Dedup(Op[DedupConfig]):
         return [descriptor_column(config), C.CLIP_SCORE]
 
     @classmethod
+    def near_duplicates(cls, config: DedupConfig) -> NearDuplicates:
+        phash_codes = config.descriptor == "phash"
+        return NearDuplicates(column=descriptor_column(config), metric="hamming" if phash_codes else "cosine",
+                              threshold=config.max_hamming if phash_codes else config.cosine(), priority=C.CLIP_SCORE,
+                              exact_max_rows=config.exact_max_rows, partitions=config.partitions, assign=config.assign,
+                              screen=partial(_contamination, config) if config.against else None)
+
+    @classmethod
     def decide(cls, config: DedupConfig, scores: pa.Table) -> dict[str, Any]:
         uids = scores.column(C.UID).to_pylist()
         if not uids:
             return {"rows": 0, "pairs": 0, "method": "exact", "rejected": {}, "contaminated": 0}
         column = scores.column(descriptor_column(config))
         rejected: dict[str, str] = {}
-        if config.descriptor == "phash":
-            data = np.frombuffer(b"".join(column.to_pylist()), dtype=np.uint8).reshape(len(uids), -1)
-        else:
-            data = np.asarray(column.to_pylist(), dtype=np.float32).reshape(len(uids), -1)
+        data = descriptor_matrix(column)
         if config.against:
             rejected.update(_contamination(config, uids, data))
         alive = np.array([u not in rejected for u in uids], dtype=bool)

@@ -33,3 +33,36 @@ def test_tasks_fit_beside_the_actors_on_a_one_cpu_cluster(ray_local):
         many = [Step(i, clip.model_copy(update={"name": f"c{i}"})) for i in range(4)]
         assert _task_cpu_cap(many, _actor_cpu_scale(many)) == 0.5  # four pools share the other half
         assert _task_cpu_cap(many, 1.0) == IO_TASK_CPUS  # unscaled pools would leave nothing: the floor
+
+
+def test_steps_before_the_first_model_stage_run_in_the_read_task(ray_local, tmp_path):
+    """Download/rules-like steps run where the shard is read; from the first model stage on, the
+    stream's own operators (actor pools) take over. The fused task gives the unfused steps' rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dataengine.core import columns as C
+    from dataengine.core.schemas import sample_schema
+    from dataengine.engine.parts import is_tally
+    from dataengine.engine.raydata import _leading_task_steps, _read_and_run, _run_task_step
+
+    clip = ClipScoreConfig(model="unused", min_score=0.2)
+    rules, decided = Step(0, CaptionRulesConfig(batch_size=3)), Step(2, CaptionRulesConfig(), decision={"x": 1})
+    assert _leading_task_steps([rules, Step(1, clip), Step(2, CaptionRulesConfig())]) == [rules]
+    assert _leading_task_steps([rules, decided]) == [rules, decided]  # applying a decision needs no model
+    assert _leading_task_steps([Step(0, clip), rules]) == []
+    captions = ["a red circle next to a blue square", "IMG_2041.JPG", "two dogs on a beach", "x", None,
+                "a bowl of fresh fruit on a table", "click here to buy now"]
+    shard = pa.table({C.UID: [f"u{i}" for i in range(7)], C.SHARD: ["s"] * 7, C.CAPTION: captions,
+                      C.REJECT_STAGE: pa.nulls(7, pa.string()), C.REJECT_REASON: pa.nulls(7, pa.string())})
+    pq.write_table(shard, tmp_path / "shard.parquet")
+    files = pa.table({"files": [[str(tmp_path / "shard.parquet")]]})
+    (tmp_path / "fused").mkdir(), (tmp_path / "alone").mkdir()
+    fused = _read_and_run(files, [rules], sample_schema(), str(tmp_path / "fused"), final=None)
+    alone = _run_task_step(shard, Step(0, CaptionRulesConfig(batch_size=7)), sample_schema(), str(tmp_path / "alone"))
+    alive = [t.filter(pa.array(~is_tally(t))).column(C.UID).to_pylist() for t in (fused, alone)]
+    assert alive[0] == alive[1] and 0 < len(alive[0]) < 7
+    tallied = [sum(t.filter(pa.array(is_tally(t))).column(C.TALLY).to_pylist()) for t in (fused, alone)]
+    assert tallied[0] == tallied[1] == 7 - len(alive[0])
+    summary = _read_and_run(files, [rules], sample_schema(), str(tmp_path / "written"), final=True)
+    assert summary.column("rows").to_pylist() == [7]  # alive rows + the rejected ones' tally

@@ -13,7 +13,7 @@ from dataengine.core.schemas import rejected_schema, sample_schema
 from dataengine.engine.parts import shed_rejected
 from dataengine.engine.runner import AccountingError, RunError, run_pipeline
 from dataengine.engine.spec import parse_spec
-from dataengine.io.inputs import plan_shards
+from dataengine.io.shard_plan import plan_shards
 from tests.conftest import download_stage
 
 
@@ -204,7 +204,7 @@ def test_barrier_decision_reads_what_the_previous_segment_kept(ray_local, tmp_pa
     """Shard a lost every row before the barrier (its marker lists no parts); shard b kept four."""
     from dataengine.engine.runner import _barrier_decision
     from dataengine.engine.segments import plan_segments
-    from dataengine.io.inputs import Shard
+    from dataengine.io.shard_plan import Shard
 
     spec = parse_spec({"name": "b", "input": {"path": "x"}, "output": str(tmp_path),
                        "stages": [download_stage(), {"op": "clip_score_filter", "keep_top_fraction": 0.5}]})

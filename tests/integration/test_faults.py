@@ -3,6 +3,7 @@ must end in `dataset/` or `rejected/` exactly once, with the local run's outcome
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -81,3 +82,37 @@ def test_model_actor_crash_on_a_batch_loses_nothing(ray_local, synthweb_dir, syn
     scores = {name: pl.read_parquet(tmp_path / name / "dataset" / "*.parquet", columns=["uid", "clip_score"]).sort("uid")
               for name in ("crash", "calm")}
     assert scores["crash"].equals(scores["calm"])
+
+
+def test_worker_node_dies_during_a_distributed_dedup_decision(synthweb_dir, tmp_path):
+    """pHash dedup above `exact_max_rows` decides across tasks (placements, searches, grouping); a
+    worker node is removed while they run. The run finishes (Ray retries the tasks) or a rerun does,
+    and the outcome is a calm local run's."""
+    stages = [download_stage(batch_size=8), {"op": "dedup", "descriptor": "phash", "exact_max_rows": 2}]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
+    try:
+        with SynthWebServer(synthweb_dir) as server:
+            (tmp_path / "calm").mkdir()
+            calm = synthweb_spec(tmp_path / "calm", synthweb_dir, server.base_url, stages, shard_rows=10)
+            code, out = _run(calm, tmp_path / "calm")
+            assert code == 0, out[-3000:]
+            spec = synthweb_spec(tmp_path, synthweb_dir, server.base_url, stages, shard_rows=10)
+            proc = _run(spec, tmp_path, cluster.address, wait=False)
+            work, decided = tmp_path / "run" / "_state" / "decision-1.work", tmp_path / "run" / "_state" / "decision-1.json"
+            deadline = time.monotonic() + 180
+            while not work.is_dir() and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            assert work.is_dir() and not decided.exists(), "the decision was not caught running"
+            cluster.remove_node(workers[0])
+            out, _ = proc.communicate(timeout=300)
+            if proc.returncode != 0:
+                code, out = _run(spec, tmp_path, cluster.address)
+                assert code == 0, out[-3000:]
+    finally:
+        cluster.shutdown()
+    decision = json.loads(decided.read_text())
+    assert decision["method"] == "partitioned"
+    outcome = run_outcome(tmp_path / "run")
+    assert outcome == run_outcome(tmp_path / "calm" / "run")
+    assert any(reason.startswith("duplicate_of:") for reason in outcome[1].values())

@@ -56,7 +56,8 @@ def test_kill_minus_nine_then_rerun_resumes_exactly_once(ray_local, synthweb_dir
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment", ["after the barrier decision", "during the last segment's commits"])
+@pytest.mark.parametrize("moment", ["during the barrier decision", "after the barrier decision",
+                                    "during the last segment's commits"])
 def test_kill_past_a_barrier_then_rerun_accounts_every_row_once(ray_local, synthweb_dir, synthweb_server, tmp_path,
                                                                  moment):
     """download -> dedup (pHash, a barrier) -> caption rules, killed once the decision is saved (between the
@@ -67,13 +68,19 @@ def test_kill_past_a_barrier_then_rerun_accounts_every_row_once(ray_local, synth
         "name": "killed-past-barrier", "input": {"path": str(urls), "id_col": "id", "shard_rows": 10},
         "output": str(run_dir), "resources": {"num_cpus": 1},
         "stages": [download_stage(threads=1, batch_size=5, timeout=0.5, deadline=1.0),
-                   {"op": "dedup", "descriptor": "phash"}, {"op": "caption_rules_filter", "batch_size": 5}],
+                   # above exact_max_rows the decision runs across tasks (placements under decision-1.work/)
+                   {"op": "dedup", "descriptor": "phash", "exact_max_rows": 2},
+                   {"op": "caption_rules_filter", "batch_size": 5}],
     })
     proc = subprocess.Popen([sys.executable, "-m", "dataengine.cli", "run", str(spec_file)], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     decision, committed = run_dir / "_state" / "decision-1.json", run_dir / "_state" / "committed"
 
+    work = run_dir / "_state" / "decision-1.work"
+
     def reached() -> bool:
+        if moment == "during the barrier decision":
+            return work.is_dir()
         if moment == "after the barrier decision":
             return decision.exists()
         return committed.is_dir() and len(list(committed.glob("*.json"))) >= 2
@@ -85,13 +92,15 @@ def test_kill_past_a_barrier_then_rerun_accounts_every_row_once(ray_local, synth
         assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
     finally:
         kill_session(proc)
-    assert decision.exists()
-    saved = decision.read_text()
+    assert decision.exists() == (moment != "during the barrier decision")
+    saved = decision.read_text() if decision.exists() else None
 
     result = run_pipeline(load_spec(spec_file))
 
     assert result.manifest["status"] == "complete" and len(result.manifest["attempts"]) == 2
-    assert decision.read_text() == saved  # the rerun applied the decision the killed attempt made
+    assert json.loads(decision.read_text())["method"] == "partitioned" and not work.exists()
+    if saved is not None:
+        assert decision.read_text() == saved  # the rerun applied the decision the killed attempt made
     kept = pl.read_parquet(run_dir / "dataset" / "*.parquet")
     rejected = pl.read_parquet(run_dir / "rejected" / "*.parquet")
     uids = kept["uid"].to_list() + rejected["uid"].to_list()

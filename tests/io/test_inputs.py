@@ -5,7 +5,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from dataengine.core import columns as C
-from dataengine.io.inputs import InputError, InputSpec, plan_shards, read_input_file
+from dataengine.io import shard_plan
+from dataengine.io.inputs import InputError, InputSpec, read_input_file
+from dataengine.io.shard_plan import plan_shards
 
 ROWS = [("http://a/1.jpg", "a cat", "k1"), ("http://a/2.jpg", "two dogs", "k2"), (None, None, "k3"), ("", "", "k4")]
 
@@ -89,12 +91,19 @@ def test_non_utf8_and_huge_captions_survive(tmp_path):
     assert table.column(C.CAPTION).to_pylist() == ["bad \ufffd byte"]
 
 
-def test_plan_shards_assigns_stable_uids_and_marks_duplicate_ids(tmp_path):
+@pytest.mark.parametrize("in_task", [False, True], ids=["here", "in tasks"])
+def test_plan_shards_assigns_stable_uids_and_marks_duplicate_ids(tmp_path, monkeypatch, request, in_task):
+    if in_task:  # pieces of a few row groups, ids in many partitions: every step of the plan in tasks
+        request.getfixturevalue("ray_local")
+        monkeypatch.setattr(shard_plan, "PIECE_ROWS", 4)
+        monkeypatch.setattr(shard_plan, "ID_PARTITION_ROWS", 1)
+        monkeypatch.setattr(shard_plan, "SHARDS_PER_TASK", 2)
     pq.write_table(pa.table({"url": [f"http://a/{i}" for i in range(25)], "caption": ["c"] * 25,
-                             "key": [f"k{i % 20}" for i in range(25)]}), tmp_path / "a.parquet")
+                             "key": [f"k{i % 20}" for i in range(25)]}), tmp_path / "a.parquet", row_group_size=3)
     pq.write_table(pa.table({"url": ["http://b/0"], "caption": ["c"], "key": ["k0"]}), tmp_path / "b.parquet")
     spec = InputSpec(path=str(tmp_path / "*.parquet"), id_col="key", shard_rows=10)
-    shards = plan_shards(spec, tmp_path / "run")
+    shards = plan_shards(spec, tmp_path / "run", in_task=in_task)
+    assert not (tmp_path / "run" / "_shards" / "_pieces").exists()
     assert [s.rows for s in shards] == [10, 10, 6]
     rows = pa.concat_tables([pq.read_table(s.path) for s in shards])
     uids = rows.column(C.UID).to_pylist()
