@@ -29,13 +29,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from _record import report  # noqa: E402  (bench/ is on sys.path when run as a script)
+from phash import RADIUS  # noqa: E402
+from phash import planted as planted_codes  # noqa: E402
 
 from dataengine.core import columns as C
 
 ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "_work" / "dedup_scale"
 DIM, THRESHOLD, NOISE = 512, 0.9, 0.014  # noise 0.014 per dim on 512-d -> cosine ~0.95
-RADIUS, FILE_ROWS = 10, 10_000
+FILE_ROWS = 10_000
 
 DRIVER = """
 import json, sys, time
@@ -77,19 +79,6 @@ def planted_vectors(n: int, seed: int = 0) -> tuple[pa.Array, list[tuple[int, in
     base /= np.linalg.norm(base, axis=1, keepdims=True)
     array = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * DIM, DIM, dtype=np.int32)), pa.array(base.ravel()))
     return array, [(int(s), n - copies + i) for i, s in enumerate(src)]
-
-
-def planted_codes(n: int, seed: int = 0) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    rng = np.random.default_rng(seed)
-    codes = rng.integers(0, 256, (n, 32), dtype=np.uint8)
-    copies = n // 50
-    src = rng.choice(n - copies, copies, replace=False)
-    for k, s in enumerate(src):
-        bits = np.unpackbits(codes[s])
-        flip = rng.choice(256, rng.integers(0, RADIUS + 1), replace=False)
-        bits[flip] ^= 1
-        codes[n - copies + k] = np.packbits(bits)
-    return codes, [(int(s), n - copies + k) for k, s in enumerate(src)]
 
 
 def decide(files: list[str], out: Path, config: dict) -> dict:
@@ -162,7 +151,7 @@ def main() -> None:
         print(lines[-1], flush=True)
     for n in args.codes:
         shutil.rmtree(WORK, ignore_errors=True)
-        codes, planted = planted_codes(n)
+        codes, planted = planted_codes(n)  # bench/phash.py's codes: 2% copies, 0-10 bits flipped
         array = pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), n, [None, pa.py_buffer(codes.tobytes())])
         files = write_parts(WORK / "parts", C.PHASH, array.cast(pa.binary()))
         out = WORK / "decision"

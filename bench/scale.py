@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
-from _record import report  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _engine import run_dataengine  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _record import report  # noqa: E402
 
 from dataengine.core import columns as C
 from dataengine.ops.caption_rules import CaptionRulesConfig, CaptionRulesFilter
@@ -81,27 +78,7 @@ def engine(src: Path, out: Path) -> tuple[float, int]:
             "stages": [{"op": "caption_rules_filter", "batch_size": BATCH}]}
     spec_path = out.parent / f"{out.name}.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
-    started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "dataengine.cli", "run", str(spec_path), "--no-report"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = [0]
-
-    def poll() -> None:
-        process = psutil.Process(proc.pid)
-        while proc.poll() is None:
-            try:
-                peak[0] = max(peak[0], process.memory_info().rss)
-            except psutil.NoSuchProcess:
-                return
-            time.sleep(0.1)
-
-    watcher = threading.Thread(target=poll, daemon=True)
-    watcher.start()
-    _, err = proc.communicate()
-    watcher.join()
-    if proc.returncode:
-        raise SystemExit(f"dataengine run failed:\n{err.decode()[-3000:]}")
-    return time.perf_counter() - started, peak[0]
+    return run_dataengine(spec_path)
 
 
 def main() -> None:

@@ -93,9 +93,9 @@ def get(refs: Any) -> Any:
         raise
 
 
-def submit(fn: Callable[..., T], *args: Any, num_cpus: float = 1) -> Any:
-    """`fn(*args)` as one Ray task asking `num_cpus`; the reference to `get`. The one place below the
-    engine's adapter that sets a task's resources."""
+def submit(fn: Callable[..., T], *args: Any, num_cpus: float = 1, num_gpus: float = 0) -> Any:
+    """`fn(*args)` as one Ray task asking `num_cpus` (and `num_gpus`); the reference to `get`. The one
+    place below the engine's adapter that sets a task's resources."""
     import ray
 
-    return ray.remote(num_cpus=num_cpus)(fn).remote(*args)
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn).remote(*args)

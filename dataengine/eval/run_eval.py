@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dataengine.core import raytools
 from dataengine.core.layout import FINAL_DIR, stage_dir
 from dataengine.core.plugins import BENCHMARKS, registered
 from dataengine.core.progress import note
@@ -45,16 +46,14 @@ def evaluate_model(model_dir: str, run_dir: str | None, stage: int, spec: TrainS
 
 def evaluate_stage(run_dir: Path, spec: TrainSpec, stage: int) -> dict[str, Any]:
     """`evaluate_model` on the stage's final model, as a Ray task (with a GPU when training used one)."""
-    import ray
-
     model_dir = str(stage_dir(run_dir, stage) / FINAL_DIR)
     if spec.eval.heldout_fraction == 0 and spec.eval.benchmark is None:
         return {"model": model_dir}  # nothing to measure: no task, no model load
     note("stage %d: evaluating%s%s ...", stage, " on held-out rows" if spec.eval.heldout_fraction else "",
          f" and {spec.eval.benchmark_size} benchmark scenes" if spec.eval.benchmark else "")
-    task = ray.remote(num_cpus=1, num_gpus=1 if spec.use_gpu else 0)(evaluate_model)
     benchmark = registered(BENCHMARKS)[spec.eval.benchmark] if spec.eval.benchmark else None
-    result = ray.get(task.remote(model_dir, str(run_dir), stage, spec, benchmark))
+    result = raytools.get(raytools.submit(evaluate_model, model_dir, str(run_dir), stage, spec, benchmark,
+                                          num_gpus=1 if spec.use_gpu else 0))
     held = result.get("heldout", {})
     bench = result.get("benchmark", {})
     note("stage %d eval: held-out loss %.3f (ppl %.2f) on %s samples%s", stage, held.get("loss", float("nan")),

@@ -21,6 +21,7 @@ import polars as pl
 from dataengine.analysis.query import scan
 from dataengine.analysis.report import write_report
 from dataengine.core import columns as C
+from dataengine.core import raytools
 from dataengine.core.layout import EXPORT_DIR, INIT_DIR, LOG_FILE, MANIFEST, RESULT_FILE, stage_dir
 from dataengine.core.progress import note
 from dataengine.engine.runner import RunError, format_summary, run_pipeline
@@ -165,12 +166,10 @@ def format_scores(scores: list[dict[str, Any]]) -> str:
 
 def _benchmark_before_training(run_dir: Path, spec: PipelineSpec) -> dict[str, Any]:
     """The assembled model's benchmark scores (projector untrained): the floor the stages start from."""
-    import ray
-
     from dataengine.eval.run_eval import evaluate_model
 
-    task = ray.remote(num_cpus=1)(evaluate_model)
-    return ray.get(task.remote(str(stage_dir(run_dir, 1) / INIT_DIR), None, 1, spec.train))["benchmark"]
+    return raytools.get(raytools.submit(evaluate_model, str(stage_dir(run_dir, 1) / INIT_DIR), None, 1,
+                                        spec.train))["benchmark"]
 
 
 def unfiltered_spec(spec: PipelineSpec, run_dir: Path, train_rows: int) -> PipelineSpec:

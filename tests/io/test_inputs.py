@@ -98,6 +98,7 @@ def test_plan_shards_assigns_stable_uids_and_marks_duplicate_ids(tmp_path, monke
         monkeypatch.setattr(shard_plan, "PIECE_ROWS", 4)
         monkeypatch.setattr(shard_plan, "ID_PARTITION_ROWS", 1)
         monkeypatch.setattr(shard_plan, "SHARDS_PER_TASK", 2)
+        monkeypatch.setattr(shard_plan, "SMALL_INPUT_BYTES", 0)
     pq.write_table(pa.table({"url": [f"http://a/{i}" for i in range(25)], "caption": ["c"] * 25,
                              "key": [f"k{i % 20}" for i in range(25)]}), tmp_path / "a.parquet", row_group_size=3)
     pq.write_table(pa.table({"url": ["http://b/0"], "caption": ["c"], "key": ["k0"]}), tmp_path / "b.parquet")
