@@ -121,6 +121,8 @@ def _failure(e: Exception) -> RequestFailed:
 #: connections per client: httpx's pool scans every connection on each request, so one pool of 256
 #: costs milliseconds of CPU per request; several small pools cost a fraction of that
 CONNECTIONS_PER_CLIENT = 32
+#: the longest `close` waits for the loop thread (each client's close, then the thread's end)
+CLOSE_TIMEOUT_S = 5.0
 
 
 class OpenAIChat:
@@ -247,10 +249,15 @@ class OpenAIChat:
         return Completion(content, finish, prompt_tokens, completion_tokens, cost, False)
 
     def close(self) -> None:
-        if self._loop.is_running():
+        """Close the clients and stop the loop, waiting at most CLOSE_TIMEOUT_S for each: called from
+        `__del__`, possibly at interpreter exit, when the loop's daemon thread is already frozen; an
+        unbounded wait there kept a stopped run's actor process alive forever after Ray had shut down."""
+        if self._loop.is_running() and self._thread.is_alive():
             try:
                 for client, _ in self._lanes:
-                    self._run(client.close())
+                    asyncio.run_coroutine_threadsafe(client.close(), self._loop).result(timeout=CLOSE_TIMEOUT_S)
+            except Exception:  # a timeout or a failing close: the process is going away anyway
+                log.debug("openai clients not closed cleanly", exc_info=True)
             finally:
                 self._loop.call_soon_threadsafe(self._loop.stop)
-                self._thread.join(timeout=5)
+                self._thread.join(timeout=CLOSE_TIMEOUT_S)

@@ -34,3 +34,24 @@ def test_the_engine_backend_reads_the_replies_the_engine_wrote_into_the_rows():
     assert (reply.model, reply.text, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens) == \
         ("org/model", "reply", "stop", 50, 7)
     assert reply.cost_usd == 0.0 and reply.cached is False and reply.error is None
+
+
+def test_closing_the_openai_backend_never_waits_forever_on_a_stuck_loop(monkeypatch):
+    """At interpreter exit the loop's daemon thread can be frozen: `close` (called from the op's
+    `__del__`) once waited on it forever, and a stopped run's actor process outlived Ray."""
+    import threading
+    import time
+
+    from dataengine.llm.backends import openai_chat
+    from dataengine.llm.backends.openai_chat import OpenAIBackendConfig, OpenAIChat
+
+    monkeypatch.setattr(openai_chat, "CLOSE_TIMEOUT_S", 0.3)
+    backend = OpenAIChat(OpenAIBackendConfig(model="m", base_url="http://127.0.0.1:9/v1", api_key_env=None))
+    release = threading.Event()
+    backend._loop.call_soon_threadsafe(release.wait)  # the loop thread is stuck from now on
+    started = time.monotonic()
+    backend.close()
+    assert time.monotonic() - started < 3  # two bounded waits, not forever
+    release.set()
+    backend._thread.join(timeout=5)
+    assert not backend._thread.is_alive()  # once unstuck, the stop it was sent ends the loop
