@@ -143,6 +143,8 @@ def _place(spec: NearDuplicates, files: list[str], base: int, chunk: int, work: 
     table = _read(files, [C.UID, C.SHARD, spec.column] + ([spec.priority] if spec.priority else []))
     table = table.append_column("row", pa.array(np.arange(base, base + table.num_rows, dtype=np.int64)))
     table = table.filter(pc.is_valid(table.column(spec.column)))
+    if not table.num_rows:  # rows without a descriptor have no near duplicates
+        return 0, 0
     data = descriptor_matrix(table.column(spec.column))
     screened = spec.screen(table.column(C.UID).to_pylist(), data) if spec.screen and table.num_rows else {}
     if screened:

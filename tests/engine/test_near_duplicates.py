@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -88,3 +89,16 @@ def test_at_or_below_exact_max_rows_the_one_task_decides(ray_local, tmp_path):
     files = _write(tmp_path, C.SSCD_EMBEDDING, pa.array(list(_planted_vectors(n=300, copies=5)), pa.list_(pa.float32())),
                    np.zeros(300, np.float32))
     assert near_duplicates.decide(Dedup.near_duplicates(DedupConfig(exact_max_rows=300)), files, tmp_path / "d") is None
+
+
+def test_rows_without_a_descriptor_take_no_part(ray_local, tmp_path, small_tasks):
+    vectors = _planted_vectors(n=600, copies=10)
+    descriptors = pa.array(list(vectors) + [None] * 500, pa.list_(pa.float32()))  # 2nd file half, 3rd file all null
+    files = _write(tmp_path, C.SSCD_EMBEDDING, descriptors, np.zeros(1100, np.float32))
+    config = DedupConfig(descriptor="sscd", threshold=0.9, exact_max_rows=100, partitions=4)
+    decision = near_duplicates.decide(Dedup.near_duplicates(config), files, tmp_path / "decision")
+    assert decision["rows"] == 1100 and decision["placements"] <= 600 * config.assign
+    table = pa.concat_tables([pq.read_table(f) for f in files[:2]]).drop_columns([C.SHARD])
+    table = table.filter(pc.is_valid(table.column(C.SSCD_EMBEDDING)))
+    expected = Dedup.decide(config.model_copy(update={"exact_max_rows": 10**9}), table)["rejected"]
+    assert len(expected) == 10 and _saved(tmp_path / "decision") == expected
