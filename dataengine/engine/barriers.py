@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from dataengine.core import columns as C
 from dataengine.core import raytools
 from dataengine.engine import near_duplicates
+from dataengine.engine.parts import read_columns
 from dataengine.engine.rejections import PARQUET, REJECTED, write_rejected
 from dataengine.ops import OpConfig, get_op
 from dataengine.ops.base import Quantile
@@ -50,9 +51,7 @@ def decide_in_one_task(config: OpConfig, files: list[str], out_dir: str) -> tupl
     """Task body: `Op.decide` over uid and the op's decision columns of every row in `files`."""
     op = get_op(config.op)
     wanted = [C.UID, C.SHARD, *op.decision_columns(config)]
-    # optional columns (clip_score for dedup) may be absent: read what each file has, concat fills the gaps
-    tables = [pq.read_table(f, columns=[c for c in wanted if c in set(pq.read_schema(f).names)]) for f in files]
-    table = pa.concat_tables(tables, promote_options="permissive") if tables else \
+    table = read_columns(files, wanted) if files else \
         pa.table({C.UID: pa.array([], pa.string()), C.SHARD: pa.array([], pa.string())})
     decision = op.decide(config, table.drop_columns([C.SHARD]))
     if isinstance(decision.get(REJECTED), dict):

@@ -32,7 +32,15 @@ from dataengine.core import raytools
 from dataengine.core.atomic import write_parquet_atomic
 from dataengine.dedup.descriptors import descriptor_matrix
 from dataengine.dedup.hamming import MIN_BAND_BITS, band_keys, bucket_pairs, distances
-from dataengine.dedup.index import assign_partitions, greedy_keep, partition_count, search_partition, train_centroids
+from dataengine.dedup.index import (
+    assign_partitions,
+    greedy_keep,
+    members,
+    partition_count,
+    search_partition,
+    train_centroids,
+)
+from dataengine.engine.parts import read_columns
 from dataengine.engine.rejections import PARQUET, REJECTED, write_rejected
 from dataengine.ops.base import NearDuplicates
 
@@ -114,9 +122,8 @@ def _chunks(files: list[str], rows_per_file: list[int], target_rows: int) -> tup
 
 
 def _read(files: list[str], columns: list[str]) -> pa.Table:
-    """`columns` of `files` (each file's optional ones may be absent: filled with nulls)."""
-    tables = [pq.read_table(f, columns=[c for c in columns if c in set(pq.read_schema(f).names)]) for f in files]
-    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+    """`columns` of `files`; one absent from every file (no `clip_score` at all) comes back null."""
+    table = read_columns(files, columns)
     for c in columns:
         if c not in table.column_names:
             table = table.append_column(c, pa.nulls(table.num_rows, pa.float64()))
@@ -233,12 +240,8 @@ def _search(spec: NearDuplicates, work: str, bucket: int) -> int:
 
 
 def _groups(labels: np.ndarray) -> list[np.ndarray]:
-    """Positions sharing each label (groups of two or more)."""
-    order = np.argsort(labels, kind="stable")
-    sorted_labels = labels[order]
-    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]]) if len(labels) else np.zeros(0, int)
-    ends = np.r_[starts[1:], len(labels)]
-    return [order[s:e] for s, e in zip(starts, ends) if e - s > 1]
+    """Positions sharing each label (small non-negative integers), groups of two or more."""
+    return [m for m in members(labels, int(labels.max()) + 1 if len(labels) else 0) if len(m) > 1]
 
 
 def _group(work: str, chunks: int, buckets: int, out_dir: str) -> dict[str, int]:

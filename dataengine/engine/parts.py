@@ -122,3 +122,10 @@ def part_counters(path: Path) -> dict[str, dict[str, float]]:
         return json.loads(schema.metadata[COUNTERS_METADATA])
     columns = [c for c in schema.names if c.startswith(tuple(C.STAGE_COUNTERS.values()))]
     return counter_sums(pq.read_table(path, columns=columns)) if columns else {name: {} for name in C.STAGE_COUNTERS}
+
+
+def read_columns(files: list[str], columns: list[str]) -> pa.Table:
+    """`columns` of the part files, read by what each file has: an optional column some files lack
+    (`clip_score` before a dedup) comes back null for their rows, and absent from all files, absent."""
+    tables = [pq.read_table(f, columns=[c for c in columns if c in set(pq.read_schema(f).names)]) for f in files]
+    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
