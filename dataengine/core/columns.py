@@ -59,6 +59,7 @@ TALLY = "_tally"  # in the stream only: a row standing for this many rows a stag
 STAGE_SECONDS_PREFIX = "_seconds_"  # + stage index: per-row share of a batch's wall time
 STAGE_BATCHES_PREFIX = "_batches_"  # + stage index: per-row share of one model batch (sums to the batches)
 STAGE_COUNTERS = {"seconds": STAGE_SECONDS_PREFIX, "batches": STAGE_BATCHES_PREFIX}
+PREPARED_PREFIX = "_prepared_"  # + name: a model stage's CPU half's arrays (pixels, token ids) for its actor
 LLM_REQUEST = "_llm_messages"  # vllm backend: chat messages (JSON) from the prepare phase
 LLM_REPLY_TEXT = "_llm_text"  # vllm backend: what Ray Data LLM generated, and its accounting
 LLM_REPLY_FINISH = "_llm_finish"

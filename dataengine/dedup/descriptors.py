@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from dataengine.core import columns as C
 from dataengine.models.devices import select_device
+from dataengine.models.pixels import to_model_input
 from dataengine.models.sources import ModelNotFound
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -61,11 +62,10 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.unpackbits(a[:, None, :] ^ b[None, :, :], axis=2).sum(axis=2)
 
 
-def sscd_input(rgb: np.ndarray, size: int = 320) -> np.ndarray:
-    """Resize to size x size (SSCD's fixed-size batching mode), scale, ImageNet-normalise; CHW float32."""
-    resized = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA if min(rgb.shape[:2]) > size else cv2.INTER_CUBIC)
-    x = (resized.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+def sscd_pixels(rgb: np.ndarray, size: int = 320) -> np.ndarray:
+    """Resized to size x size (SSCD's fixed-size batching mode), still uint8 HWC: what a prepare task
+    hands the model's actor, which scales and ImageNet-normalises on the device."""
+    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA if min(rgb.shape[:2]) > size else cv2.INTER_CUBIC)
 
 
 class SscdModel:
@@ -84,8 +84,12 @@ class SscdModel:
             raise ModelNotFound(f"cannot load the SSCD TorchScript file {path!r} (torch.jit.load): {e}") from e
 
     def embed(self, images: list[np.ndarray], flip_invariant: bool = True) -> np.ndarray:
+        return self.embed_pixels(np.stack([sscd_pixels(im, self.size) for im in images]), flip_invariant)
+
+    def embed_pixels(self, pixels: np.ndarray, flip_invariant: bool = True) -> np.ndarray:
+        """L2-normalised descriptors of n x size x size x 3 uint8 pixels (`sscd_pixels`)."""
         torch = self.torch
-        batch = torch.from_numpy(np.stack([sscd_input(im, self.size) for im in images])).to(self.device)
+        batch = to_model_input(pixels, self.device, torch.float32, IMAGENET_MEAN.tolist(), IMAGENET_STD.tolist())
         with torch.inference_mode():
             out = self.model(batch).float()
             if flip_invariant:

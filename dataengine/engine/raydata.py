@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,7 +28,7 @@ from dataengine.engine import rejections
 from dataengine.engine.parts import shed_rejected, write_alive
 from dataengine.engine.spec import ResourcesSpec
 from dataengine.ops import get_op
-from dataengine.ops.base import Op, RayLLMStage, Step, run_step
+from dataengine.ops.base import INFER, PREPARE, RayLLMStage, Step, run_step, split_steps
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +58,19 @@ def ray_session(address: str | None, resources: ResourcesSpec) -> Iterator[None]
         ray.shutdown()
 
 
-_TASK_OPS: dict[tuple[int, str], Op] = {}
+_TASK_OPS: dict[tuple, Any] = {}
 
 
 def _run_task_step(batch: pa.Table, step: Step, schema: pa.Schema, parts_dir: str) -> pa.Table:
-    """Task body for stateless ops and for decisions (an op object is cached per worker process); the
-    rows the step rejects leave the stream here."""
+    """Task body for stateless ops, model stages' CPU halves and decisions (an op object or preparer is
+    cached per worker process); the rows the step rejects leave the stream here."""
     op = None
     if step.decision is None:
-        key = (step.index, step.config.model_dump_json(), repr(step.config.__pydantic_private__))
+        key = (step.index, step.phase, step.config.model_dump_json(), repr(step.config.__pydantic_private__))
         op = _TASK_OPS.get(key)
         if op is None:
-            op = _TASK_OPS[key] = get_op(step.config.op)(step.config)
+            op_class = get_op(step.config.op)
+            op = _TASK_OPS[key] = op_class.preparer(step.config) if step.phase == PREPARE else op_class(step.config)
     else:
         step = Step(step.index, step.config, rejections.for_batch(step.decision, batch))
     return shed_rejected(run_step(step, op, batch, schema), parts_dir)
@@ -118,12 +120,18 @@ def _read_inputs(batch: pa.Table) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
+def _needs_actor(step: Step) -> bool:
+    """A model stage's model half (or the whole stage, not split), or an LLM stage."""
+    op = get_op(step.config.op)
+    return step.decision is None and step.phase != PREPARE and (op.stateful or op.ray_llm_stage(step.config) is not None)
+
+
 def _leading_task_steps(steps: list[Step]) -> list[Step]:
-    """The steps before the first model or LLM stage: they run in the task that reads the shard."""
+    """The steps before the first model or LLM stage's actors (the first model stage's CPU half
+    included): they run in the task that reads the shard."""
     fused = []
     for step in steps:
-        op = get_op(step.config.op)
-        if step.decision is None and (op.stateful or op.ray_llm_stage(step.config) is not None):
+        if _needs_actor(step):
             break
         fused.append(step)
     return fused
@@ -148,14 +156,16 @@ def stream_pipeline(inputs: list[list[str]], steps: list[Step], parts_dir: Path,
     and workers write rejected rows as they fall out (`parts.shed_rejected`) and the alive rows at the
     end (`parts.write_alive`) under `parts_dir`."""
     schema = sample_schema()  # read here: workers on other nodes may not have schemas/
+    steps = split_steps(steps)
     actor_cpus = _actor_cpu_scale(steps)
     task_cpus = _task_cpu_cap(steps, actor_cpus)
     parts = str(parts_dir)
     fused = _leading_task_steps(steps)
     write_here = len(fused) == len(steps)
-    cpus = min(max(s.config.num_cpus if s.decision is None else 1 for s in fused), task_cpus) if fused else IO_TASK_CPUS
+    own = [s for s in fused if s.decision is None and s.phase is None]  # (a CPU half's fields are its actor's)
+    cpus = min(max(s.config.num_cpus if s in own else 1 for s in fused), task_cpus) if fused else IO_TASK_CPUS
     ds = ray.data.from_items([{"files": files} for files in inputs], override_num_blocks=max(1, len(inputs)))
-    limits = [s.config.concurrency for s in fused if s.decision is None and s.config.concurrency]
+    limits = [s.config.concurrency for s in own if s.config.concurrency]
     ds = ds.map_batches(_read_and_run, fn_args=(fused, schema, parts, final if write_here else None), batch_size=1,
                         batch_format="pyarrow", num_cpus=cpus,
                         compute=ray.data.TaskPoolStrategy(size=min(limits)) if limits else None)
@@ -165,13 +175,12 @@ def stream_pipeline(inputs: list[list[str]], steps: list[Step], parts_dir: Path,
         llm = get_op(config.op).ray_llm_stage(config) if step.decision is None else None
         if llm is not None:
             ds = _ray_llm_stage(ds, step, schema, parts, llm, common)
+        elif step.phase == PREPARE:  # a model stage's CPU half: tasks, as many as the CPUs allow
+            ds = ds.map_batches(_run_task_step, fn_args=(step, schema, parts), num_cpus=min(1, task_cpus), **common)
         elif step.decision is None and get_op(config.op).stateful:
-            size = config.concurrency or 1
-            ds = ds.map_batches(
-                _StageActor, fn_constructor_args=(step, schema, parts), num_cpus=config.num_cpus * actor_cpus,
-                num_gpus=config.num_gpus or None, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
-                **common,
-            )
+            ds = ds.map_batches(_StageActor, fn_constructor_args=(step, schema, parts),
+                                num_cpus=config.num_cpus * actor_cpus, num_gpus=config.num_gpus or None,
+                                compute=_actor_pool(step), **common)
         elif step.decision is None:
             compute = ray.data.TaskPoolStrategy(size=config.concurrency) if config.concurrency else None
             ds = ds.map_batches(_run_task_step, fn_args=(step, schema, parts),
@@ -224,7 +233,18 @@ def _actor_cpu_scale(steps: list[Step]) -> float:
 
 def _model_pools(steps: list[Step]) -> list[float]:
     return [(s.config.concurrency or 1) * s.config.num_cpus for s in steps
-            if s.decision is None and get_op(s.config.op).stateful and s.config.num_gpus == 0]
+            if s.decision is None and s.phase != PREPARE and get_op(s.config.op).stateful and s.config.num_gpus == 0]
+
+
+def _actor_pool(step: Step) -> ray.data.ActorPoolStrategy:
+    """A model stage's pool: from `min_actors` (default 1) up to `concurrency` as the stream keeps them
+    busy; an actor fed by prepare tasks has `prepared_batches` batches in flight, so it never waits for
+    the next one while the CPUs keep up."""
+    config = step.config
+    most = config.concurrency or 1
+    least = min(getattr(config, "min_actors", None) or 1, most)
+    in_flight = getattr(config, "prepared_batches", None) if step.phase == INFER else None
+    return ray.data.ActorPoolStrategy(min_size=least, max_size=most, max_tasks_in_flight_per_actor=in_flight)
 
 
 def _task_cpu_cap(steps: list[Step], actor_scale: float) -> float:

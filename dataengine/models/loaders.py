@@ -73,6 +73,47 @@ def load_open_clip(model: str, pretrained: str | None = None, device: DeviceName
     return clip, preprocess, tokenizer
 
 
+def open_clip_image_prep(model: str, pretrained: str | None = None) -> tuple[Any, tuple[int, int], tuple, tuple]:
+    """What `load_open_clip`'s preprocessing does before ToTensor + Normalize (resize, crop, RGB: a PIL image
+    in, one out), the (height, width) it yields, and the mean and std, read from the configs open_clip
+    would use (built-in, tag, local directory or hub cache) without building the model: a prepare task
+    needs them and must not load weights."""
+    import json
+    from dataclasses import asdict
+
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    name, tag = open_clip_name(model, pretrained)
+    cfg = asdict(PreprocessCfg())
+    if name.startswith("local-dir:"):
+        config = json.loads((Path(name.removeprefix("local-dir:")) / OPEN_CLIP_CONFIG).read_text())
+    elif name.startswith("hf-hub:"):
+        from open_clip.factory import _get_hf_config
+
+        config = _get_hf_config(name.removeprefix("hf-hub:"), cache_dir=os.environ.get("OPEN_CLIP_CACHE"))
+    else:
+        config = {"model_cfg": open_clip.get_model_config(name) or {}}
+        if tag:
+            cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(name, tag))
+    cfg = merge_preprocess_dict(cfg, config.get("preprocess_cfg", {}))
+    size = (config.get("model_cfg") or {}).get("vision_cfg", {}).get("image_size")
+    if size is not None:  # the model's own size wins, as in open_clip.create_model
+        cfg["size"] = size
+    steps = image_transform_v2(PreprocessCfg(**cfg), is_train=False).transforms
+    if [type(t).__name__ for t in steps[-2:]] not in (["ToTensor", "Normalize"], ["MaybeToTensor", "Normalize"]):
+        raise ModelNotFound(f"open_clip's preprocessing for {model!r} does not end in ToTensor + Normalize: "
+                            f"{[type(t).__name__ for t in steps]}")
+    height, width = (cfg["size"], cfg["size"]) if isinstance(cfg["size"], int) else tuple(cfg["size"])
+
+    def prep(image: Any) -> Any:
+        for step in steps[:-2]:
+            image = step(image)
+        return image
+
+    return prep, (height, width), tuple(cfg["mean"]), tuple(cfg["std"])
+
+
 def load_causal_lm(model: str, device: DeviceName = "auto", dtype: DtypeName = "auto") -> tuple[Any, Any]:
     """Load a transformers causal LM and its tokenizer (local dir or hub id, cache first), in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -112,3 +153,29 @@ def load_blip(model: str, task: str, device: DeviceName = "auto", dtype: DtypeNa
     blip.to(torch_device).eval()
     log.info("loaded BLIP %s model %s on %s as %s", task, model, torch_device, torch_dtype)
     return blip, processor
+
+
+def hf_image_prep(model: str) -> tuple[Any, tuple[int, int], tuple, tuple]:
+    """A transformers model's image preprocessing split where `open_clip_image_prep` splits open_clip's:
+    the resize its image processor does (on uint8, as the processor does: a PIL image in, H x W x 3 uint8
+    out), the (height, width), and mean and std already multiplied by 1/rescale_factor, as the processor
+    fuses them, so `to_model_input(..., scale=None)` on the device gives the processor's very numbers.
+    Reads the processor's config only (local directory or hub cache), never the weights."""
+    import numpy as np
+    import torch
+    from transformers import AutoImageProcessor
+
+    processor = from_local_or_hub(model, lambda source, local_only: AutoImageProcessor.from_pretrained(
+        source, local_files_only=local_only), "image processor", needs_config=False)
+    size = processor.size
+    if not (getattr(size, "height", None) and getattr(size, "width", None)):
+        raise ModelNotFound(f"the image processor of {model!r} does not resize to a fixed height x width ({size})")
+    factor = 1.0 / processor.rescale_factor if processor.do_rescale else 1.0
+    mean = (torch.tensor(processor.image_mean) * factor).tolist()  # float32, as the processor computes them
+    std = (torch.tensor(processor.image_std) * factor).tolist()
+
+    def prep(image: Any) -> Any:
+        tensor = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+        return processor.resize(tensor, size=size, resample=processor.resample).permute(1, 2, 0).numpy()
+
+    return prep, (size.height, size.width), tuple(mean), tuple(std)

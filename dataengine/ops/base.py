@@ -45,6 +45,14 @@ class ModelOpConfig(OpConfig):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="auto: bfloat16 on GPU, float32 on CPU.")
     concurrency: int | None = Field(default=1, gt=0, description="Actors in the pool (each loads the model once).")
+    min_actors: int | None = Field(default=None, gt=0, description="Smallest actor pool (default 1; up to "
+                                                                     "`concurrency` as the stream keeps them busy).")
+    prepare_in: Literal["auto", "tasks", "actor"] = Field(
+        default="auto", description="Where the stage's CPU half runs (decode, resize, tokenise): tasks: Ray Data tasks "
+        "that scale with the cluster's CPUs and hand the actor arrays it only moves to the device; actor: in the "
+        "model's actor, no hop between processes; auto: tasks when the stage has GPUs, else the actor.")
+    prepared_batches: int = Field(default=4, gt=0, description="Prepared batches queued per actor (prepare_in: tasks), "
+                                                               "so the model does not wait on the CPUs.")
 
 
 ConfigT = TypeVar("ConfigT", bound=OpConfig)
@@ -89,6 +97,25 @@ class Op(ABC, Generic[ConfigT]):
     # ends the segment after it, calls `decide` once over the alive rows' `decision_columns`, saves the
     # decision, and starts the next segment with `apply_decision`. Both are classmethods: deciding must
     # not load the op's model.
+
+    # A model stage splits into a CPU half and a model half (`preparer` and `infer`): the engine runs the
+    # preparer in tasks (`prepare_in: tasks`) or in the actor before `infer` (`actor`); `process` is
+    # then both halves in one process, so the outputs are the same wherever the preparer ran.
+
+    @classmethod
+    def splits(cls, config: ConfigT) -> bool:
+        """Whether this configuration has a CPU half (`preparer`); asked on the driver: builds nothing."""
+        return False
+
+    @classmethod
+    def preparer(cls, config: ConfigT) -> Preparer:
+        """The stage's CPU half, built without the model (once per worker process)."""
+        raise NotImplementedError(f"{cls.__qualname__} has no preparer")
+
+    def infer(self, prepared: pa.Table) -> pa.Table:
+        """The model half: the rows the preparer kept, with its `_prepared_*` columns; returns what `process`
+        returns for them. Moves arrays to the device and runs the model; no per-row Python."""
+        raise NotImplementedError(f"{type(self).__qualname__} is not split into a preparer and infer")
 
     @classmethod
     def is_barrier(cls, config: ConfigT) -> bool:
@@ -212,21 +239,86 @@ class Requirement(NamedTuple):
     install: str
 
 
+Preparer = Callable[[pa.Table], pa.Table]
+"""A model stage's CPU half: rows in, `_prepared_*` columns (and `reject_reason` for rows it cannot
+prepare: no image, a broken one) out, one value per row."""
+
+PREPARE, INFER = "prepare", "infer"  # the phases of a split model stage (`Step.phase`)
+
+
 class Step(NamedTuple):
-    """One step of a segment: run stage `index`'s op, or, with a `decision`, apply its decision."""
+    """One step of a segment: run stage `index`'s op, or, with a `decision`, apply its decision. `phase`:
+    one half of a split model stage (PREPARE in tasks, INFER in the actor); None: the whole op."""
 
     index: int
     config: OpConfig
     decision: dict[str, Any] | None = None
+    phase: str | None = None
 
 
-def run_step(step: Step, op: Op | None, batch: pa.Table, schema: pa.Schema | None = None,
+def prepares_in_tasks(config: OpConfig) -> bool:
+    """Whether a stage runs its CPU half in tasks apart from its actor: it is split, and `prepare_in` is
+    tasks, or auto with GPUs (on a CPU the model competes with the preparer for the same cores)."""
+    op = get_op(config.op)
+    if not (op.stateful and op.splits(config)):
+        return False
+    where = getattr(config, "prepare_in", "actor")
+    if where == "auto":
+        where = "tasks" if config.num_gpus > 0 else "actor"
+    return where == "tasks"
+
+
+def split_steps(steps: list[Step]) -> list[Step]:
+    """Each step whose stage prepares in tasks becomes two: PREPARE, then INFER."""
+    out = []
+    for step in steps:
+        if step.decision is None and step.phase is None and prepares_in_tasks(step.config):
+            out += [step._replace(phase=PREPARE), step._replace(phase=INFER)]
+        else:
+            out.append(step)
+    return out
+
+
+def drop_prepared(batch: pa.Table) -> pa.Table:
+    return batch.drop_columns([c for c in batch.column_names if c.startswith(C.PREPARED_PREFIX)])
+
+
+def prepare_then_infer(op: Op, prepare: Preparer, batch: pa.Table) -> pa.Table:
+    """`process` of a split op: both halves in this process. Rows the preparer rejects keep its reason;
+    the others get what `infer` says (their columns null where `infer` did not run)."""
+    prepared = prepare(batch)
+    reasons = prepared.column(C.REJECT_REASON) if C.REJECT_REASON in prepared.column_names else None
+    alive = np.arange(batch.num_rows) if reasons is None else np.flatnonzero(pc.is_null(reasons).to_numpy(zero_copy_only=False))
+    rows = batch.take(alive)
+    for name in prepared.column_names:
+        if name != C.REJECT_REASON:
+            rows = rows.append_column(name, prepared.column(name).take(alive))
+    result = op.infer(rows) if len(alive) else None
+    out: dict[str, Any] = {}
+    if result is not None:
+        dead = np.setdiff1d(np.arange(batch.num_rows), alive, assume_unique=True)
+        restore = pa.array(np.argsort(np.concatenate([alive, dead]), kind="stable"))
+        for name in result.column_names:
+            column = result.column(name)
+            out[name] = pa.chunked_array([*column.chunks, pa.nulls(len(dead), column.type)], column.type).take(restore)
+    if reasons is not None:
+        inferred = out.get(C.REJECT_REASON)
+        out[C.REJECT_REASON] = reasons if inferred is None else pc.coalesce(reasons, inferred.cast(pa.string()))
+    return pa.table(out) if out else pa.table({C.REJECT_REASON: pa.nulls(batch.num_rows, pa.string())})
+
+
+def run_step(step: Step, op: Any, batch: pa.Table, schema: pa.Schema | None = None,
              count_batch: bool = False) -> pa.Table:
-    """Run a step on a batch: the op's `process`, or its class's `apply_decision`. `count_batch`: the
-    batch is one of a model stage's batches (run.json reports how full they were)."""
+    """Run a step on a batch: the op's `process`, its preparer (`op` is then the preparer) or its
+    `infer` (the prepared columns dropped after it), or its class's `apply_decision`. `count_batch`:
+    the batch is one of a model stage's batches (run.json reports how full they were)."""
     name = stage_name(step.config)
     if step.decision is None:
         assert op is not None
+        if step.phase == PREPARE:
+            return _apply(op, step.config.op, batch, name, step.index, schema)
+        if step.phase == INFER:
+            return drop_prepared(_apply(op.infer, op.name, batch, name, step.index, schema, count_batch))
         return _apply(op.process, op.name, batch, name, step.index, schema, count_batch)
     op_class = get_op(step.config.op)
     return _apply(lambda rows: op_class.apply_decision(step.config, rows, step.decision), op_class.name,

@@ -14,15 +14,17 @@ its rows' uids, so a resumed run writes the same captions for the same shard.
 from __future__ import annotations
 
 import hashlib
-import io
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
 from dataengine.core import columns as C
 from dataengine.models.loaders import load_blip
-from dataengine.ops.base import ModelOp, ModelOpConfig, register_op
+from dataengine.models.pixels import pixels_array, to_model_input
+from dataengine.ops.base import ModelOp, ModelOpConfig, prepare_then_infer, register_op
+from dataengine.ops.image_prep import ImagePreparer
 
 
 class BlipCaptionConfig(ModelOpConfig):
@@ -51,39 +53,35 @@ class BlipCaptionMapper(ModelOp[BlipCaptionConfig]):
 
     def load_model(self, config: BlipCaptionConfig) -> Any:
         model, self.processor = load_blip(config.model, "caption", config.device, config.dtype)
+        self.prepare = self.preparer(config)
+        self.prompt = self.processor.tokenizer([config.prompt], return_tensors="pt") if config.prompt else None
         return model
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        from PIL import Image
+    @classmethod
+    def splits(cls, config: BlipCaptionConfig) -> bool:
+        return True
 
-        n = batch.num_rows
-        images = batch.column(C.IMAGE).to_pylist() if C.IMAGE in batch.column_names else [None] * n
-        reasons: list[str | None] = [None] * n
-        captions: list[list[str] | None] = [None] * n
-        pils, rows = [], []
-        for i, image in enumerate(images):
-            if image is None:
-                reasons[i] = "no_image"
-                continue
-            try:
-                pils.append(Image.open(io.BytesIO(image)).convert("RGB"))
-                rows.append(i)
-            except (OSError, ValueError):
-                reasons[i] = "decode_error"
-        if rows:
-            seed = _batch_seed(batch.column(C.UID).to_pylist(), self.config.seed)
-            for i, written in zip(rows, self.caption(pils, seed)):
-                captions[i] = written
-        return pa.table({C.SYNTHETIC_CAPTIONS: pa.array(captions, pa.list_(pa.string())),
-                         C.REJECT_REASON: pa.array(reasons, pa.string())})
+    @classmethod
+    def preparer(cls, config: BlipCaptionConfig) -> ImagePreparer:
+        return ImagePreparer(config.model, PIXELS)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        return prepare_then_infer(self, self.prepare, batch)
+
+    def infer(self, prepared: pa.Table) -> pa.Table:
+        seed = _batch_seed(prepared.column(C.UID).to_pylist(), self.config.seed)
+        captions = self.caption_pixels(pixels_array(prepared.column(PIXELS), *self.prepare.size), seed)
+        return pa.table({C.SYNTHETIC_CAPTIONS: pa.array(captions, pa.list_(pa.string()))})
 
     def caption(self, images: list[Any], seed: int = 0) -> list[list[str]]:
-        """K captions per image, prompt stripped, whitespace normalised."""
+        """K captions per PIL image, prompt stripped, whitespace normalised."""
+        return self.caption_pixels(np.stack([self.prepare.resize(image) for image in images]), seed)
+
+    def caption_pixels(self, pixels: np.ndarray, seed: int = 0) -> list[list[str]]:
+        """K captions per prepared image (n x H x W x 3 uint8)."""
         config = self.config
         torch = self.torch
-        k = config.num_captions
-        text = [config.prompt] * len(images) if config.prompt else None
-        inputs = self.processor(images=images, text=text, return_tensors="pt")
+        k, n = config.num_captions, len(pixels)
         generate: dict[str, Any] = {"max_new_tokens": config.max_new_tokens, "min_new_tokens": config.min_new_tokens,
                                     "repetition_penalty": config.repetition_penalty, "num_return_sequences": k}
         if config.decoding == "nucleus":
@@ -92,14 +90,17 @@ class BlipCaptionMapper(ModelOp[BlipCaptionConfig]):
             generate.update(do_sample=False, num_beams=max(config.num_beams, k))
         with torch.inference_mode():
             torch.manual_seed(seed)
-            pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
-            prompt_ids = inputs["input_ids"].to(self.device) if text else None
-            mask = inputs["attention_mask"].to(self.device) if text else None
+            pixel_values = to_model_input(pixels, self.device, self.dtype, self.prepare.mean, self.prepare.std, scale=None)
+            prompt_ids = self.prompt["input_ids"].repeat(n, 1).to(self.device) if self.prompt is not None else None
+            mask = self.prompt["attention_mask"].repeat(n, 1).to(self.device) if self.prompt is not None else None
             out = self.model.generate(pixel_values=pixel_values, input_ids=prompt_ids, attention_mask=mask, **generate)
         decoded = self.processor.batch_decode(out, skip_special_tokens=True)
         prompt = (config.prompt or "").strip().lower()
         cleaned = [" ".join(_strip_prompt(d.strip(), prompt).split()) for d in decoded]
-        return [cleaned[j * k:(j + 1) * k] for j in range(len(images))]
+        return [cleaned[j * k:(j + 1) * k] for j in range(n)]
+
+
+PIXELS = f"{C.PREPARED_PREFIX}blip_pixels"
 
 
 def _strip_prompt(text: str, prompt: str) -> str:

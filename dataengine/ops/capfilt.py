@@ -23,8 +23,10 @@ import pyarrow as pa
 from pydantic import Field
 
 from dataengine.core import columns as C
-from dataengine.models.loaders import load_blip
-from dataengine.ops.base import ModelOp, ModelOpConfig, Score, register_op
+from dataengine.models.loaders import load_blip, load_tokenizer
+from dataengine.models.pixels import host_tensor, padded, pixels_array, to_model_input
+from dataengine.ops.base import ModelOp, ModelOpConfig, Score, prepare_then_infer, register_op
+from dataengine.ops.image_prep import ImagePreparer
 
 
 class CapfiltConfig(ModelOpConfig):
@@ -52,73 +54,138 @@ class CapfiltFilter(ModelOp[CapfiltConfig]):
 
     def load_model(self, config: CapfiltConfig) -> Any:
         model, self.processor = load_blip(config.model, "itm", config.device, config.dtype)
+        self.prepare = self.preparer(config)
         return model
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        from PIL import Image
+    @classmethod
+    def splits(cls, config: CapfiltConfig) -> bool:
+        return True
 
-        config = self.config
-        rows = batch.to_pylist()
+    @classmethod
+    def preparer(cls, config: CapfiltConfig) -> CapfiltPreparer:
+        return CapfiltPreparer(config)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        return prepare_then_infer(self, self.prepare, batch)
+
+    def infer(self, prepared: pa.Table) -> pa.Table:
+        """One vision pass over the batch's images, one text pass over all its (image, caption) pairs;
+        then each row's captions ranked against the threshold."""
+        pixels = pixels_array(prepared.column(PIXELS), *self.prepare.size)
+        tokens = prepared.column(TOKENS).combine_chunks()
+        per_row = np.diff(tokens.offsets.to_numpy())
+        pad = self.processor.tokenizer.pad_token_id or 0
+        ids, mask = padded(tokens.flatten(), pad)
+        scores = self.pair_probabilities(pixels, np.repeat(np.arange(len(per_row)), per_row), ids, mask)
+        texts = prepared.column(TEXTS).to_pylist()
+        webs = prepared.column(WEB).to_pylist()
         out: list[dict[str, Any]] = []
-        for row in rows:
-            result: dict[str, Any] = dict.fromkeys(_COLUMNS)
-            out.append(result)
-            web = (row.get(C.CAPTION) or "").strip() if config.keep_web_caption else ""
-            synthetic = [c for c in row.get(C.SYNTHETIC_CAPTIONS) or [] if c and c.strip()]
-            if row.get(C.IMAGE) is None:
-                result[C.REJECT_REASON] = "no_image"
-                continue
-            if not web and not synthetic:
-                result[C.REJECT_REASON] = "no_caption"
-                continue
-            try:
-                image = Image.open(io.BytesIO(row[C.IMAGE])).convert("RGB")
-            except (OSError, ValueError):
-                result[C.REJECT_REASON] = "decode_error"
-                continue
-            texts = ([web] if web else []) + synthetic
-            scores = self.match_probabilities(image, texts)
-            web_score = float(scores[0]) if web else None
-            synthetic_scores = [float(s) for s in scores[1 if web else 0:]]
-            sources = (["web"] if web else []) + ["synthetic"] * len(synthetic)
-            ranked = sorted(zip(scores.tolist(), texts, sources), key=lambda t: -t[0])
-            kept = [(s, t, src) for s, t, src in ranked if s >= config.threshold]
-            if kept and config.prefer == "web":  # a passing web caption leads, the rest by score
-                kept.sort(key=lambda k: k[2] != "web")
-            result.update({C.WEB_CAPTION_ITM: web_score, C.SYNTHETIC_CAPTION_ITM: synthetic_scores,
-                           C.CAPTIONS_KEPT: _unique([t for _, t, _ in kept])})
-            if kept:
-                result[C.CAPTION_BEST], result[C.CAPTION_BEST_SOURCE] = kept[0][1], kept[0][2]
-            else:
-                result[C.REJECT_REASON] = "capfilt_no_match"
-        return pa.table({
-            C.WEB_CAPTION_ITM: pa.array([r[C.WEB_CAPTION_ITM] for r in out], pa.float32()),
-            C.SYNTHETIC_CAPTION_ITM: pa.array([r[C.SYNTHETIC_CAPTION_ITM] for r in out], pa.list_(pa.float32())),
-            C.CAPTIONS_KEPT: pa.array([r[C.CAPTIONS_KEPT] for r in out], pa.list_(pa.string())),
-            C.CAPTION_BEST: pa.array([r[C.CAPTION_BEST] for r in out], pa.string()),
-            C.CAPTION_BEST_SOURCE: pa.array([r[C.CAPTION_BEST_SOURCE] for r in out], pa.string()),
-            C.REJECT_REASON: pa.array([r[C.REJECT_REASON] for r in out], pa.string()),
-        })
+        start = 0
+        for row_texts, has_web, count in zip(texts, webs, per_row):
+            row_scores = scores[start:start + count]
+            start += count
+            out.append(self._rank(row_texts, row_scores, has_web))
+        return pa.table({name: pa.array([r[name] for r in out], TYPES[name]) for name in _COLUMNS})
+
+    def _rank(self, texts: list[str], scores: np.ndarray, has_web: bool) -> dict[str, Any]:
+        config = self.config
+        result: dict[str, Any] = dict.fromkeys(_COLUMNS)
+        sources = (["web"] if has_web else []) + ["synthetic"] * (len(texts) - (1 if has_web else 0))
+        ranked = sorted(zip(scores.tolist(), texts, sources), key=lambda t: -t[0])
+        kept = [(s, t, src) for s, t, src in ranked if s >= config.threshold]
+        if kept and config.prefer == "web":  # a passing web caption leads, the rest by score
+            kept.sort(key=lambda k: k[2] != "web")
+        result.update({C.WEB_CAPTION_ITM: float(scores[0]) if has_web else None,
+                       C.SYNTHETIC_CAPTION_ITM: [float(s) for s in scores[1 if has_web else 0:]],
+                       C.CAPTIONS_KEPT: _unique([t for _, t, _ in kept])})
+        if kept:
+            result[C.CAPTION_BEST], result[C.CAPTION_BEST_SOURCE] = kept[0][1], kept[0][2]
+        else:
+            result[C.REJECT_REASON] = "capfilt_no_match"
+        return result
 
     def match_probabilities(self, image: Any, texts: list[str]) -> np.ndarray:
-        """ITM P(match) of each text with `image`: one vision pass, one cross-attending text pass per text."""
+        """ITM P(match) of each text with one PIL `image`."""
+        prepared = self.prepare(pa.table({C.IMAGE: [_png(image)], C.CAPTION: [""],
+                                          C.SYNTHETIC_CAPTIONS: pa.array([texts], pa.list_(pa.string()))}))
+        tokens = prepared.column(TOKENS).combine_chunks()
+        ids, mask = padded(tokens.flatten(), self.processor.tokenizer.pad_token_id or 0)
+        pixels = pixels_array(prepared.column(PIXELS), *self.prepare.size)
+        return self.pair_probabilities(pixels, np.zeros(len(texts), dtype=np.int64), ids, mask)
+
+    def pair_probabilities(self, pixels: np.ndarray, image_of_pair: np.ndarray, ids: np.ndarray,
+                           mask: np.ndarray) -> np.ndarray:
+        """ITM P(match) of each (image, text) pair: one vision pass per image, one cross-attending text
+        pass per pair (K captions of an image cost K text passes, not K image passes)."""
         torch = self.torch
-        config = self.config
-        pixels = self.processor(images=[image], return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
-        tokens = self.processor.tokenizer(texts, padding="longest", truncation=True, max_length=config.max_text_tokens,
-                                          return_tensors="pt").to(self.device)
+        prep = self.prepare
         with torch.inference_mode():
-            image_embeds = self.model.vision_model(pixel_values=pixels).last_hidden_state
-            image_embeds = image_embeds.expand(len(texts), -1, -1)
+            images = to_model_input(pixels, self.device, self.dtype, prep.mean, prep.std, scale=None)
+            image_embeds = self.model.vision_model(pixel_values=images).last_hidden_state
+            image_embeds = image_embeds[host_tensor(image_of_pair).to(self.device)]
             image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
-            text = self.model.text_encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+            text = self.model.text_encoder(input_ids=host_tensor(ids).to(self.device),
+                                           attention_mask=host_tensor(mask).to(self.device),
                                            encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask)
             logits = self.model.itm_head(text.last_hidden_state[:, 0, :]).float()
         return torch.softmax(logits, dim=-1)[:, 1].cpu().numpy()
 
 
+PIXELS, TOKENS = f"{C.PREPARED_PREFIX}itm_pixels", f"{C.PREPARED_PREFIX}itm_tokens"
+TEXTS, WEB = f"{C.PREPARED_PREFIX}itm_texts", f"{C.PREPARED_PREFIX}itm_has_web"
+
+
+class CapfiltPreparer:
+    """The CPU half of `capfilt_filter`: the image as the ITM model's processor resizes it, and the
+    captions to match (the web one first, when kept, then the synthetic ones) as token ids; rows
+    without an image or a caption, or with a broken image, are rejected here."""
+
+    def __init__(self, config: CapfiltConfig) -> None:
+        self.config = config
+        self.images = ImagePreparer(config.model, PIXELS)
+        self.size, self.mean, self.std = self.images.size, self.images.mean, self.images.std
+        self.tokenizer = load_tokenizer(config.model)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        config = self.config
+        n = batch.num_rows
+        columns = self.images.columns(batch)
+        reasons = columns[C.REJECT_REASON].to_pylist()
+        captions = batch.column(C.CAPTION).to_pylist() if C.CAPTION in batch.column_names else [None] * n
+        synthetic_lists = batch.column(C.SYNTHETIC_CAPTIONS).to_pylist() if C.SYNTHETIC_CAPTIONS in batch.column_names \
+            else [None] * n
+        texts: list[list[str] | None] = [None] * n
+        has_web: list[bool | None] = [None] * n
+        for i, (caption, synthetic) in enumerate(zip(captions, synthetic_lists)):
+            web = (caption or "").strip() if config.keep_web_caption else ""
+            synthetic = [c for c in synthetic or [] if c and c.strip()]
+            if reasons[i] == "no_image":
+                continue
+            if not web and not synthetic:
+                reasons[i] = "no_caption"
+                continue
+            if reasons[i] is None:
+                texts[i], has_web[i] = ([web] if web else []) + synthetic, bool(web)
+        flat = [t for row in texts if row for t in row]
+        encoded = iter(self.tokenizer(flat, truncation=True, max_length=config.max_text_tokens)["input_ids"]) if flat \
+            else iter([])
+        tokens = [[next(encoded) for _ in row] if row else None for row in texts]
+        columns.update({TOKENS: pa.array(tokens, pa.list_(pa.list_(pa.int32()))), TEXTS: pa.array(texts, pa.list_(pa.string())),
+                        WEB: pa.array(has_web, pa.bool_()), C.REJECT_REASON: pa.array(reasons, pa.string())})
+        return pa.table(columns)
+
+
+def _png(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 _COLUMNS = (C.WEB_CAPTION_ITM, C.SYNTHETIC_CAPTION_ITM, C.CAPTIONS_KEPT, C.CAPTION_BEST, C.CAPTION_BEST_SOURCE,
             C.REJECT_REASON)
+TYPES = {C.WEB_CAPTION_ITM: pa.float32(), C.SYNTHETIC_CAPTION_ITM: pa.list_(pa.float32()),
+         C.CAPTIONS_KEPT: pa.list_(pa.string()), C.CAPTION_BEST: pa.string(), C.CAPTION_BEST_SOURCE: pa.string(),
+         C.REJECT_REASON: pa.string()}
 
 
 def _unique(texts: list[str]) -> list[str]:

@@ -23,10 +23,19 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from dataengine.core import columns as C
-from dataengine.dedup.descriptors import SscdModel, decode_rgb, descriptor_matrix, hamming, load_reference_images, phash
+from dataengine.dedup.descriptors import (
+    SscdModel,
+    decode_rgb,
+    descriptor_matrix,
+    hamming,
+    load_reference_images,
+    phash,
+    sscd_pixels,
+)
 from dataengine.dedup.hamming import near_pairs
 from dataengine.dedup.index import SearchConfig, greedy_keep, near_duplicate_pairs
-from dataengine.ops.base import ModelOpConfig, NearDuplicates, Op, register_op
+from dataengine.models.pixels import pixels_array, pixels_column, vectors_column
+from dataengine.ops.base import ModelOpConfig, NearDuplicates, Op, prepare_then_infer, register_op
 
 DEFAULT_COSINE = {"sscd": 0.75, "clip": 0.95}
 
@@ -78,31 +87,32 @@ class Dedup(Op[DedupConfig]):
         self.sscd = None
         if config.descriptor == "sscd":
             self.sscd = SscdModel(config.model or "", config.device, config.image_size)
+        self.prepare = DedupPreparer(config) if self.splits(config) else None
+
+    @classmethod
+    def splits(cls, config: DedupConfig) -> bool:
+        return config.descriptor in ("sscd", "phash")  # clip: the embedding is already in the row
+
+    @classmethod
+    def preparer(cls, config: DedupConfig) -> DedupPreparer:
+        return DedupPreparer(config)
 
     def process(self, batch: pa.Table) -> pa.Table:
+        if self.prepare is not None:
+            return prepare_then_infer(self, self.prepare, batch)
+        if C.CLIP_IMAGE_EMBEDDING not in batch.column_names:
+            raise ValueError("dedup with descriptor: clip needs clip_score_filter with write_embedding: true before it")
+        missing = pc.is_null(batch.column(C.CLIP_IMAGE_EMBEDDING))
+        return pa.table({C.REJECT_REASON: pc.if_else(missing, "no_descriptor", pa.scalar(None, pa.string()))})
+
+    def infer(self, prepared: pa.Table) -> pa.Table:
+        """pHash: the code the preparer computed; SSCD: the model over the prepared pixels."""
         config = self.config
-        n = batch.num_rows
-        if config.descriptor == "clip":
-            if C.CLIP_IMAGE_EMBEDDING not in batch.column_names:
-                raise ValueError("dedup with descriptor: clip needs clip_score_filter with write_embedding: true before it")
-            missing = pc.is_null(batch.column(C.CLIP_IMAGE_EMBEDDING)).to_pylist()
-            return pa.table({C.REJECT_REASON: pa.array(["no_descriptor" if m else None for m in missing], pa.string())})
-        images = batch.column(C.IMAGE).to_pylist() if C.IMAGE in batch.column_names else [None] * n
-        reasons: list[str | None] = [None if im else "no_image" for im in images]
-        rows = [i for i, im in enumerate(images) if im]
-        decoded = [decode_rgb(images[i]) for i in rows]
         if config.descriptor == "phash":
-            hashes: list[bytes | None] = [None] * n
-            for i, rgb in zip(rows, decoded):
-                hashes[i] = phash(rgb, config.hash_size, config.flip_invariant)
-            return pa.table({C.PHASH: pa.array(hashes, pa.binary()), C.REJECT_REASON: pa.array(reasons, pa.string())})
-        vectors: list[list[float] | None] = [None] * n
-        if rows:
-            assert self.sscd is not None
-            for i, v in zip(rows, self.sscd.embed(decoded, config.flip_invariant)):
-                vectors[i] = v.tolist()
-        return pa.table({C.SSCD_EMBEDDING: pa.array(vectors, pa.list_(pa.float32())),
-                         C.REJECT_REASON: pa.array(reasons, pa.string())})
+            return pa.table({C.PHASH: prepared.column(PHASH)})
+        assert self.sscd is not None
+        pixels = pixels_array(prepared.column(PIXELS), config.image_size, config.image_size)
+        return pa.table({C.SSCD_EMBEDDING: vectors_column(self.sscd.embed_pixels(pixels, config.flip_invariant))})
 
     @classmethod
     def is_barrier(cls, config: DedupConfig) -> bool:
@@ -179,3 +189,29 @@ def _contamination(config: DedupConfig, uids: list[str], data: np.ndarray) -> di
         limit_cos = config.against_threshold if config.against_threshold is not None else config.cosine()
         best, hit = best_ids[:, 0], sims[:, 0] >= limit_cos
     return {uids[i]: f"contaminates:{names[best[i]]}" for i in np.flatnonzero(hit)}
+
+
+PIXELS, PHASH = f"{C.PREPARED_PREFIX}sscd_pixels", f"{C.PREPARED_PREFIX}phash"
+
+
+class DedupPreparer:
+    """The CPU half of `dedup`: decode each image and resize it for SSCD, or compute its pHash outright
+    (no model: all of pHash is CPU work); rows without an image are rejected here."""
+
+    def __init__(self, config: DedupConfig) -> None:
+        self.config = config
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        config = self.config
+        n = batch.num_rows
+        images = batch.column(C.IMAGE).to_pylist() if C.IMAGE in batch.column_names else [None] * n
+        reasons: list[str | None] = [None if im else "no_image" for im in images]
+        decoded = [decode_rgb(im) if im else None for im in images]
+        if config.descriptor == "phash":
+            codes = [phash(rgb, config.hash_size, config.flip_invariant) if rgb is not None else None for rgb in decoded]
+            column: pa.Array = pa.array(codes, pa.binary())
+        else:
+            size = config.image_size
+            column = pixels_column([sscd_pixels(rgb, size) if rgb is not None else None for rgb in decoded], size, size)
+        return pa.table({PHASH if config.descriptor == "phash" else PIXELS: column,
+                         C.REJECT_REASON: pa.array(reasons, pa.string())})

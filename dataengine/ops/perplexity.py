@@ -8,15 +8,17 @@ The score (`text_ppl`: exp of the mean token negative log-likelihood, the captio
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from dataengine.core import columns as C
-from dataengine.models.loaders import load_causal_lm
-from dataengine.ops.base import ModelOp, ModelOpConfig, Score, register_op
+from dataengine.models.loaders import load_causal_lm, load_tokenizer
+from dataengine.models.pixels import host_tensor, padded, ragged_tokens
+from dataengine.ops.base import ModelOp, ModelOpConfig, Score, prepare_then_infer, register_op
 from dataengine.ops.thresholds import KeepFractionBarrier, at_most_one
 
 
@@ -47,42 +49,75 @@ class PerplexityFilter(KeepFractionBarrier, ModelOp[PerplexityConfig]):
 
     def load_model(self, config: PerplexityConfig) -> Any:
         model, self.tokenizer = load_causal_lm(config.model, config.device, config.dtype)
-        self.tokenizer.padding_side = "right"  # absolute positions stay right; the mask hides the padding
-        self.prefix = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+        self.prepare = PerplexityPreparer(config, self.tokenizer)
         return model
 
+    @classmethod
+    def splits(cls, config: PerplexityConfig) -> bool:
+        return True
+
+    @classmethod
+    def preparer(cls, config: PerplexityConfig) -> PerplexityPreparer:
+        return PerplexityPreparer(config, load_tokenizer(config.model))
+
     def process(self, batch: pa.Table) -> pa.Table:
+        return prepare_then_infer(self, self.prepare, batch)
+
+    def infer(self, prepared: pa.Table) -> pa.Table:
         config = self.config
-        captions = batch.column(C.CAPTION).to_pylist() if C.CAPTION in batch.column_names else [None] * batch.num_rows
-        rows = [i for i, c in enumerate(captions) if c and c.strip()]
-        ppl: list[float | None] = [None] * batch.num_rows
-        reasons: list[str | None] = ["no_caption" if not (c and c.strip()) else None for c in captions]
-        for i, value in zip(rows, self.perplexities([captions[i] for i in rows])):
-            ppl[i] = value
-            if config.max_ppl is not None and value > config.max_ppl:
-                reasons[i] = f"text_ppl>{config.max_ppl:g}"
-        return pa.table({C.TEXT_PPL: pa.array(ppl, pa.float32()), C.REJECT_REASON: pa.array(reasons, pa.string())})
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids, mask = padded(prepared.column(TOKENS), pad)
+        ppl = self.perplexities_of(ids, mask)
+        columns: dict[str, Any] = {C.TEXT_PPL: pa.array(ppl)}
+        if config.max_ppl is not None:
+            high = pc.greater(columns[C.TEXT_PPL], pa.scalar(config.max_ppl, pa.float32()))
+            columns[C.REJECT_REASON] = pc.if_else(high, f"text_ppl>{config.max_ppl:g}", pa.scalar(None, pa.string()))
+        return pa.table(columns)
 
     def perplexities(self, texts: list[str]) -> list[float]:
         """exp(mean NLL) of each text's tokens, each predicted from the ones before (BOS/EOS first)."""
         if not texts:
             return []
-        torch = self.torch
-        config = self.config
-        room = config.max_length - (1 if self.prefix is not None else 0)
-        encoded = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=room)["input_ids"]
-        if self.prefix is not None:
-            encoded = [[self.prefix, *ids] for ids in encoded]
-        width = max(len(ids) for ids in encoded)
+        prepared = self.prepare(pa.table({C.CAPTION: texts}))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in encoded], device=self.device)
-        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in encoded], device=self.device)
+        return self.perplexities_of(*padded(prepared.column(TOKENS), pad)).tolist()
+
+    def perplexities_of(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """float32 perplexities of right-padded token ids (n x width) under their mask."""
+        torch = self.torch
+        input_ids, attention = host_tensor(ids).to(self.device), host_tensor(mask).to(self.device)
         with torch.inference_mode():
-            logits = self.model(input_ids=input_ids, attention_mask=mask).logits.float()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="none",
-        ).view(len(texts), -1)
-        target_mask = mask[:, 1:].float()
-        counts = target_mask.sum(dim=1).clamp(min=1)
-        mean_nll = (nll * target_mask).sum(dim=1) / counts
-        return [math.exp(min(v, 80.0)) for v in mean_nll.tolist()]  # exp(80) ~ 5e34: keeps float32 finite
+            logits = self.model(input_ids=input_ids, attention_mask=attention).logits.float()
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="none",
+            ).view(len(ids), -1)
+            target_mask = attention[:, 1:].float()
+            counts = target_mask.sum(dim=1).clamp(min=1)
+            mean_nll = ((nll * target_mask).sum(dim=1) / counts).double().cpu().numpy()
+        return np.exp(np.minimum(mean_nll, 80.0)).astype(np.float32)  # exp(80) ~ 5e34: keeps float32 finite
+
+
+TOKENS = f"{C.PREPARED_PREFIX}ppl_tokens"
+
+
+class PerplexityPreparer:
+    """The CPU half of `perplexity_filter`: each caption's token ids (BOS/EOS first, truncated to
+    `max_length`), unpadded; rows without a caption are rejected here."""
+
+    def __init__(self, config: PerplexityConfig, tokenizer: Any) -> None:
+        self.config, self.tokenizer = config, tokenizer
+        self.prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        captions = batch.column(C.CAPTION).to_pylist() if C.CAPTION in batch.column_names else [None] * n
+        rows = [i for i, c in enumerate(captions) if c and c.strip()]
+        reasons: list[str | None] = [None if c and c.strip() else "no_caption" for c in captions]
+        room = self.config.max_length - (1 if self.prefix is not None else 0)
+        tokens: list[list[int] | None] = [None] * n
+        if rows:
+            encoded = self.tokenizer([captions[i] for i in rows], add_special_tokens=False, truncation=True,
+                                     max_length=room)["input_ids"]
+            for i, ids in zip(rows, encoded):
+                tokens[i] = [self.prefix, *ids] if self.prefix is not None else ids
+        return pa.table({TOKENS: ragged_tokens(tokens), C.REJECT_REASON: pa.array(reasons, pa.string())})

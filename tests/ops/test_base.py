@@ -101,3 +101,36 @@ def test_a_model_op_loads_once_and_keeps_where_its_weights_landed(registry):
     assert op.process(pa.table({"x": [1.0, 2.0]})).num_rows == 2 and _Tiny.loads == 1
     assert all(get_op(n).stateful for n in ("blip_caption_mapper", "capfilt_filter", "clip_score_filter",
                                             "perplexity_filter"))
+
+
+def test_a_model_stage_prepares_in_tasks_where_it_has_gpus_or_is_told_to():
+    from dataengine.ops.base import INFER, PREPARE, Step, split_steps
+    from dataengine.ops.caption_rules import CaptionRulesConfig
+    from dataengine.ops.clip_score import ClipScoreConfig
+    from dataengine.ops.dedup import DedupConfig
+
+    def phases(config):
+        return [s.phase for s in split_steps([Step(0, config)])]
+
+    assert phases(ClipScoreConfig()) == [None]  # auto, no GPU: both halves in the actor (no hop on a CPU)
+    assert phases(ClipScoreConfig(num_gpus=1)) == [PREPARE, INFER]
+    assert phases(ClipScoreConfig(prepare_in="tasks")) == [PREPARE, INFER]
+    assert phases(ClipScoreConfig(num_gpus=1, prepare_in="actor")) == [None]
+    assert phases(CaptionRulesConfig()) == [None]  # no model: a task already
+    assert phases(DedupConfig(descriptor="clip", prepare_in="tasks")) == [None]  # nothing to prepare
+
+
+def test_prepare_then_infer_keeps_the_preparers_reasons_and_scatters_infers_columns():
+    from dataengine.ops.base import prepare_then_infer
+
+    class Halves:
+        def infer(self, rows):
+            assert rows.column("_prepared_x").to_pylist() == [10, 30]  # only the rows the preparer kept
+            return pa.table({"score": pa.array([1.0, 3.0]), "reject_reason": pa.array([None, "low"], pa.string())})
+
+    def prepare(batch):
+        return pa.table({"_prepared_x": [10, None, 30], "reject_reason": pa.array([None, "broken", None], pa.string())})
+
+    out = prepare_then_infer(Halves(), prepare, pa.table({"uid": ["a", "b", "c"]}))
+    assert out.column("score").to_pylist() == [1.0, None, 3.0]
+    assert out.column("reject_reason").to_pylist() == [None, "broken", "low"]

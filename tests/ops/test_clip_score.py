@@ -126,3 +126,44 @@ def test_text_caption_best_scores_capfilts_caption_and_falls_back_to_the_web_one
     swapped = base.set_column(base.column_names.index(C.CAPTION), C.CAPTION,
                               pa.array(["a completely different caption"] + base.column(C.CAPTION).to_pylist()[1:]))
     assert scores == pytest.approx(plain.process(swapped).column(C.CLIP_SCORE).to_pylist(), abs=1e-6)
+
+
+def test_the_preparer_hands_the_model_what_open_clips_own_preprocessing_gives(tiny_clip):
+    import torch
+
+    from dataengine.models.pixels import pixels_array, to_model_input
+    from dataengine.ops.clip_score import PIXELS, ClipPreparer
+
+    config = ClipScoreConfig(model=str(tiny_clip), pretrained=None, device="cpu")
+    preparer = ClipPreparer(config)
+    prepared = preparer(_batch())
+    assert prepared.column(C.REJECT_REASON).to_pylist() == [None, None, "no_caption", "no_image", "decode_error"]
+    assert preparer.size == (64, 64)  # the tiny model's input size, read from its config without loading it
+    assert prepared.column(PIXELS).type.list_size == 64 * 64 * 3  # uint8 HWC at the model's size, not float CHW
+    _, preprocess, _ = load_open_clip(str(tiny_clip), device="cpu", dtype="float32")
+    ours = to_model_input(pixels_array(prepared.column(PIXELS).slice(0, 2), 64, 64), torch.device("cpu"), torch.float32,
+                          preparer.mean, preparer.std)
+    theirs = torch.stack([preprocess(Image.open(io.BytesIO(_jpeg(c))).convert("RGB")) for c in ("red", "blue")])
+    assert torch.equal(ours, theirs)
+
+
+def test_preparing_in_tasks_or_in_the_actor_gives_the_same_outputs(ray_local, synthweb_run, tiny_clip, tmp_path):
+    _, first, _ = synthweb_run
+    urls = first.run_dir.parent / "urls.parquet"
+    outputs = {}
+    for where in ("tasks", "actor"):
+        spec = parse_spec({"name": "split", "input": {"path": str(urls), "id_col": "id", "shard_rows": 40},
+                           "output": str(tmp_path / where),
+                           "stages": [download_stage(), {"op": "clip_score_filter", "model": str(tiny_clip),
+                                                         "pretrained": None, "min_score": 0.0, "write_embedding": True,
+                                                         "batch_size": 16, "prepare_in": where}]})
+        result = run_pipeline(spec)
+        kept = pl.read_parquet(result.run_dir / "dataset" / "*.parquet").sort("uid")
+        rejected = pl.read_parquet(result.run_dir / "rejected" / "*.parquet").sort("uid")
+        outputs[where] = (kept.select("uid", "clip_score", "clip_image_embedding"),
+                          rejected.select("uid", "reject_stage", "reject_reason", "clip_score"), result.stages[-1])
+    (kept_t, rejected_t, stage_t), (kept_a, rejected_a, stage_a) = outputs["tasks"], outputs["actor"]
+    assert kept_t.height > 0 and kept_t.equals(kept_a) and rejected_t.equals(rejected_a)
+    assert not any(c.startswith(C.PREPARED_PREFIX) for c in pl.read_parquet(tmp_path / "tasks" / "dataset" / "*.parquet").columns)
+    assert stage_t["in"] == stage_a["in"] and stage_t["kept"] == stage_a["kept"] > 0
+    assert stage_t["batches"] >= 1 and stage_t["mean_batch_fill"] > 0

@@ -84,3 +84,15 @@ def test_a_hub_id_is_looked_up_in_the_cache_then_the_hub(monkeypatch):
 def test_config_refuses_two_thresholds():
     with pytest.raises(ValueError, match="not both"):
         PerplexityConfig(max_ppl=100, keep_lowest_fraction=0.2)
+
+
+def test_the_preparer_built_without_the_model_tokenises_as_the_actor_does(tiny_lm):
+    from dataengine.ops.perplexity import TOKENS
+
+    config = PerplexityConfig(model=str(tiny_lm), device="cpu", max_length=4)
+    batch = pa.table({C.CAPTION: [CAPTIONS[2], "", CAPTIONS[0]]})
+    in_a_task = PerplexityFilter.preparer(config)(batch)  # a prepare task: the tokenizer only
+    in_the_actor = PerplexityFilter(config).prepare(batch)
+    assert in_a_task.equals(in_the_actor)
+    tokens = in_a_task.column(TOKENS).to_pylist()
+    assert len(tokens[0]) == 4 and tokens[1] is None and in_a_task.column(C.REJECT_REASON).to_pylist()[1] == "no_caption"
