@@ -153,8 +153,8 @@ def stage_ops(models: dict[str, Path], batch: int) -> list[tuple[Op, Any, Callab
         (ClipScoreFilter, ClipScoreConfig(model=str(models["ViT-L-14"]), pretrained=None, **gpu), clip_forward),
         (PerplexityFilter, PerplexityConfig(model=str(models["qwen"]), **gpu), perplexity_forward),
         (BlipCaptionMapper, BlipCaptionConfig(model=str(models["blip-captioner"]), num_captions=5, max_new_tokens=20,
-                                              **gpu), None),
-        (CapfiltFilter, CapfiltConfig(model=str(models["blip-itm"]), **gpu), None),
+                                              **gpu), blip_caption_forward),
+        (CapfiltFilter, CapfiltConfig(model=str(models["blip-itm"]), **gpu), capfilt_forward),
         (Dedup, DedupConfig(descriptor="sscd", model=str(models["sscd"]), **gpu), sscd_forward),
     ]
     return [(cls(config), cls.preparer(config), forward) for cls, config, forward in configs]
@@ -188,6 +188,51 @@ def perplexity_forward(op: Any, prepared: pa.Table) -> Callable[[], None]:
     def forward() -> None:
         with torch.inference_mode():
             op.model(input_ids=ids_t, attention_mask=mask_t)
+    return forward
+
+
+def blip_caption_forward(op: Any, prepared: pa.Table) -> Callable[[], None]:
+    import torch
+
+    from dataengine.models.pixels import pixels_array, to_model_input
+    from dataengine.ops.blip_caption import PIXELS
+
+    config, prep = op.config, op.prepare
+    pixels = to_model_input(pixels_array(prepared.column(PIXELS), *prep.size), op.device, op.dtype, prep.mean,
+                            prep.std, scale=None)
+    n = pixels.shape[0]
+    ids = op.prompt["input_ids"].repeat(n, 1).to(op.device)
+    mask = op.prompt["attention_mask"].repeat(n, 1).to(op.device)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            op.model.generate(pixel_values=pixels, input_ids=ids.clone(), attention_mask=mask, do_sample=True, top_p=0.9,
+                              top_k=0, max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
+                              num_return_sequences=config.num_captions)
+    return forward
+
+
+def capfilt_forward(op: Any, prepared: pa.Table) -> Callable[[], None]:
+    import torch
+
+    from dataengine.models.pixels import padded, pixels_array, to_model_input
+    from dataengine.ops.capfilt import PIXELS, TOKENS
+
+    prep = op.prepare
+    pixels = to_model_input(pixels_array(prepared.column(PIXELS), *prep.size), op.device, op.dtype, prep.mean,
+                            prep.std, scale=None)
+    tokens = prepared.column(TOKENS).combine_chunks()
+    per_row = np.diff(tokens.offsets.to_numpy())
+    ids, mask = (torch.from_numpy(a).to(op.device) for a in padded(tokens.flatten(), 0))
+    pair_image = torch.from_numpy(np.repeat(np.arange(len(per_row)), per_row)).to(op.device)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            embeds = op.model.vision_model(pixel_values=pixels).last_hidden_state[pair_image]
+            image_mask = torch.ones(embeds.shape[:-1], dtype=torch.long, device=op.device)
+            text = op.model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=embeds,
+                                         encoder_attention_mask=image_mask)
+            op.model.itm_head(text.last_hidden_state[:, 0, :])
     return forward
 
 
@@ -268,7 +313,7 @@ def engine_run(models: dict[str, Path], root: Path, n_images: int) -> None:
             result = run_pipeline(spec)
         seconds = time.perf_counter() - started
     clip = result.stages[-1]
-    print(f"{clip['in']} rows scored in {seconds:.1f} s ({clip['in'] / seconds:,.0f} rows/s end to end, download "
+    print(f"{clip['in']} rows scored in {seconds:.1f} s ({clip['in'] / seconds:,.1f} rows/s end to end, download "
           f"included); GPU utilisation {util.mean:.0f}% over the run; mean batch fill {clip.get('mean_batch_fill')}")
 
 

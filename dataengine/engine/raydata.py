@@ -88,6 +88,13 @@ class _StageActor:
         return shed_rejected(run_step(self.step, self.op, batch, self.schema, count_batch=True), self.parts_dir)
 
 
+#: Ray Data fuses a task into the actor pool after it when their remote arguments match (on a CPU-only
+#: cluster they do: one CPU each), and the read task (its downloads, the CPU half of a model stage) would
+#: then run inside the model's actors, as many at once as there are actors, instead of in tasks that scale
+#: with the cluster's CPUs. `max_calls: 0` (worker processes reused without limit: Ray's default for CPU
+#: tasks) changes nothing else and makes the arguments differ (tests/engine/test_raydata.py checks the plan)
+UNFUSED_TASK = {"max_calls": 0}
+
 #: reading a shard's files and writing its parts wait on the disk more than they compute; asking a whole
 #: CPU would stall a small cluster whose model actors hold the rest (1 CPU: an actor at 0.5 and a read at 1)
 IO_TASK_CPUS = 0.25
@@ -155,6 +162,22 @@ def stream_pipeline(inputs: list[list[str]], steps: list[Step], parts_dir: Path,
     written (shard, rows back, rejected per stage). Rows never come to the driver: tasks read the shards,
     and workers write rejected rows as they fall out (`parts.shed_rejected`) and the alive rows at the
     end (`parts.write_alive`) under `parts_dir`."""
+    summaries = build_stream(inputs, steps, parts_dir, final).iter_batches(batch_size=None, batch_format="pyarrow")
+    try:
+        for summary in summaries:
+            yield from summary.to_pylist()
+    except Exception as e:
+        log.debug("the stream failed", exc_info=True)  # the whole story, for the run's log
+        _release_failed_execution(e)
+        raise
+    finally:
+        getattr(summaries, "close", lambda: None)()  # stopped early by the caller: the execution ends now
+
+
+def build_stream(inputs: list[list[str]], steps: list[Step], parts_dir: Path, final: bool) -> ray.data.Dataset:
+    """The segment's Ray Data stream, not started: a read task per shard running the steps that need no
+    model (and the first model stage's CPU half), then per model stage its prepare tasks and its actor
+    pool, then the task writing the alive rows."""
     schema = sample_schema()  # read here: workers on other nodes may not have schemas/
     steps = split_steps(steps)
     actor_cpus = _actor_cpu_scale(steps)
@@ -168,7 +191,7 @@ def stream_pipeline(inputs: list[list[str]], steps: list[Step], parts_dir: Path,
     limits = [s.config.concurrency for s in own if s.config.concurrency]
     ds = ds.map_batches(_read_and_run, fn_args=(fused, schema, parts, final if write_here else None), batch_size=1,
                         batch_format="pyarrow", num_cpus=cpus,
-                        compute=ray.data.TaskPoolStrategy(size=min(limits)) if limits else None)
+                        compute=ray.data.TaskPoolStrategy(size=min(limits)) if limits else None, **UNFUSED_TASK)
     for step in steps[len(fused):]:
         config = step.config
         common = dict(batch_size=config.batch_size, batch_format="pyarrow")
@@ -176,7 +199,8 @@ def stream_pipeline(inputs: list[list[str]], steps: list[Step], parts_dir: Path,
         if llm is not None:
             ds = _ray_llm_stage(ds, step, schema, parts, llm, common)
         elif step.phase == PREPARE:  # a model stage's CPU half: tasks, as many as the CPUs allow
-            ds = ds.map_batches(_run_task_step, fn_args=(step, schema, parts), num_cpus=min(1, task_cpus), **common)
+            ds = ds.map_batches(_run_task_step, fn_args=(step, schema, parts), num_cpus=min(1, task_cpus),
+                                **UNFUSED_TASK, **common)
         elif step.decision is None and get_op(config.op).stateful:
             ds = ds.map_batches(_StageActor, fn_constructor_args=(step, schema, parts),
                                 num_cpus=config.num_cpus * actor_cpus, num_gpus=config.num_gpus or None,
@@ -184,22 +208,14 @@ def stream_pipeline(inputs: list[list[str]], steps: list[Step], parts_dir: Path,
         elif step.decision is None:
             compute = ray.data.TaskPoolStrategy(size=config.concurrency) if config.concurrency else None
             ds = ds.map_batches(_run_task_step, fn_args=(step, schema, parts),
-                                num_cpus=min(config.num_cpus, task_cpus), compute=compute, **common)
+                                num_cpus=min(config.num_cpus, task_cpus), compute=compute, **UNFUSED_TASK, **common)
         else:  # applying a decision is cheap and needs no model: not the op's actor-pool size or GPUs
-            ds = ds.map_batches(_run_task_step, fn_args=(step, schema, parts), num_cpus=min(1, task_cpus), **common)
+            ds = ds.map_batches(_run_task_step, fn_args=(step, schema, parts), num_cpus=min(1, task_cpus),
+                                **UNFUSED_TASK, **common)
     if not write_here:
         ds = ds.map_batches(write_alive, fn_args=(parts, final), batch_size=None, batch_format="pyarrow",
                             num_cpus=IO_TASK_CPUS)
-    summaries = ds.iter_batches(batch_size=None, batch_format="pyarrow")
-    try:
-        for summary in summaries:
-            yield from summary.to_pylist()
-    except Exception as e:
-        log.debug("the stream failed", exc_info=True)  # the whole story, for the run's log
-        _release_failed_execution(e)
-        raise
-    finally:
-        getattr(summaries, "close", lambda: None)()  # stopped early by the caller: the execution ends now
+    return ds
 
 
 def _release_failed_execution(error: BaseException) -> None:

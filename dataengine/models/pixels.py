@@ -102,7 +102,10 @@ def vectors_column(vectors: np.ndarray) -> pa.Array:
 
 
 def _one_chunk(column: pa.Array | pa.ChunkedArray) -> Any:
-    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    """The column as one array: its only chunk as is (combining copies, and a batch of pixels is megabytes)."""
+    if isinstance(column, pa.ChunkedArray):
+        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    return column
 
 
 def _fixed_values(column: pa.Array | pa.ChunkedArray, dtype: type) -> np.ndarray:

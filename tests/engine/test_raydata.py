@@ -66,3 +66,22 @@ def test_steps_before_the_first_model_stage_run_in_the_read_task(ray_local, tmp_
     assert tallied[0] == tallied[1] == 7 - len(alive[0])
     summary = _read_and_run(files, [rules], sample_schema(), str(tmp_path / "written"), final=True)
     assert summary.column("rows").to_pylist() == [7]  # alive rows + the rejected ones' tally
+
+
+def test_a_model_stage_preparing_in_tasks_has_its_own_task_pool_before_the_actors(ray_local, tmp_path, capsys):
+    """Ray Data fuses a task into the next actor pool when their remote arguments match: the read task
+    (its downloads, the model's CPU half) would run inside the model's actors. The plan keeps them apart."""
+    from dataengine.engine.raydata import build_stream
+
+    def physical_plan(steps):
+        build_stream([["unused.parquet"]], steps, tmp_path, final=True).explain()
+        return capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+
+    rules = Step(0, CaptionRulesConfig())
+    split = physical_plan([rules, Step(1, ClipScoreConfig(model="unused", prepare_in="tasks")),
+                           Step(2, ClipScoreConfig(model="unused", name="again", prepare_in="tasks"))])
+    assert "TaskPoolMapOperator[MapBatches(_read_and_run)]" in split  # rules + the first stage's CPU half
+    assert split.count("ActorPoolMapOperator[MapBatches(_StageActor)]") == 2
+    assert "TaskPoolMapOperator[MapBatches(_run_task_step)]" in split  # the second stage's CPU half
+    whole = physical_plan([rules, Step(1, ClipScoreConfig(model="unused", prepare_in="actor"))])
+    assert "TaskPoolMapOperator[MapBatches(_read_and_run)]" in whole and "_read_and_run)->" not in whole
