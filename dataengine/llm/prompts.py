@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,81 @@ def build_messages(prompts: PromptSet, context: dict[str, Any], question: str | 
     return messages
 
 
-_CODE_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+TURNS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"turns": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
+        "required": ["question", "answer"], "additionalProperties": False}}},
+    "required": ["turns"], "additionalProperties": False,
+}
+"""The reply format as a JSON Schema: sent as `response_format` (OpenAI structured outputs; vLLM's guided
+decoding reads the same field) so a model that supports it cannot answer in another shape."""
+
+_CODE_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
+# "Question: ... Answer: ...", "Q: ... A: ..." (LLaVA's own plain style), possibly numbered or bolded
+_QA = re.compile(r"^[\s>*#\d.)-]*\**\s*(question|q|answer|a)\s*\d*\s*\**\s*[:：]\**\s*(.*)$", re.IGNORECASE)
+# "User: ... Assistant: ..." / "Human: ... GPT: ..." chat transcripts
+_CHAT = re.compile(r"^[\s>*]*\**\s*(user|human|assistant|gpt|ai)\s*\**\s*[:：]\**\s*(.*)$", re.IGNORECASE)
+_ASKS, _ANSWERS = {"question", "q", "user", "human"}, {"answer", "a", "assistant", "gpt", "ai"}
+
+
+def _json_objects(text: str) -> Iterator[Any]:
+    """Every JSON object that starts at a `{` in the text, in order (a reply may wrap ours in prose)."""
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    while start >= 0:
+        try:
+            value, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
+            continue
+        yield value
+        start = text.find("{", end)
+
+
+def _json_reply(body: str) -> Any | None:
+    """Our JSON: the whole reply, a code-fenced block, or the first object with `turns` in the text."""
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError:
+        pass
+    for block in _CODE_FENCE.findall(body):
+        try:
+            return json.loads(block.strip())
+        except json.JSONDecodeError:
+            continue
+    return next((v for v in _json_objects(body) if isinstance(v, dict) and "turns" in v), None)
+
+
+def _labelled_turns(body: str) -> list[dict[str, str]] | None:
+    """Question/answer pairs from text labelled the way models write them unasked: "Question:" /
+    "Answer:" blocks (LLaVA's own style) or a "User:" / "Assistant:" transcript; a label's text runs
+    on over the following lines until the next label."""
+    for pattern in (_QA, _CHAT):
+        pairs: list[list[str]] = []
+        role, lines = None, []  # the open label's role and text
+
+        def close() -> None:
+            if role is None:
+                return
+            text = "\n".join(lines).strip()
+            if role == "ask":
+                pairs.append([text, ""])
+            elif pairs and not pairs[-1][1]:
+                pairs[-1][1] = text
+
+        for line in body.splitlines():
+            match = pattern.match(line)
+            if match:
+                close()
+                role, lines = ("ask" if match.group(1).lower() in _ASKS else "answer"), [match.group(2)]
+            elif role is not None:
+                lines.append(line)
+        close()
+        turns = [{"question": q, "answer": a} for q, a in pairs if q and a]
+        if turns:
+            return turns
+    return None
 
 
 def turns_from_reply(reply: Any) -> list[dict[str, str]]:
@@ -153,20 +228,21 @@ def turns_from_reply(reply: Any) -> list[dict[str, str]]:
 def parse_reply(text: str | None, finish_reason: str | None = "stop", question: str | None = None) -> list[dict[str, str]]:
     """The model's reply text as LLaVA turns (not yet validated); `question` overrides the first question.
 
-    Raises `InvalidConversation` with reason `truncated`, `empty` or `not_json`/`format`.
+    Read in the shapes models really write: our JSON (alone, in a code fence, or inside prose), else
+    "Question:"/"Answer:" blocks or a "User:"/"Assistant:" transcript. Raises `InvalidConversation` with
+    reason `truncated`, `empty`, `not_json` (none of those shapes) or `format` (JSON without turns).
     """
     if finish_reason == "length":
         raise InvalidConversation("truncated", "the reply hit the token limit (finish_reason=length)")
     if text is None or not text.strip():
         raise InvalidConversation("empty", "the reply is empty")
     body = text.strip()
-    match = _CODE_FENCE.match(body)
-    if match:
-        body = match.group(1)
-    try:
-        reply = json.loads(body)
-    except json.JSONDecodeError as e:
-        raise InvalidConversation("not_json", f"the reply is not JSON ({e.msg} at {e.pos})") from None
+    reply = _json_reply(body)
+    if reply is None:
+        labelled = _labelled_turns(body)
+        if labelled is None:
+            raise InvalidConversation("not_json", "the reply is neither the JSON asked for nor question/answer turns")
+        reply = {"turns": labelled}
     turns = turns_from_reply(reply)
     if question is not None:
         turns[0]["value"] = f"{IMAGE_TOKEN}\n{question}"

@@ -117,3 +117,11 @@ def test_vllm_backend_generates_on_gpu(ray_local, tmp_path):  # pragma: no cover
     rows = pl.concat([pl.read_parquet(result.run_dir / d) for d in ("dataset", "rejected")
                       if (result.run_dir / d).is_dir()], how="diagonal")
     assert rows.height == 2 and rows[C.LLM_MODEL].to_list() == ["Qwen/Qwen2.5-0.5B-Instruct"] * 2
+
+
+def test_the_engine_decodes_to_the_turns_schema_unless_told_not_to():
+    from dataengine.llm.prompts import TURNS_SCHEMA
+
+    params = VLLMBackendConfig(model="m").sampling_params()
+    assert json.loads(params["structured_outputs"]["json"]) == TURNS_SCHEMA  # vLLM's StructuredOutputsParams(json=)
+    assert "structured_outputs" not in VLLMBackendConfig(model="m", structured="none").sampling_params()

@@ -20,13 +20,14 @@ import queue
 import threading
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from dataengine.core.fields import OPERATIONAL
 from dataengine.llm.backends.base import Reply, Request
 from dataengine.llm.cache import CachedReply, ResponseCache, request_key
+from dataengine.llm.prompts import TURNS_SCHEMA
 from dataengine.llm.usage import Budget, BudgetExhausted, Usage, UsageLedger
 
 log = logging.getLogger(__name__)
@@ -49,20 +50,35 @@ class OpenAIBackendConfig(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     max_tokens: int = Field(default=1024, gt=0, description="Completion token limit; a reply cut there is rejected.")
     seed: int | None = Field(default=None, description="Sampling seed, where the endpoint supports one.")
-    json_mode: bool = Field(default=False, description="Ask for response_format json_object (OpenAI, vLLM support it).")
+    structured: Literal["auto", "json_schema", "json_object", "none"] = Field(
+        default="auto", description="response_format: json_schema sends the turns' JSON Schema (OpenAI structured "
+        "outputs; vLLM's server decodes to it), json_object asks for any JSON, none sends nothing; auto: "
+        "json_schema, and none for the rest of the run once the endpoint refuses it.")
+    json_mode: bool = Field(default=False, description="Deprecated: structured: json_object.")
     price_input_per_1m: float = Field(json_schema_extra=OPERATIONAL, default=0.0, ge=0, description="USD per million prompt tokens, for the cost estimate.")
     price_output_per_1m: float = Field(json_schema_extra=OPERATIONAL, default=0.0, ge=0, description="USD per million completion tokens.")
     max_cost_usd: float | None = Field(json_schema_extra=OPERATIONAL, default=None, gt=0, description="Stop the run when the estimated spend reaches this.")
     max_total_tokens: int | None = Field(json_schema_extra=OPERATIONAL, default=None, gt=0, description="Stop the run when this many tokens are used.")
 
-    def generation_params(self) -> dict[str, Any]:
-        """What besides model and messages decides a reply: part of the cache key."""
+    def structured_mode(self) -> str:
+        """What `response_format` the requests carry at first (auto starts with json_schema)."""
+        if self.json_mode and self.structured == "auto":
+            return "json_object"
+        return "json_schema" if self.structured == "auto" else self.structured
+
+    def generation_params(self, structured: str | None = None) -> dict[str, Any]:
+        """What besides model and messages decides a reply: part of the cache key. `structured`: the mode
+        in force (default: the configured one)."""
         params: dict[str, Any] = {"temperature": self.temperature, "max_tokens": self.max_tokens}
         if self.top_p is not None:
             params["top_p"] = self.top_p
         if self.seed is not None:
             params["seed"] = self.seed
-        if self.json_mode:
+        mode = structured or self.structured_mode()
+        if mode == "json_schema":
+            params["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "llava_turns", "schema": TURNS_SCHEMA, "strict": True}}
+        elif mode == "json_object":
             params["response_format"] = {"type": "json_object"}
         return params
 
@@ -142,6 +158,7 @@ class OpenAIChat:
         self._lanes = [self._run(self._make_lane(size)) for size in sizes]
         self._next_lane = 0
         self._known_usage = Usage()  # totals read at batch start + what this worker spent since
+        self._structured = config.structured_mode()  # auto: json_schema until the endpoint refuses it
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -213,21 +230,46 @@ class OpenAIChat:
             raise stop
 
     async def _one(self, messages: list[dict[str, str]]) -> Completion | RequestFailed | BudgetExhausted:
+        result, sent = await self._attempt(messages)
+        if isinstance(result, RequestFailed) and self._refuses_schema(result, sent):
+            if self._structured == "json_schema":  # the first refusal; requests in flight with it follow it here
+                log.warning("the endpoint refuses response_format json_schema (%s); sending requests without it "
+                            "from now on (replies are parsed from the shapes models write)", result.detail[:200])
+                self._structured = "none"
+            result, _ = await self._attempt(messages)
+        return result
+
+    def _refuses_schema(self, failed: RequestFailed, sent: str) -> bool:
+        """A 400 about the response format, to a request that carried the schema under `structured: auto`."""
+        if failed.reason != "bad_request" or sent != "json_schema" or self.config.structured != "auto":
+            return False
+        detail = failed.detail.lower()
+        return any(word in detail for word in ("response_format", "json_schema", "structured", "guided"))
+
+    async def _attempt(self, messages: list[dict[str, str]]) -> tuple[Completion | RequestFailed | BudgetExhausted, str]:
+        """One request (or a cache hit) and the structured mode it was sent with: the mode in force when
+        it gets a connection, not when it was queued."""
         from openai.types.chat import ChatCompletion
 
         config = self.config
-        params = config.generation_params()
+        structured = self._structured
+        params = config.generation_params(structured)
         key = request_key(config.model, messages, params)
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is not None:
-                return Completion(hit.content, hit.finish_reason, hit.prompt_tokens, hit.completion_tokens, 0.0, True)
+                return Completion(hit.content, hit.finish_reason, hit.prompt_tokens, hit.completion_tokens, 0.0,
+                                  True), structured
         client, semaphore = self._lanes[self._next_lane]
         self._next_lane = (self._next_lane + 1) % len(self._lanes)
         async with semaphore:
+            if self._structured != structured:  # the endpoint refused the schema while this one queued
+                structured = self._structured
+                params = config.generation_params(structured)
+                key = request_key(config.model, messages, params)
             over = config.budget.exceeded(self._known_usage)
             if over:
-                return BudgetExhausted(over)
+                return BudgetExhausted(over), structured
             try:
                 # `post` with a ready body: the typed `chat.completions.create` re-walks every message
                 # through its TypedDict transform, milliseconds per request with few-shot prompts
@@ -239,14 +281,14 @@ class OpenAIChat:
                 prompt_tokens = int(usage.prompt_tokens) if usage else 0
                 completion_tokens = int(usage.completion_tokens) if usage else 0
             except Exception as e:  # the client's own errors, after its retries
-                return _failure(e)
+                return _failure(e), structured
         cost = config.cost(prompt_tokens, completion_tokens)
         self._known_usage.add(prompt_tokens, completion_tokens, cost)
         if self.ledger is not None:
             self.ledger.record(prompt_tokens, completion_tokens, cost)
         if self.cache is not None:
             self.cache.put(key, CachedReply(content, finish, prompt_tokens, completion_tokens))
-        return Completion(content, finish, prompt_tokens, completion_tokens, cost, False)
+        return Completion(content, finish, prompt_tokens, completion_tokens, cost, False), structured
 
     def close(self) -> None:
         """Close the clients and stop the loop, waiting at most CLOSE_TIMEOUT_S for each: called from

@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from dataengine.core import columns as C
 from dataengine.llm.backends.base import Reply, Request
+from dataengine.llm.prompts import TURNS_SCHEMA
 
 REQUEST_COLUMN = C.LLM_REQUEST
 #: generated text, finish reason, prompt tokens, completion tokens
@@ -44,11 +45,16 @@ class VLLMBackendConfig(BaseModel):
     temperature: float = Field(default=0.7, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     max_tokens: int = Field(default=1024, gt=0)
+    structured: Literal["json_schema", "none"] = Field(
+        default="json_schema", description="json_schema: the engine decodes to the turns' JSON Schema (vLLM "
+                                           "structured outputs); none: free text, parsed as the openai backend's is.")
 
     def sampling_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"temperature": self.temperature, "max_tokens": self.max_tokens}
         if self.top_p is not None:
             params["top_p"] = self.top_p
+        if self.structured == "json_schema":  # a JSON string: one plain column in the rows Ray Data carries
+            params["structured_outputs"] = {"json": json.dumps(TURNS_SCHEMA)}
         return params
 
     def processor_kwargs(self) -> dict[str, Any]:

@@ -48,17 +48,48 @@ def _unit(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") / 2**64
 
 
-class SceneResponder:
-    """Callable `(request body) -> Reply` for `FakeLLMServer`."""
+STYLES = ("json", "fenced", "llava", "chat")
 
-    def __init__(self, hallucination_rate: float = 0.0, seed: int = 0) -> None:
+
+def styled(reply: dict[str, Any], style: str) -> str:
+    """The reply's turns written the way models write them: our JSON, JSON in a code fence with a line
+    of prose, LLaVA's own "Question:/Answer:" blocks, or a "User:/Assistant:" transcript."""
+    turns = reply["turns"]
+    if style == "json":
+        return json.dumps(reply)
+    if style == "fenced":
+        return f"Here is the conversation:\n```json\n{json.dumps(reply, indent=2)}\n```"
+    if style == "llava":
+        return "\n\n".join(f"Question: {t['question']}\nAnswer: {t['answer']}" for t in turns)
+    if style == "chat":
+        return "\n".join(f"User: {t['question']}\nAssistant: {t['answer']}" for t in turns)
+    raise ValueError(f"unknown style {style!r} (known: {', '.join(STYLES)})")
+
+
+class SceneResponder:
+    """Callable `(request body) -> Reply` for `FakeLLMServer`.
+
+    `style`: how it writes replies when the request does not constrain the format (`STYLES`); a request
+    with `response_format` json_schema gets our JSON, as a model under structured outputs would, unless
+    `structured_outputs` is False: then such a request is refused with HTTP 400, as an endpoint without
+    the feature does.
+    """
+
+    def __init__(self, hallucination_rate: float = 0.0, seed: int = 0, style: str = "json",
+                 structured_outputs: bool = True) -> None:
+        if style not in STYLES:
+            raise ValueError(f"unknown style {style!r} (known: {', '.join(STYLES)})")
         self.hallucination_rate, self.seed = hallucination_rate, seed
+        self.style, self.structured_outputs = style, structured_outputs
         self.hallucinated: dict[str, str] = {}  # context JSON -> the object added
         self._lock = threading.Lock()
 
     def __call__(self, body: dict[str, Any]) -> Any:
         from dataengine.testbed.synthweb.llm_server import Reply
 
+        constrained = (body.get("response_format") or {}).get("type") == "json_schema"
+        if constrained and not self.structured_outputs:
+            return Reply(status=400, content="response_format json_schema is not supported by this server")
         messages = body.get("messages") or []
         context = fenced_context(messages)
         if context is None:
@@ -67,7 +98,8 @@ class SceneResponder:
             injected = _INJECTION.search(caption)
             if injected:
                 return Reply(content=injected.group(1).strip() or "OK")
-        return Reply(content=json.dumps(self.reply(context, asked_question(messages), messages)))
+        reply = self.reply(context, asked_question(messages), messages)
+        return Reply(content=json.dumps(reply) if constrained else styled(reply, self.style))
 
     def reply(self, context: dict[str, Any], question: str | None, messages: list[dict[str, str]]) -> dict[str, Any]:
         captions = context.get("captions") or []
