@@ -121,15 +121,32 @@ def user_message(context: dict[str, Any], question: str | None = None) -> str:
     return f"Image description:\n{fence(context)}\nWrite the JSON reply.{ask}"
 
 
-def build_messages(prompts: PromptSet, context: dict[str, Any], question: str | None = None) -> list[dict[str, str]]:
-    """System prompt + few-shot pairs + the fenced context: what goes to the chat completions API."""
-    messages = [{"role": "system", "content": f"{prompts.system}\n\n{SHARED_RULES}"}]
+def build_messages(prompts: PromptSet, context: dict[str, Any], question: str | None = None,
+                   image_url: str | None = None) -> list[dict[str, Any]]:
+    """System prompt + few-shot pairs + the fenced context: what goes to the chat completions API. With
+    `image_url` (a data URL), the last user message shows the model the image too, in the OpenAI chat
+    content format (an `image_url` part, then the text), which vLLM's server and Ray Data LLM read."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": f"{prompts.system}\n\n{SHARED_RULES}"}]
     for example_context, example_reply in prompts.examples:
         example_question = example_reply["turns"][0]["question"] if prompts.type == "detail" else None
         messages.append({"role": "user", "content": user_message(example_context, example_question)})
         messages.append({"role": "assistant", "content": json.dumps(example_reply, ensure_ascii=False)})
-    messages.append({"role": "user", "content": user_message(context, question)})
+    messages.append({"role": "user", "content": with_image(user_message(context, question), image_url)})
     return messages
+
+
+def with_image(text: str, image_url: str | None) -> str | list[dict[str, Any]]:
+    """A user message's content: the text, or the image then the text (OpenAI's content parts)."""
+    if image_url is None:
+        return text
+    return [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": text}]
+
+
+def message_text(content: Any) -> str:
+    """The text of a message's content, whether a string or content parts."""
+    if isinstance(content, list):
+        return "\n".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return content if isinstance(content, str) else ""
 
 
 TURNS_SCHEMA: dict[str, Any] = {

@@ -19,6 +19,7 @@ with a reason (`llm_invalid:<why>`, `llm_ungrounded`, `llm_error:<why>`), never 
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import logging
@@ -32,6 +33,7 @@ from pydantic import Field, PrivateAttr, SecretStr, model_validator
 from dataengine.core import columns as C
 from dataengine.core.fields import OPERATIONAL
 from dataengine.core.layout import LLM_CACHE_DIR, LLM_USAGE_DIR
+from dataengine.io.imaging import ImageOptions, ImageRejected, process_image
 from dataengine.llm.backends.base import Backend, Reply, Request, row_seed
 from dataengine.llm.backends.openai_chat import OpenAIBackendConfig, OpenAIChat
 from dataengine.llm.backends.template import TemplateBackend, Templates
@@ -84,6 +86,10 @@ class LlavaSynthesisConfig(OpConfig):
     short_first_fraction: float = Field(default=0.0, ge=0, le=1, description="template: share of rows whose "
                                         "image comes with a short question (VQA style) instead of a description request.")
     seed: int = Field(default=0, description="Seeds the per-row choice of type, question and template.")
+    send_image: bool = Field(default=False, description="LLM backends: show the model the image itself (a vision-"
+                             "language model), re-encoded as JPEG with its long side at most image_max_side, as a "
+                             "base64 data URL; the captions and boxes still go along as context.")
+    image_max_side: int = Field(default=768, gt=0, description="send_image: longest side sent, in pixels.")
     concurrency: int | None = Field(default=1, gt=0, description="Actors; requests in flight cluster-wide = this x max_concurrency.")
     batch_size: int = Field(default=256, gt=0, description="Rows per batch; openai default: 8 x max_concurrency.")
     _run_dir: str | None = PrivateAttr(default=None)  # set by `bind_run`: where the cache and usage live
@@ -113,6 +119,8 @@ class LlavaSynthesisConfig(OpConfig):
             raise ValueError("mix: at least one response type needs a weight > 0")
         if any(w < 0 for w in self.mix.values()):
             raise ValueError("mix: weights must be >= 0")
+        if self.send_image and self.backend == "template":
+            raise ValueError("send_image needs a model that sees images: backend openai or vllm, not template")
         return self
 
     @property
@@ -207,7 +215,8 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
         if config.backend != "vllm" or config.vllm is None:
             return None
 
-        return RayLLMStage(prepare=config.with_phase("prepare"), processor_kwargs=config.vllm.processor_kwargs(),
+        return RayLLMStage(prepare=config.with_phase("prepare"),
+                           processor_kwargs=config.vllm.processor_kwargs(images=config.send_image),
                            preprocess=functools.partial(preprocess_row, config=config.vllm),
                            postprocess=functools.partial(postprocess_row, config=config.vllm))
 
@@ -217,7 +226,8 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
 
     def process(self, batch: pa.Table) -> pa.Table:
         config = self.config
-        rows = batch.select([c for c in batch.column_names if c in _CONTEXT_COLUMNS]).to_pylist()  # no image bytes
+        wanted = _CONTEXT_COLUMNS | ({C.IMAGE} if self._sends_images() else set())  # image bytes only when sent
+        rows = batch.select([c for c in batch.column_names if c in wanted]).to_pylist()
         out = [_empty_result() for _ in rows]
         contexts: list[dict[str, Any] | None] = []
         for row, result in zip(rows, out):
@@ -228,6 +238,14 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
                 log.debug("row %s: %s", row[C.UID], e)
             if context is not None and not context["captions"] and not context.get("objects"):
                 result[C.REJECT_REASON], context = "no_context", None
+            if context is not None and self._sends_images():
+                if not row.get(C.IMAGE):
+                    result[C.REJECT_REASON], context = "no_image", None
+                else:
+                    try:
+                        row[_IMAGE_URL] = image_data_url(row[C.IMAGE], config.image_max_side)
+                    except ImageRejected as e:
+                        result[C.REJECT_REASON], context = e.reason, None
             contexts.append(context)
         requests = self.requests(rows, contexts)
         if config.backend == "vllm" and config._phase == "prepare":
@@ -267,9 +285,14 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
                 requests.append(Request(i, row[C.UID], context, row=row))
                 continue
             kind, question = self.type_and_question(row[C.UID])
-            requests.append(Request(i, row[C.UID], context, kind, question,
-                                    build_messages(self.prompts[kind], context, question), row))
+            messages = build_messages(self.prompts[kind], context, question, row.get(_IMAGE_URL))
+            requests.append(Request(i, row[C.UID], context, kind, question, messages, row))
         return requests
+
+    def _sends_images(self) -> bool:
+        """The image goes to the model: asked for, and not the vllm finish phase (it reads replies only)."""
+        config = self.config
+        return config.send_image and not (config.backend == "vllm" and config._phase != "prepare")
 
     def _vllm_requests(self, requests: list[Request], out: list[dict]) -> pa.Table:
         """Prepare phase: each row's chat messages as JSON, for Ray Data LLM to generate from."""
@@ -298,7 +321,10 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
         except InvalidConversation as e:
             result[C.REJECT_REASON], result[C.LLM_RAW_RESPONSE] = e.reject_reason, raw
             return
-        missing = ungrounded_objects(turns, context, self.vocabulary)
+        if self.config.send_image and not context.get("objects"):
+            missing = []  # the model saw the image; captions alone cannot say what it may name (boxes can)
+        else:
+            missing = ungrounded_objects(turns, context, self.vocabulary)
         result[C.UNGROUNDED_OBJECTS] = missing
         result[C.CONVERSATIONS] = json.dumps(turns, ensure_ascii=False)
         if missing and config.reject_ungrounded:
@@ -310,8 +336,18 @@ _CONTEXT_COLUMNS = frozenset({C.UID, C.CAPTION, C.CAPTION_BEST, C.CAPTIONS_KEPT,
                               C.LLM_REPLY_TEXT, C.LLM_REPLY_FINISH, C.LLM_REPLY_PROMPT_TOKENS,
                               C.LLM_REPLY_COMPLETION_TOKENS})
 
+_IMAGE_URL = "_image_url"  # a row's image as the data URL sent (send_image)
+
 _RESULT_COLUMNS = (C.INSTRUCTION_TYPE, C.CONVERSATIONS, C.LLM_MODEL, C.LLM_PROMPT_TOKENS, C.LLM_COMPLETION_TOKENS,
                    C.LLM_COST_USD, C.LLM_CACHED, C.LLM_RAW_RESPONSE, C.UNGROUNDED_OBJECTS, C.REJECT_REASON)
+
+
+def image_data_url(data: bytes, max_side: int) -> str:
+    """A row's image as a JPEG data URL, its long side at most `max_side` (never upscaled): what an
+    OpenAI-compatible vision model takes in a message. `ImageRejected` (`decode_error`, ...)."""
+    jpeg = process_image(data, ImageOptions(image_size=max_side, resize_mode="keep_ratio_largest",
+                                            resize_only_if_bigger=True, encode_format="jpeg", encode_quality=90))
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg.data).decode("ascii")
 
 
 def _empty_result() -> dict[str, Any]:

@@ -355,3 +355,48 @@ def test_llava_style_replies_through_failures_keep_at_least_nine_rows_in_ten(ser
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), f"the API key leaked into {path}"
+
+
+def test_a_model_that_sees_the_image_writes_about_the_true_scene(synthweb_dir, synthweb_run, tmp_path, monkeypatch):
+    """send_image: the image goes along as a data URL (JPEG, long side capped); the fake VLM finds the scene
+    by its looks, so rows whose web caption is wrong get conversations about what the image shows."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from dataengine.testbed.synthweb.llm_responder import SceneIndex
+
+    monkeypatch.setenv("TEST_LLM_KEY", SECRET)
+    _, first, _ = synthweb_run
+    kept = pl.read_parquet(first.run_dir / "dataset" / "*.parquet")
+    truth = pl.read_parquet(synthweb_dir / "truth.parquet").select("id", "true_caption", "caption_noise")
+    rows = kept.join(truth, left_on="source_id", right_on="id").filter(pl.col("caption_noise") == "mismatched").head(8)
+    assert rows.height >= 4
+    batch = pa.table({C.UID: rows["uid"].to_list(), C.IMAGE: rows["image"].to_list(), C.CAPTION: rows["caption"].to_list()})
+    with FakeLLMServer(SceneResponder(scenes=SceneIndex.from_synthweb(synthweb_dir))) as server:
+        config = _config(server, tmp_path).model_copy(update={"send_image": True, "image_max_side": 128,
+                                                               "mix": {"conversation": 1.0}})
+        out = _run(config, batch)
+        assert server.responder.seen_images == rows.height  # every image was recognised
+        bodies = list(server.bodies)
+    for body in bodies:
+        parts = body["messages"][-1]["content"]
+        assert [p["type"] for p in parts] == ["image_url", "text"] and "<data>" in parts[1]["text"]
+        url = parts[0]["image_url"]["url"]
+        assert url.startswith("data:image/jpeg;base64,")
+        image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+        assert image.format == "JPEG" and max(image.size) <= 128
+    for row, true_caption, web_caption in zip(out, rows["true_caption"], rows["caption"]):
+        assert row[C.REJECT_REASON] is None, row
+        first_answer = json.loads(row[C.CONVERSATIONS])[1]["value"]
+        assert true_caption in first_answer and web_caption not in first_answer  # the image, not the wrong caption
+
+
+def test_send_image_needs_a_model_backend_and_rows_without_images_are_rejected(server, tmp_path):
+    with pytest.raises(ValueError, match="send_image needs a model that sees images"):
+        LlavaSynthesisConfig(backend="template", send_image=True)
+    config = _config(server, tmp_path).model_copy(update={"send_image": True})
+    batch = _batch(2).append_column(C.IMAGE, pa.array([None, b"not an image"], pa.binary()))
+    assert [r[C.REJECT_REASON] for r in _run(config, batch)] == ["no_image", "not_image"]
+    assert server.requests == 0

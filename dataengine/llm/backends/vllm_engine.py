@@ -57,8 +57,9 @@ class VLLMBackendConfig(BaseModel):
             params["structured_outputs"] = {"json": json.dumps(TURNS_SCHEMA)}
         return params
 
-    def processor_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `ray.data.llm.vLLMEngineProcessorConfig`."""
+    def processor_kwargs(self, images: bool = False) -> dict[str, Any]:
+        """Keyword arguments of `ray.data.llm.vLLMEngineProcessorConfig`; `images`: the messages carry
+        image parts (OpenAI content format), which Ray Data LLM's multimodal stage turns into model inputs."""
         engine = {"tensor_parallel_size": self.tensor_parallel_size, **self.engine_kwargs}
         if self.max_model_len:
             engine["max_model_len"] = self.max_model_len
@@ -66,6 +67,8 @@ class VLLMBackendConfig(BaseModel):
                                   "batch_size": self.engine_batch_size}
         if self.accelerator_type:
             kwargs["accelerator_type"] = self.accelerator_type
+        if images:
+            kwargs["prepare_multimodal_stage"] = {"enabled": True}
         return kwargs
 
 

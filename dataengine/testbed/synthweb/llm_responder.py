@@ -12,13 +12,17 @@ the reply format the prompts ask for, and misbehaves in known ways so checks can
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
 import threading
+from pathlib import Path
 from typing import Any
 
-from dataengine.llm.prompts import FENCE_CLOSE, FENCE_OPEN
+import numpy as np
+
+from dataengine.llm.prompts import FENCE_CLOSE, FENCE_OPEN, message_text
 
 _INJECTION = re.compile(r"ignore (?:all |any |the )?(?:previous |prior |above )?instructions[^.]*?(?:and |then |, )?(.*)",
                         re.IGNORECASE)
@@ -26,9 +30,13 @@ _INJECTION = re.compile(r"ignore (?:all |any |the )?(?:previous |prior |above )?
 HALLUCINATED_OBJECTS = ("dog", "bicycle", "umbrella", "clock", "cup", "chair")
 
 
-def fenced_context(messages: list[dict[str, str]]) -> dict[str, Any] | None:
+def _last_user(messages: list[dict[str, Any]]) -> Any:
+    return next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
+
+
+def fenced_context(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The JSON between the fence markers of the last user message (None if there is none)."""
-    user = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+    user = message_text(_last_user(messages))
     start, end = user.rfind(FENCE_OPEN), user.rfind(FENCE_CLOSE)
     if start < 0 or end < start:
         return None
@@ -38,8 +46,66 @@ def fenced_context(messages: list[dict[str, str]]) -> dict[str, Any] | None:
         return None
 
 
-def asked_question(messages: list[dict[str, str]]) -> str | None:
-    user = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+def sent_image(messages: list[dict[str, Any]]) -> bytes | None:
+    """The image bytes of the last user message's `image_url` part (a base64 data URL), if it has one."""
+    content = _last_user(messages)
+    for part in content if isinstance(content, list) else []:
+        url = (part.get("image_url") or {}).get("url", "") if isinstance(part, dict) else ""
+        if url.startswith("data:") and ";base64," in url:
+            return base64.b64decode(url.split(";base64,", 1)[1])
+    return None
+
+
+class SceneIndex:
+    """The synthetic web's true scenes, found by what an image looks like (its pHash, nearest within
+    `max_bits`): a model that sees the image describes the true scene, whatever the web caption says."""
+
+    def __init__(self, codes: np.ndarray, contexts: list[dict[str, Any]], max_bits: int = 32) -> None:
+        self.codes, self.contexts, self.max_bits = codes, contexts, max_bits
+
+    @classmethod
+    def from_synthweb(cls, web_dir: str | Path) -> SceneIndex:
+        import pyarrow.parquet as pq
+
+        from dataengine.dedup.descriptors import decode_rgb, phash
+        from dataengine.testbed.synthweb.build import BROKEN, OBJECTS, PATH, TRUE_CAPTION, TRUTH_FILE, boxes_json
+
+        root = Path(web_dir)
+        codes, contexts = [], []
+        for row in pq.read_table(root / TRUTH_FILE, columns=[PATH, TRUE_CAPTION, OBJECTS, BROKEN]).to_pylist():
+            path = _served_file(root, row[PATH]) if row[PATH] else None
+            if row[BROKEN] or path is None or not path.is_file():
+                continue
+            try:
+                codes.append(np.frombuffer(phash(decode_rgb(path.read_bytes())), dtype=np.uint8))
+            except Exception:  # a file the generator made unreadable on purpose
+                continue
+            context: dict[str, Any] = {"captions": [row[TRUE_CAPTION]]}
+            if row[OBJECTS]:
+                context["objects"] = json.loads(boxes_json(row[OBJECTS]))
+            contexts.append(context)
+        return cls(np.stack(codes) if codes else np.zeros((0, 32), np.uint8), contexts)
+
+    def lookup(self, image: bytes) -> dict[str, Any] | None:
+        from dataengine.dedup.descriptors import decode_rgb, hamming, phash
+
+        if not len(self.codes):
+            return None
+        code = np.frombuffer(phash(decode_rgb(image)), dtype=np.uint8)[None, :]
+        distances = hamming(code, self.codes)[0]
+        best = int(np.argmin(distances))
+        return self.contexts[best] if distances[best] <= self.max_bits else None
+
+
+def _served_file(root: Path, url_path: str) -> Path:
+    """The file a synthetic-web URL path serves: under files/ as is, or (redirect, flaky, slow, opt-out
+    routes) the image of that name under files/img/."""
+    direct = root / "files" / url_path.lstrip("/")
+    return direct if direct.is_file() else root / "files" / "img" / Path(url_path).name
+
+
+def asked_question(messages: list[dict[str, Any]]) -> str | None:
+    user = message_text(_last_user(messages))
     match = re.search(r'Use exactly this question for the one turn: "(.*)"', user)
     return match.group(1) if match else None
 
@@ -76,11 +142,12 @@ class SceneResponder:
     """
 
     def __init__(self, hallucination_rate: float = 0.0, seed: int = 0, style: str = "json",
-                 structured_outputs: bool = True) -> None:
+                 structured_outputs: bool = True, scenes: SceneIndex | None = None) -> None:
         if style not in STYLES:
             raise ValueError(f"unknown style {style!r} (known: {', '.join(STYLES)})")
         self.hallucination_rate, self.seed = hallucination_rate, seed
-        self.style, self.structured_outputs = style, structured_outputs
+        self.style, self.structured_outputs, self.scenes = style, structured_outputs, scenes
+        self.seen_images = 0  # requests whose image was found in `scenes`
         self.hallucinated: dict[str, str] = {}  # context JSON -> the object added
         self._lock = threading.Lock()
 
@@ -92,6 +159,14 @@ class SceneResponder:
             return Reply(status=400, content="response_format json_schema is not supported by this server")
         messages = body.get("messages") or []
         context = fenced_context(messages)
+        image = sent_image(messages)
+        if image is not None and self.scenes is not None:  # it sees the image: the true scene, not the caption
+            seen = self.scenes.lookup(image)
+            if seen is not None:
+                with self._lock:
+                    self.seen_images += 1
+                context = {**seen, "captions": seen["captions"] + [c for c in (context or {}).get("captions", [])
+                                                                    if _INJECTION.search(c)]}
         if context is None:
             return Reply(content="I need a description of the image.")
         for caption in context.get("captions") or []:
