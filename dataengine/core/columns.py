@@ -30,6 +30,7 @@ PHASH = "phash"  # dedup descriptor: perceptual hash bits, packed bytes
 
 # written by CapFilt (blip_caption_mapper, capfilt_filter)
 SYNTHETIC_CAPTIONS = "synthetic_captions"
+VLM_CAPTION = "vlm_caption"
 WEB_CAPTION_ITM = "web_caption_itm"
 SYNTHETIC_CAPTION_ITM = "synthetic_caption_itm"
 CAPTIONS_KEPT = "captions_kept"  # best first

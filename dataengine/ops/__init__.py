@@ -10,6 +10,7 @@ from dataengine.ops import (  # noqa: F401  (each registers its op)
     export,
     llava_synthesis,
     perplexity,
+    vlm_caption,
 )
 from dataengine.ops.base import Op, OpConfig, apply_stage, get_op, list_ops, register_op, stage_name
 

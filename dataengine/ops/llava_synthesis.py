@@ -19,11 +19,9 @@ with a reason (`llm_invalid:<why>`, `llm_ungrounded`, `llm_error:<why>`), never 
 
 from __future__ import annotations
 
-import base64
 import functools
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,10 +30,9 @@ from pydantic import Field, PrivateAttr, SecretStr, model_validator
 
 from dataengine.core import columns as C
 from dataengine.core.fields import OPERATIONAL
-from dataengine.core.layout import LLM_CACHE_DIR, LLM_USAGE_DIR
-from dataengine.io.imaging import ImageOptions, ImageRejected, process_image
+from dataengine.io.imaging import ImageRejected
 from dataengine.llm.backends.base import Backend, Reply, Request, row_seed
-from dataengine.llm.backends.openai_chat import OpenAIBackendConfig, OpenAIChat
+from dataengine.llm.backends.openai_chat import OpenAIBackendConfig
 from dataengine.llm.backends.template import TemplateBackend, Templates
 from dataengine.llm.backends.vllm_engine import (
     REQUEST_COLUMN,
@@ -45,12 +42,11 @@ from dataengine.llm.backends.vllm_engine import (
     preprocess_row,
     request_json,
 )
-from dataengine.llm.cache import ResponseCache
 from dataengine.llm.grounding import ObjectVocabulary, ungrounded_objects
 from dataengine.llm.prompts import RESPONSE_TYPES, build_messages, load_prompt_sets, parse_reply
-from dataengine.llm.usage import UsageLedger
 from dataengine.llm.validate import InvalidConversation, Limits, validate_conversation
 from dataengine.ops.base import Op, OpConfig, RayLLMStage, Requirement, register_op
+from dataengine.ops.llm_common import driver_key, image_data_url, open_openai
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +132,6 @@ class LlavaSynthesisConfig(OpConfig):
         copy._phase = phase
         return copy
 
-    def state_path(self, default: str, configured: str | None = None) -> Path | None:
-        if configured:
-            return Path(configured).expanduser()
-        return Path(self._run_dir) / default if self._run_dir else None
 
 
 def pick_type(uid: str, seed: int, mix: dict[str, float]) -> str:
@@ -157,6 +149,8 @@ def pick_type(uid: str, seed: int, mix: dict[str, float]) -> str:
 def row_context(row: dict[str, Any]) -> dict[str, Any]:
     """Captions best first (CapFilt's kept list when present) and boxes; `ValueError` on malformed boxes."""
     captions = row.get(C.CAPTIONS_KEPT) or [c for c in (row.get(C.CAPTION_BEST) or row.get(C.CAPTION),) if c]
+    if row.get(C.VLM_CAPTION):  # a model that saw the image wrote it: the most detailed, first (caption-then-QA)
+        captions = [row[C.VLM_CAPTION], *(c for c in captions if c != row[C.VLM_CAPTION])]
     context: dict[str, Any] = {"captions": [c.strip() for c in captions if c and c.strip()]}
     if row.get(C.BOXES):
         try:
@@ -205,9 +199,7 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
     def bind_run(cls, config: LlavaSynthesisConfig, run_dir: Path) -> LlavaSynthesisConfig:
         bound = config.model_copy()
         bound._run_dir = str(run_dir)
-        env = config.openai.api_key_env if config.backend == "openai" and config.openai else None
-        if env and os.environ.get(env):
-            bound._api_key = SecretStr(os.environ[env])
+        bound._api_key = driver_key(config.openai) if config.backend == "openai" else None
         return bound
 
     @classmethod
@@ -332,7 +324,7 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
 
 
 #: what the op reads of a row: its id, its texts and boxes, and (vllm) the engine's reply
-_CONTEXT_COLUMNS = frozenset({C.UID, C.CAPTION, C.CAPTION_BEST, C.CAPTIONS_KEPT, C.BOXES, C.LLM_REQUEST,
+_CONTEXT_COLUMNS = frozenset({C.UID, C.CAPTION, C.CAPTION_BEST, C.CAPTIONS_KEPT, C.VLM_CAPTION, C.BOXES, C.LLM_REQUEST,
                               C.LLM_REPLY_TEXT, C.LLM_REPLY_FINISH, C.LLM_REPLY_PROMPT_TOKENS,
                               C.LLM_REPLY_COMPLETION_TOKENS})
 
@@ -340,14 +332,6 @@ _IMAGE_URL = "_image_url"  # a row's image as the data URL sent (send_image)
 
 _RESULT_COLUMNS = (C.INSTRUCTION_TYPE, C.CONVERSATIONS, C.LLM_MODEL, C.LLM_PROMPT_TOKENS, C.LLM_COMPLETION_TOKENS,
                    C.LLM_COST_USD, C.LLM_CACHED, C.LLM_RAW_RESPONSE, C.UNGROUNDED_OBJECTS, C.REJECT_REASON)
-
-
-def image_data_url(data: bytes, max_side: int) -> str:
-    """A row's image as a JPEG data URL, its long side at most `max_side` (never upscaled): what an
-    OpenAI-compatible vision model takes in a message. `ImageRejected` (`decode_error`, ...)."""
-    jpeg = process_image(data, ImageOptions(image_size=max_side, resize_mode="keep_ratio_largest",
-                                            resize_only_if_bigger=True, encode_format="jpeg", encode_quality=90))
-    return "data:image/jpeg;base64," + base64.b64encode(jpeg.data).decode("ascii")
 
 
 def _empty_result() -> dict[str, Any]:
@@ -363,8 +347,4 @@ def _open_backend(config: LlavaSynthesisConfig) -> Backend:
         return EngineReplies(config.model_label)
 
     assert config.openai is not None  # the config's validator demands the section
-    cache_dir = config.state_path(LLM_CACHE_DIR, config.cache_dir)
-    usage_dir = config.state_path(LLM_USAGE_DIR)
-    return OpenAIChat(config.openai, ResponseCache(cache_dir) if cache_dir else None,
-                      UsageLedger(usage_dir) if usage_dir else None,
-                      config._api_key.get_secret_value() if config._api_key else None)
+    return open_openai(config.openai, config._run_dir, config.cache_dir, config._api_key)

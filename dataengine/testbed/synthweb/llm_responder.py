@@ -56,6 +56,21 @@ def sent_image(messages: list[dict[str, Any]]) -> bytes | None:
     return None
 
 
+def describe(context: dict[str, Any]) -> str:
+    """A detailed caption of a scene, as a captioning VLM writes one: the scene, then each object with
+    its size, colour and place in the frame."""
+    sentences = [f"The image shows {context['captions'][0].rstrip('.')}."] if context.get("captions") else []
+    for obj in context.get("objects") or []:
+        x1, y1, x2, y2 = obj["box"]
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        where = f"{'top' if cy < 1 / 3 else 'bottom' if cy > 2 / 3 else 'middle'} " \
+                f"{'left' if cx < 1 / 3 else 'right' if cx > 2 / 3 else 'centre'}"
+        attributes = obj.get("attributes") or {}
+        what = " ".join(v for v in (attributes.get("size"), attributes.get("colour"), obj["label"]) if v)
+        sentences.append(f"There is a {what} in the {where} of the frame.")
+    return " ".join(sentences)
+
+
 class SceneIndex:
     """The synthetic web's true scenes, found by what an image looks like (its pHash, nearest within
     `max_bits`): a model that sees the image describes the true scene, whatever the web caption says."""
@@ -160,13 +175,14 @@ class SceneResponder:
         messages = body.get("messages") or []
         context = fenced_context(messages)
         image = sent_image(messages)
-        if image is not None and self.scenes is not None:  # it sees the image: the true scene, not the caption
-            seen = self.scenes.lookup(image)
-            if seen is not None:
-                with self._lock:
-                    self.seen_images += 1
-                context = {**seen, "captions": seen["captions"] + [c for c in (context or {}).get("captions", [])
-                                                                    if _INJECTION.search(c)]}
+        seen = self.scenes.lookup(image) if image is not None and self.scenes is not None else None
+        if seen is not None:  # it sees the image: the true scene, whatever the caption says
+            with self._lock:
+                self.seen_images += 1
+            if context is None:  # no description to work from: asked to caption the image
+                return Reply(content=describe(seen))
+            context = {**seen, "captions": seen["captions"] + [c for c in context.get("captions", [])
+                                                                if _INJECTION.search(c)]}
         if context is None:
             return Reply(content="I need a description of the image.")
         for caption in context.get("captions") or []:

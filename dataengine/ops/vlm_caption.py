@@ -1,0 +1,187 @@
+"""`vlm_caption_mapper`: a vision-language model writes a detailed caption from the image itself.
+
+ShareGPT4V showed that detailed captions written by a model that sees the image (GPT-4V, then its own
+captioner) beat web alt-text as training data; ALLaVA writes such a caption first and then the
+questions and answers from it (caption-then-QA). Here the caption goes to `vlm_caption`; with
+`as_candidate` it is also appended to `synthetic_captions`, so `capfilt_filter` scores it like BLIP's
+candidates, and `llava_synthesis_mapper` puts it first in its context.
+
+The image is sent re-encoded as JPEG (long side at most `image_max_side`) in a base64 data URL, in the
+OpenAI chat content format, to an OpenAI-compatible endpoint (`backend: openai`: GPT-4o class, or
+vLLM serving Qwen2.5-VL or LLaVA-OneVision) or through Ray Data LLM on the cluster's GPUs
+(`backend: vllm`). The prompt is ours: `pipelines/prompts/vlm_caption.yaml`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+from pydantic import Field, PrivateAttr, SecretStr, model_validator
+
+from dataengine.core import columns as C
+from dataengine.core.fields import OPERATIONAL
+from dataengine.io.imaging import ImageRejected
+from dataengine.llm.backends.base import Backend, Request
+from dataengine.llm.backends.openai_chat import OpenAIBackendConfig
+from dataengine.llm.backends.vllm_engine import (
+    REQUEST_COLUMN,
+    EngineReplies,
+    VLLMBackendConfig,
+    postprocess_row,
+    preprocess_row,
+    request_json,
+)
+from dataengine.llm.prompts import default_prompts_dir, load_yaml, with_image
+from dataengine.ops.base import Op, OpConfig, RayLLMStage, Requirement, register_op
+from dataengine.ops.llm_common import driver_key, image_data_url, open_openai
+
+log = logging.getLogger(__name__)
+
+PROMPT_FILE = "vlm_caption.yaml"
+
+
+class VlmCaptionConfig(OpConfig):
+    """Detailed captions from a vision-language model."""
+
+    op: Literal["vlm_caption_mapper"] = "vlm_caption_mapper"
+    backend: Literal["openai", "vllm"] = Field(default="openai", description="Who sees the image.")
+    openai: OpenAIBackendConfig | None = Field(
+        default_factory=lambda: OpenAIBackendConfig(model="gpt-4o-mini"),
+        description="Endpoint settings (backend: openai); default: gpt-4o-mini at OpenAI, key in OPENAI_API_KEY.")
+    vllm: VLLMBackendConfig | None = Field(default=None, description="Engine settings (backend: vllm).")
+    prompt_file: str | None = Field(default=None, description="System prompt and instruction; default: "
+                                                              "pipelines/prompts/vlm_caption.yaml.")
+    image_max_side: int = Field(default=768, gt=0, description="Longest side of the image sent, in pixels.")
+    as_candidate: bool = Field(default=True, description="Also append the caption to synthetic_captions "
+                                                         "(capfilt_filter scores it).")
+    min_words: int = Field(default=5, ge=1, description="Shorter captions are rejected as vlm_caption_too_short.")
+    transient_errors: Literal["fail", "reject"] = Field(
+        default="fail", json_schema_extra=OPERATIONAL, description="After retries, a timeout/429/5xx stops the run "
+        "(resume later: replies already received are cached) or rejects the row as llm_error:<why>.")
+    cache_dir: str | None = Field(default=None, json_schema_extra=OPERATIONAL,
+                                  description="Reply cache; default: <run>/_state/llm-cache.")
+    concurrency: int | None = Field(default=1, gt=0, description="Actors; requests in flight = this x max_concurrency.")
+    batch_size: int = Field(default=64, gt=0, description="Rows per batch.")
+    _run_dir: str | None = PrivateAttr(default=None)
+    _phase: str | None = PrivateAttr(default=None)  # vllm: "prepare" (requests) or None (finish)
+    _api_key: SecretStr | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> VlmCaptionConfig:
+        if self.backend == "openai" and self.openai is None:
+            raise ValueError("backend openai needs an `openai:` section (model, base_url, ...)")
+        if self.backend == "vllm" and self.vllm is None:
+            raise ValueError("backend vllm needs a `vllm:` section (a vision-language model, engine_kwargs, ...)")
+        return self
+
+    def with_phase(self, phase: str | None) -> VlmCaptionConfig:
+        copy = self.model_copy()
+        copy._phase = phase
+        return copy
+
+
+@register_op
+class VlmCaptionMapper(Op[VlmCaptionConfig]):
+    """Write `vlm_caption` from the image with a vision-language model; reject what fails."""
+
+    Config = VlmCaptionConfig
+    stateful = True
+
+    def __init__(self, config: VlmCaptionConfig) -> None:
+        super().__init__(config)
+        prompt = load_yaml(Path(config.prompt_file) if config.prompt_file else default_prompts_dir() / PROMPT_FILE)
+        self.system, self.instruction = str(prompt["system"]).strip(), str(prompt["instruction"]).strip()
+        self.backend: Backend | None = None
+        if config.backend == "vllm":
+            self.backend = EngineReplies(config.vllm.model if config.vllm else "vllm")
+        elif config.openai is not None:  # captions are prose: no response_format
+            self.backend = open_openai(config.openai.model_copy(update={"structured": "none", "json_mode": False}),
+                                       config._run_dir, config.cache_dir, config._api_key)
+
+    @classmethod
+    def requires(cls, config: VlmCaptionConfig) -> list[Requirement]:
+        return [Requirement("vllm", "pip install 'dataengine[vllm]' (Ray Data LLM and vLLM, on GPU nodes)")] \
+            if config.backend == "vllm" else []
+
+    @classmethod
+    def bind_run(cls, config: VlmCaptionConfig, run_dir: Path) -> VlmCaptionConfig:
+        bound = config.model_copy()
+        bound._run_dir = str(run_dir)
+        bound._api_key = driver_key(config.openai) if config.backend == "openai" else None
+        return bound
+
+    @classmethod
+    def ray_llm_stage(cls, config: VlmCaptionConfig) -> RayLLMStage | None:
+        if config.backend != "vllm" or config.vllm is None:
+            return None
+        vllm = config.vllm.model_copy(update={"structured": "none"})
+        return RayLLMStage(prepare=config.with_phase("prepare"), processor_kwargs=vllm.processor_kwargs(images=True),
+                           preprocess=functools.partial(preprocess_row, config=vllm),
+                           postprocess=functools.partial(postprocess_row, config=vllm))
+
+    def __del__(self) -> None:
+        if getattr(self, "backend", None) is not None:
+            self.backend.close()
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        config = self.config
+        finishing = config.backend == "vllm" and config._phase != "prepare"
+        wanted = {C.UID, C.SYNTHETIC_CAPTIONS, *(_REPLY_COLUMNS if finishing else (C.IMAGE,))}
+        rows = batch.select([c for c in batch.column_names if c in wanted]).to_pylist()
+        reasons: list[str | None] = [None] * len(rows)
+        requests = []
+        for i, row in enumerate(rows):
+            if finishing:
+                requests.append(Request(i, row[C.UID], {}, row=row))
+                continue
+            if not row.get(C.IMAGE):
+                reasons[i] = "no_image"
+                continue
+            try:
+                url = image_data_url(row[C.IMAGE], config.image_max_side)
+            except ImageRejected as e:
+                reasons[i] = e.reason
+                continue
+            messages = [{"role": "system", "content": self.system},
+                        {"role": "user", "content": with_image(self.instruction, url)}]
+            requests.append(Request(i, row[C.UID], {}, messages=messages, row=row))
+        if config.backend == "vllm" and config._phase == "prepare":
+            asked: list[str | None] = [None] * len(rows)
+            for request in requests:
+                asked[request.index] = request_json(request.messages or [])
+            return pa.table({REQUEST_COLUMN: pa.array(asked, pa.string()), C.REJECT_REASON: pa.array(reasons, pa.string())})
+        assert self.backend is not None
+        captions: list[str | None] = [None] * len(rows)
+        raw: list[str | None] = [None] * len(rows)
+        failed = None
+        for request, reply in self.backend.generate(requests):
+            i = request.index
+            if reply.error is not None:
+                failed = failed or f"VLM request for row {request.uid} failed after retries ({reply.error})"
+                reasons[i] = f"llm_error:{reply.error}"
+                continue
+            caption = " ".join((reply.text or "").split())
+            if reply.finish_reason == "length":
+                reasons[i], raw[i] = "llm_invalid:truncated", reply.text
+            elif len(caption.split()) < config.min_words:
+                reasons[i], raw[i] = ("llm_invalid:empty" if not caption else "vlm_caption_too_short"), reply.text
+            else:
+                captions[i] = caption
+        if failed and config.transient_errors == "fail":
+            raise RuntimeError(f"{failed}; the run stops here and a rerun resumes (replies received so far are cached)")
+        columns: dict[str, pa.Array] = {C.VLM_CAPTION: pa.array(captions, pa.string())}
+        if config.as_candidate:
+            columns[C.SYNTHETIC_CAPTIONS] = pa.array(
+                [[*(row.get(C.SYNTHETIC_CAPTIONS) or []), c] if c else row.get(C.SYNTHETIC_CAPTIONS)
+                 for row, c in zip(rows, captions)], pa.list_(pa.string()))
+        columns[C.LLM_RAW_RESPONSE] = pa.array(raw, pa.string())
+        columns[C.REJECT_REASON] = pa.array(reasons, pa.string())
+        return pa.table(columns)
+
+
+#: what the finish phase reads of a row (vllm): the engine's reply
+_REPLY_COLUMNS = (C.LLM_REPLY_TEXT, C.LLM_REPLY_FINISH, C.LLM_REPLY_PROMPT_TOKENS, C.LLM_REPLY_COMPLETION_TOKENS)
