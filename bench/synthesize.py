@@ -6,7 +6,8 @@ process so it does not share a GIL with the client; it answers every request aft
 with a valid conversation. The client is the whole `llava_synthesis_mapper` op (prompt building, the
 `openai` async client, cache writes, parsing, validation, grounding) with `max_concurrency = C`,
 processing one batch of rows; the cache starts empty so every row is a request. The ratio
-achieved / (C/L) is the share of the endpoint's capacity the op uses.
+achieved / (C/L) is the share of the endpoint's capacity the op uses; CPU ms/req is the client process's
+CPU time (all its threads: the op, the client's event loop) per request.
 
 What bounds it here: the `openai` client spends ~2 ms of CPU per request (request building and
 connection-pool bookkeeping), so one worker process tops out near 500 requests/s on this machine
@@ -65,17 +66,18 @@ def measure(concurrency: int, latency: float, waves: int) -> dict[str, float]:
         op = LlavaSynthesisMapper(LlavaSynthesisMapper.bind_run(config, Path(tmp)))
         op.process(_rows(min(concurrency, 32), "warm"))  # connections and imports, not timed
         rows = _rows(concurrency * waves, f"c{concurrency}-l{latency}")
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         out = op.process(rows)
-        seconds = time.perf_counter() - started
-        op.chat.close()
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        op.backend.close()
     stop.set()
     requests, max_in_flight = queue.get(timeout=30)
     proc.join(timeout=10)
     kept = out.column(C.REJECT_REASON).null_count
     n = rows.num_rows
     return {"C": concurrency, "L": latency, "rows": n, "kept": kept, "seconds": seconds, "achieved": n / seconds,
-            "limit": concurrency / latency, "ratio": n / seconds / (concurrency / latency), "max_in_flight": max_in_flight}
+            "limit": concurrency / latency, "ratio": n / seconds / (concurrency / latency), "max_in_flight": max_in_flight,
+            "cpu_ms": cpu / n * 1e3}
 
 
 def main() -> None:
@@ -85,12 +87,12 @@ def main() -> None:
     parser.add_argument("--waves", type=int, default=6, help="batch = waves x C rows")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
-    lines = [f"{'C':>5} {'L s':>5} {'rows':>6} {'kept':>6} {'seconds':>8} {'req/s':>8} {'C/L':>8} {'ratio':>6} {'max in flight':>14}"]
+    lines = [f"{'C':>5} {'L s':>5} {'rows':>6} {'kept':>6} {'seconds':>8} {'req/s':>8} {'C/L':>8} {'ratio':>6} {'max in flight':>14} {'CPU ms/req':>11}"]
     for c in args.c:
         for latency in args.latency:
             r = measure(c, latency, args.waves)
             lines.append(f"{r['C']:>5} {r['L']:>5.2f} {r['rows']:>6} {r['kept']:>6} {r['seconds']:>8.2f} "
-                         f"{r['achieved']:>8.1f} {r['limit']:>8.1f} {r['ratio']:>6.3f} {r['max_in_flight']:>14}")
+                         f"{r['achieved']:>8.1f} {r['limit']:>8.1f} {r['ratio']:>6.3f} {r['max_in_flight']:>14} {r['cpu_ms']:>11.2f}")
             print(lines[-1], flush=True)
     report("bench/synthesize.py: llava_synthesis_mapper (openai backend) vs the C/L limit", lines,
            record=not args.no_record)
