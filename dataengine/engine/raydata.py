@@ -61,9 +61,10 @@ def ray_session(address: str | None, resources: ResourcesSpec) -> Iterator[None]
 _TASK_OPS: dict[tuple, Any] = {}
 
 
-def _run_task_step(batch: pa.Table, step: Step, schema: pa.Schema, parts_dir: str) -> pa.Table:
+def _run_task_step(batch: pa.Table, step: Step, schema: pa.Schema, parts_dir: str, shed: bool = True) -> pa.Table:
     """Task body for stateless ops, model stages' CPU halves and decisions (an op object or preparer is
-    cached per worker process); the rows the step rejects leave the stream here."""
+    cached per worker process); the rows the step rejects leave the stream here (`shed`), or, in the
+    read task, once its batches are back together."""
     op = None
     if step.decision is None:
         key = (step.index, step.phase, step.config.model_dump_json(), repr(step.config.__pydantic_private__))
@@ -73,7 +74,8 @@ def _run_task_step(batch: pa.Table, step: Step, schema: pa.Schema, parts_dir: st
             op = _TASK_OPS[key] = op_class.preparer(step.config) if step.phase == PREPARE else op_class(step.config)
     else:
         step = Step(step.index, step.config, rejections.for_batch(step.decision, batch))
-    return shed_rejected(run_step(step, op, batch, schema), parts_dir)
+    out = run_step(step, op, batch, schema)
+    return shed_rejected(out, parts_dir) if shed else out
 
 
 class _StageActor:
@@ -150,10 +152,11 @@ def _read_and_run(batch: pa.Table, steps: list[Step], schema: pa.Schema, parts_d
     task (one process per shard, as a plain script would: no hop through the object store between them),
     and, when no model stage follows (`final` is not None), its alive rows written here too."""
     table = _read_inputs(batch)
-    for step in steps:
+    for step in steps:  # each step's rejected rows leave in one part per shard, not one per batch
         size = step.config.batch_size
-        outputs = [_run_task_step(table.slice(i, size), step, schema, parts_dir) for i in range(0, table.num_rows, size)]
-        table = pa.concat_tables(outputs, promote_options="permissive") if outputs else table
+        outputs = [_run_task_step(table.slice(i, size), step, schema, parts_dir, shed=False)
+                   for i in range(0, table.num_rows, size)]
+        table = shed_rejected(pa.concat_tables(outputs, promote_options="permissive"), parts_dir) if outputs else table
     return table if final is None else write_alive(table, parts_dir, final)
 
 

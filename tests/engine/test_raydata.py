@@ -66,6 +66,8 @@ def test_steps_before_the_first_model_stage_run_in_the_read_task(ray_local, tmp_
     assert tallied[0] == tallied[1] == 7 - len(alive[0])
     summary = _read_and_run(files, [rules], sample_schema(), str(tmp_path / "written"), final=True)
     assert summary.column("rows").to_pylist() == [7]  # alive rows + the rejected ones' tally
+    # three batches of 3 rows, one rejected part: a step's rejected rows leave the read task together
+    assert len(list((tmp_path / "written" / "s").glob("rejected-*.parquet"))) == 1
 
 
 def test_a_model_stage_preparing_in_tasks_has_its_own_task_pool_before_the_actors(ray_local, tmp_path, capsys):
