@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,18 @@ from dataengine.core import columns as C
 from dataengine.core.atomic import write_parquet_atomic, write_text_atomic
 from dataengine.core.layout import DATASET_DIR, REJECTED_DIR
 from dataengine.core.schemas import conform, rejected_schema
-from dataengine.engine.parts import KEPT_PART, REJECTED_PART, ROWS_PART, counter_sums, part_counters
+from dataengine.engine.parts import (
+    KEPT_PART,
+    REJECTED_PART,
+    ROWS_PART,
+    SUMMARY_COMMITTED,
+    SUMMARY_PART,
+    SUMMARY_REJECTED,
+    SUMMARY_ROWS,
+    SUMMARY_SHARD,
+    counter_sums,
+    part_counters,
+)
 from dataengine.engine.segments import Segment
 
 
@@ -61,6 +73,49 @@ def commit_shard(run_dir: str, segment: Segment, shard_id: str, inputs: list[str
     write_text_atomic(segment.marker(root, shard_id), json.dumps(marker))
     finish_commit(root, segment, shard_id, marker)
     return marker
+
+
+SHARD_INDEX = "shard_index"  # in a read task's input row: which of `ShardCommits.shards` it reads
+
+
+@dataclass(frozen=True)
+class ShardCommit:
+    """What committing one shard's segment takes: its id, the files the segment read for it (relative),
+    the previous segment's marker, the shard's rows in the input (`rows`) and the rows this segment
+    received (`alive`: the previous segment's alive rows, or `rows` in the first)."""
+
+    shard_id: str
+    inputs: list[str]
+    previous: dict[str, Any] | None
+    rows: int
+    alive: int
+
+
+@dataclass(frozen=True)
+class ShardCommits:
+    """The segment's shards, for the read tasks that write every part of their shard and so can commit
+    it where they are (`commit_shard`, the same commit as a commit task's), and tell the driver."""
+
+    run_dir: str
+    segment: Segment
+    stage_names: list[str]
+    shards: list[ShardCommit]
+
+    def shard(self, batch: pa.Table) -> ShardCommit | None:
+        return self.shards[batch.column(SHARD_INDEX)[0].as_py()] if SHARD_INDEX in batch.column_names else None
+
+    def marker(self, shard: ShardCommit) -> dict[str, Any] | None:
+        return self.segment.read_marker(Path(self.run_dir), shard.shard_id)
+
+    def commit(self, shard: ShardCommit) -> dict[str, Any] | None:
+        return commit_shard(self.run_dir, self.segment, shard.shard_id, shard.inputs, shard.previous, shard.rows,
+                            self.stage_names)
+
+    def summary(self, shard: ShardCommit, marker: dict[str, Any]) -> pa.Table:
+        """The summary row of a shard committed before (a retried task): all its rows back, committed."""
+        finish_commit(Path(self.run_dir), self.segment, shard.shard_id, marker)
+        return pa.table({SUMMARY_SHARD: [shard.shard_id], SUMMARY_PART: [""], SUMMARY_ROWS: pa.array([shard.alive], pa.int64()),
+                         SUMMARY_REJECTED: ["{}"], SUMMARY_COMMITTED: [True]})
 
 
 def _marker(root: Path, segment: Segment, shard_id: str, alive: list[Path], shed: list[Path],

@@ -29,6 +29,7 @@ from dataengine.core.schemas import conform, sample_schema
 REJECTED_PART, KEPT_PART, ROWS_PART = "rejected", "kept", "rows"
 COUNTERS_METADATA = b"dataengine.counters"  # a kept part's busy seconds and batches per stage index
 SUMMARY_SHARD, SUMMARY_PART, SUMMARY_ROWS, SUMMARY_REJECTED = "shard", "part", "rows", "rejected"
+SUMMARY_COMMITTED = "committed"  # the task that wrote every part of the shard committed it too
 
 
 def part_name(kind: str, uids: list[str]) -> str:

@@ -25,7 +25,8 @@ from dataengine.core import columns as C
 from dataengine.core.raytools import QUIET_WORKERS
 from dataengine.core.schemas import sample_schema
 from dataengine.engine import rejections
-from dataengine.engine.parts import shed_rejected, write_alive
+from dataengine.engine.commit import SHARD_INDEX, ShardCommits
+from dataengine.engine.parts import SUMMARY_COMMITTED, shed_rejected, write_alive
 from dataengine.engine.spec import ResourcesSpec
 from dataengine.ops import get_op
 from dataengine.ops.base import INFER, PREPARE, RayLLMStage, Step, run_step, split_steps
@@ -147,25 +148,40 @@ def _leading_task_steps(steps: list[Step]) -> list[Step]:
 
 
 def _read_and_run(batch: pa.Table, steps: list[Step], schema: pa.Schema, parts_dir: str,
-                  final: bool | None) -> pa.Table:
+                  final: bool | None, committing: ShardCommits | None = None) -> pa.Table:
     """Read task: a shard, then the steps that need no model over it in their batch sizes, in this one
     task (one process per shard, as a plain script would: no hop through the object store between them),
-    and, when no model stage follows (`final` is not None), its alive rows written here too."""
+    and, when no model stage follows (`final` is not None), its alive rows written here too; with
+    `committing`, the shard is committed here as well (no commit task, no round trip to the driver)."""
+    shard = committing.shard(batch) if committing is not None else None
+    if shard is not None:
+        marker = committing.marker(shard)
+        if marker is not None:  # a retried task whose shard is committed: nothing to redo
+            return committing.summary(shard, marker)
     table = _read_inputs(batch)
     for step in steps:  # each step's rejected rows leave in one part per shard, not one per batch
         size = step.config.batch_size
         outputs = [_run_task_step(table.slice(i, size), step, schema, parts_dir, shed=False)
                    for i in range(0, table.num_rows, size)]
         table = shed_rejected(pa.concat_tables(outputs, promote_options="permissive"), parts_dir) if outputs else table
-    return table if final is None else write_alive(table, parts_dir, final)
+    if final is None:
+        return table
+    summary = write_alive(table, parts_dir, final)
+    if shard is not None:
+        done = committing.commit(shard) is not None  # None: not every uid came back (the driver says so)
+        summary = summary.append_column(SUMMARY_COMMITTED, pa.array([done] * summary.num_rows))
+    return summary
 
 
-def stream_pipeline(inputs: list[list[str]], steps: list[Step], parts_dir: Path, final: bool) -> Iterator[dict]:
+def stream_pipeline(inputs: list[list[str]], steps: list[Step], parts_dir: Path, final: bool,
+                    committing: ShardCommits | None = None) -> Iterator[dict]:
     """Run the steps over the shards (each a list of files) on Ray Data; yield one summary row per part
-    written (shard, rows back, rejected per stage). Rows never come to the driver: tasks read the shards,
-    and workers write rejected rows as they fall out (`parts.shed_rejected`) and the alive rows at the
-    end (`parts.write_alive`) under `parts_dir`."""
-    summaries = build_stream(inputs, steps, parts_dir, final).iter_batches(batch_size=None, batch_format="pyarrow")
+    written (shard, rows back, rejected per stage, and whether the shard was committed where it was
+    written). Rows never come to the driver: tasks read the shards, and workers write rejected rows as
+    they fall out (`parts.shed_rejected`) and the alive rows at the end (`parts.write_alive`) under
+    `parts_dir`."""
+    summaries = build_stream(inputs, steps, parts_dir, final, committing).iter_batches(batch_size=None,
+                                                                                       batch_format="pyarrow")
     try:
         for summary in summaries:
             yield from summary.to_pylist()
@@ -177,10 +193,12 @@ def stream_pipeline(inputs: list[list[str]], steps: list[Step], parts_dir: Path,
         getattr(summaries, "close", lambda: None)()  # stopped early by the caller: the execution ends now
 
 
-def build_stream(inputs: list[list[str]], steps: list[Step], parts_dir: Path, final: bool) -> ray.data.Dataset:
+def build_stream(inputs: list[list[str]], steps: list[Step], parts_dir: Path, final: bool,
+                 committing: ShardCommits | None = None) -> ray.data.Dataset:
     """The segment's Ray Data stream, not started: a read task per shard running the steps that need no
     model (and the first model stage's CPU half), then per model stage its prepare tasks and its actor
-    pool, then the task writing the alive rows."""
+    pool, then the task writing the alive rows. When every step runs in the read task, that task commits
+    its shard too (`committing`, in the order of `inputs`)."""
     schema = sample_schema()  # read here: workers on other nodes may not have schemas/
     steps = split_steps(steps)
     actor_cpus = _actor_cpu_scale(steps)
@@ -190,9 +208,12 @@ def build_stream(inputs: list[list[str]], steps: list[Step], parts_dir: Path, fi
     write_here = len(fused) == len(steps)
     own = [s for s in fused if s.decision is None and s.phase is None]  # (a CPU half's fields are its actor's)
     cpus = min(max(s.config.num_cpus if s in own else 1 for s in fused), task_cpus) if fused else IO_TASK_CPUS
-    ds = ray.data.from_items([{"files": files} for files in inputs], override_num_blocks=max(1, len(inputs)))
+    committing = committing if write_here else None
+    items = [{"files": files, **({SHARD_INDEX: i} if committing is not None else {})} for i, files in enumerate(inputs)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(inputs)))
     limits = [s.config.concurrency for s in own if s.config.concurrency]
-    ds = ds.map_batches(_read_and_run, fn_args=(fused, schema, parts, final if write_here else None), batch_size=1,
+    ds = ds.map_batches(_read_and_run, fn_args=(fused, schema, parts, final if write_here else None, committing),
+                        batch_size=1,
                         batch_format="pyarrow", num_cpus=cpus,
                         compute=ray.data.TaskPoolStrategy(size=min(limits)) if limits else None, **UNFUSED_TASK)
     for step in steps[len(fused):]:

@@ -45,8 +45,15 @@ from dataengine.core.layout import DATASET_DIR, LLM_USAGE_DIR, MANIFEST, PARTS_D
 from dataengine.core.progress import StageProgress, note, report
 from dataengine.engine.accounting import aggregate_counts, check_accounting, final_markers
 from dataengine.engine.barriers import decide
-from dataengine.engine.commit import AccountingError, clear_uncommitted, commit_shard, finish_commit
-from dataengine.engine.parts import SUMMARY_REJECTED, SUMMARY_ROWS, SUMMARY_SHARD
+from dataengine.engine.commit import (
+    AccountingError,
+    ShardCommit,
+    ShardCommits,
+    clear_uncommitted,
+    commit_shard,
+    finish_commit,
+)
+from dataengine.engine.parts import SUMMARY_COMMITTED, SUMMARY_REJECTED, SUMMARY_ROWS, SUMMARY_SHARD
 from dataengine.engine.rejections import resolve
 from dataengine.engine.segments import Segment, plan_segments
 from dataengine.engine.spec import PipelineSpec, ResourcesSpec, missing_requirements
@@ -301,8 +308,11 @@ def _run_segment(run_dir: Path, segment: Segment, steps: list[Step], pending: li
                          w.rows, done, total)
 
     inputs = [[str(run_dir / f) for f in w.inputs] for w in pending]
+    committing = ShardCommits(str(run_dir), segment, stage_names,
+                              [ShardCommit(w.shard.id, w.inputs, w.previous, w.shard.rows, w.rows) for w in pending])
     # closed on every way out: an error here must not leave the stream's actors holding their CPUs
-    with contextlib.closing(stream_pipeline(inputs, steps, segment.parts_dir(run_dir), segment.final)) as summaries:
+    with contextlib.closing(stream_pipeline(inputs, steps, segment.parts_dir(run_dir), segment.final,
+                                            committing)) as summaries:
         try:
             for row in summaries:
                 progress.add(row[SUMMARY_ROWS], json.loads(row[SUMMARY_REJECTED]))
@@ -310,7 +320,12 @@ def _run_segment(run_dir: Path, segment: Segment, steps: list[Step], pending: li
                 received[w.shard.id] += row[SUMMARY_ROWS]
                 if received[w.shard.id] > w.rows:
                     raise AccountingError(f"shard {w.shard.id}: {received[w.shard.id]} rows came back for {w.rows} in")
-                if received[w.shard.id] == w.rows:
+                if received[w.shard.id] == w.rows and row.get(SUMMARY_COMMITTED):  # committed where it was written
+                    done += 1
+                    attempt["shards_processed"] += 1
+                    log.info("committed shard %s of segment %d in its task (%d rows): %d/%d shards", w.shard.id,
+                             segment.index, w.rows, done, total)
+                elif received[w.shard.id] == w.rows:
                     commits[_commit_task(run_dir, segment, w, stage_names)] = w
                 collect(wait=False)
         except BaseException:

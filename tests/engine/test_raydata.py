@@ -87,3 +87,38 @@ def test_a_model_stage_preparing_in_tasks_has_its_own_task_pool_before_the_actor
     assert "TaskPoolMapOperator[MapBatches(_run_task_step)]" in split  # the second stage's CPU half
     whole = physical_plan([rules, Step(1, ClipScoreConfig(model="unused", prepare_in="actor"))])
     assert "TaskPoolMapOperator[MapBatches(_read_and_run)]" in whole and "_read_and_run)->" not in whole
+
+
+def test_a_read_task_that_wrote_its_whole_shard_commits_it_and_a_retry_commits_nothing_twice(tmp_path):
+    """No model stage in the segment: the read task commits its shard (no commit task, no round trip); a
+    retried task finds the marker and returns the shard as committed without writing anything."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dataengine.core import columns as C
+    from dataengine.core.schemas import sample_schema
+    from dataengine.engine.commit import SHARD_INDEX, ShardCommit, ShardCommits
+    from dataengine.engine.raydata import _read_and_run
+    from dataengine.engine.segments import plan_segments
+
+    segment = plan_segments([CaptionRulesConfig()])[0]
+    captions = ["a red circle next to a blue square", "IMG_2041.JPG", "two dogs on a beach", "x",
+                "a bowl of fresh fruit on a table", "click here to buy now", "a small green star"]
+    (tmp_path / "_shards").mkdir()
+    pq.write_table(pa.table({C.UID: [f"u{i}" for i in range(7)], C.SHARD: ["s"] * 7, C.CAPTION: captions,
+                             C.URL: [f"http://h/{i}.jpg" for i in range(7)]}), tmp_path / "_shards" / "s.parquet")
+    committing = ShardCommits(str(tmp_path), segment, ["caption_rules_filter"],
+                              [ShardCommit("s", ["_shards/s.parquet"], None, 7, 7)])
+    batch = pa.table({"files": [[str(tmp_path / "_shards" / "s.parquet")]], SHARD_INDEX: [0]})
+    rules = Step(0, CaptionRulesConfig(batch_size=3))
+    first = _read_and_run(batch, [rules], sample_schema(), str(segment.parts_dir(tmp_path)), segment.final, committing)
+    assert first.column("committed").to_pylist() == [True] and first.column("rows").to_pylist() == [7]
+    marker = segment.read_marker(tmp_path, "s")
+    assert marker["rows"] == 7 and marker["kept"] + marker["rejected"] == 7 and 0 < marker["kept"] < 7
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "dataset").glob("*")} | \
+        {p: p.stat().st_mtime_ns for p in (tmp_path / "rejected").glob("*")}
+    assert len(written) == 2 and not (segment.parts_dir(tmp_path) / "s").exists()
+    again = _read_and_run(batch, [rules], sample_schema(), str(segment.parts_dir(tmp_path)), segment.final, committing)
+    assert again.column("committed").to_pylist() == [True] and again.column("rows").to_pylist() == [7]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "dataset").glob("*")} | \
+        {p: p.stat().st_mtime_ns for p in (tmp_path / "rejected").glob("*")} == written

@@ -167,28 +167,29 @@ def test_accounting_catches_rows_lost_after_commit(ray_local, tmp_path):
 
 
 def test_a_failing_run_is_recorded_as_failed_and_resumes(ray_local, tmp_path, monkeypatch):
+    """The driver fails (a full disk, say) once the first shard's summary is back: the run is recorded as
+    failed, the shards committed so far (in their read tasks) stay committed, the rerun does the rest."""
     import dataengine.engine.runner as runner
 
     spec = _offline_spec(tmp_path)
-    real_commit = runner._commit_task
-    calls = []
+    real_add = runner.SegmentProgress.add
 
-    def commit_then_fail(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise OSError("disk full")
-        return real_commit(*args, **kwargs)
+    def fail_on_first_summary(self, rows, rejected):
+        raise OSError("disk full")
 
-    monkeypatch.setattr(runner, "_commit_task", commit_then_fail)
+    monkeypatch.setattr(runner.SegmentProgress, "add", fail_on_first_summary)
     with pytest.raises(OSError, match="disk full"):
         run_pipeline(spec)
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())
     assert manifest["status"] == "failed" and "disk full" in manifest["attempts"][-1]["error"]
-    assert len(list((tmp_path / "run" / "_state" / "committed").glob("*.json"))) == 1  # the commit under way landed
-    monkeypatch.setattr(runner, "_commit_task", real_commit)
+    committed = len(list((tmp_path / "run" / "_state" / "committed").glob("*.json")))
+    assert committed >= 1  # the read task committed its shard before the driver saw its summary
+    monkeypatch.setattr(runner.SegmentProgress, "add", real_add)
     result = run_pipeline(spec)
     assert result.manifest["status"] == "complete" and result.manifest["totals"]["in"] == 30
-    assert result.manifest["attempts"][-1]["shards_processed"] + result.manifest["attempts"][-1]["shards_recovered"] == 2
+    last = result.manifest["attempts"][-1]
+    shards = result.manifest["input"]["shards"]
+    assert shards == 3 and committed + last["shards_processed"] + last["shards_recovered"] == shards  # each once
 
 
 def test_empty_input_completes_with_zero_rows(tmp_path):
@@ -223,7 +224,7 @@ def test_barrier_decision_reads_what_the_previous_segment_kept(ray_local, tmp_pa
 
 def test_resume_after_a_failure_past_a_barrier_keeps_segment_work_and_the_decision(ray_local, tmp_path, monkeypatch):
     """Captions only (no network): caption rules, then a perplexity quantile (a barrier), then the rules
-    again in the last segment, whose commits fail the first time."""
+    again in the last segment, where the driver fails the first time (its read tasks commit their shards)."""
     import dataengine.engine.runner as runner
     from dataengine.testbed.synthweb.models import build_random_causal_lm
 
@@ -235,25 +236,27 @@ def test_resume_after_a_failure_past_a_barrier_keeps_segment_work_and_the_decisi
                            {"op": "caption_rules_filter"},
                            {"op": "perplexity_filter", "model": str(lm), "keep_lowest_fraction": 0.5},
                            {"op": "caption_rules_filter", "name": "rules_again"}]})
-    real_commit = runner._commit_task
+    real_add = runner.SegmentProgress.add
 
-    def fail_in_the_last_segment(run_dir, segment, *args):
-        if segment.final:
+    def fail_in_the_last_segment(self, rows, rejected):
+        if self.key.endswith("segment-1"):
             raise OSError("disk full")
-        return real_commit(run_dir, segment, *args)
+        return real_add(self, rows, rejected)
 
-    monkeypatch.setattr(runner, "_commit_task", fail_in_the_last_segment)
+    monkeypatch.setattr(runner.SegmentProgress, "add", fail_in_the_last_segment)
     with pytest.raises(OSError, match="disk full"):
         run_pipeline(spec)
     state = tmp_path / "run" / "_state"
     segment0 = {p.name: p.stat().st_mtime_ns for p in (state / "segment-0").glob("*.json")}
     decision = (state / "decision-1.json").stat().st_mtime_ns
     assert len(segment0) == 3
-    monkeypatch.setattr(runner, "_commit_task", real_commit)
+    committed = len(list((state / "committed").glob("*.json")))  # by read tasks before the driver failed
+    assert committed >= 1
+    monkeypatch.setattr(runner.SegmentProgress, "add", real_add)
     result = run_pipeline(spec)
     attempt = result.manifest["attempts"][-1]
-    # the last segment only: its shards are recomputed, or committed from the parts the failed attempt wrote
-    assert attempt["shards_processed"] + attempt["shards_recovered"] == 3
+    # the last segment only: each of its shards committed once, before the failure or now
+    assert committed + attempt["shards_processed"] + attempt["shards_recovered"] == 3
     assert {p.name: p.stat().st_mtime_ns for p in (state / "segment-0").glob("*.json")} == segment0
     assert (state / "decision-1.json").stat().st_mtime_ns == decision
     by_stage = {s["stage"]: s for s in result.stages}
