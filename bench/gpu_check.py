@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import threading
 import time
@@ -74,14 +75,8 @@ class Utilisation:
         return float(np.mean(self.samples)) if self.samples else float("nan")
 
 
-def rows(n: int) -> pa.Table:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from model_stage_feed import rows as feed_rows
-
-    return feed_rows(n)
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the feed bench's rows and prepared rows
+from model_stage_feed import prepared_rows, rows  # noqa: E402
 
 # ---- models: real architectures, random weights --------------------------------------------------
 
@@ -251,16 +246,6 @@ def sscd_forward(op: Any, prepared: pa.Table) -> Callable[[], None]:
         with torch.inference_mode():
             op.sscd.model(x), op.sscd.model(torch.flip(x, dims=[3]))
     return forward
-
-
-def prepared_rows(preparer: Any, batch: pa.Table) -> pa.Table:
-    out = preparer(batch)
-    alive = out.column(C.REJECT_REASON).is_null()
-    kept = batch.filter(alive)
-    for name in out.column_names:
-        if name != C.REJECT_REASON:
-            kept = kept.append_column(name, out.column(name).filter(alive))
-    return kept
 
 
 def timed(fn: Callable[[], None], repeats: int) -> float:

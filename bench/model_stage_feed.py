@@ -74,20 +74,23 @@ def best_of(fn: Callable[[], Any], repeats: int = 3) -> float:
     return min(times)
 
 
+def prepared_rows(preparer: Any, batch: pa.Table) -> pa.Table:
+    """The rows the preparer kept, with its columns: what the model's actor gets."""
+    out = preparer(batch)
+    alive = out.column(C.REJECT_REASON).is_null()
+    kept = batch.filter(alive)
+    for name in out.column_names:
+        if name != C.REJECT_REASON:
+            kept = kept.append_column(name, out.column(name).filter(alive))
+    return kept
+
+
 def split_costs(op: Op, preparer: Any, batches: list[pa.Table], stand_in: Callable[[Op], None]) -> tuple[float, float]:
     """(prepare ms per item, actor glue ms per item) over `batches`."""
     prepared: list[pa.Table] = []
 
     def prepare() -> None:
-        prepared.clear()
-        for batch in batches:
-            out = preparer(batch)
-            alive = out.column(C.REJECT_REASON).is_null()
-            kept = batch.filter(alive)
-            for name in out.column_names:
-                if name != C.REJECT_REASON:
-                    kept = kept.append_column(name, out.column(name).filter(alive))
-            prepared.append(kept)
+        prepared[:] = [prepared_rows(preparer, batch) for batch in batches]
 
     n = sum(b.num_rows for b in batches)
     prepare_s = best_of(prepare)

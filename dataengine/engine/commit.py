@@ -75,9 +75,6 @@ def commit_shard(run_dir: str, segment: Segment, shard_id: str, inputs: list[str
     return marker
 
 
-SHARD_INDEX = "shard_index"  # in a read task's input row: which of `ShardCommits.shards` it reads
-
-
 @dataclass(frozen=True)
 class ShardCommit:
     """What committing one shard's segment takes: its id, the files the segment read for it (relative),
@@ -100,9 +97,6 @@ class ShardCommits:
     segment: Segment
     stage_names: list[str]
     shards: list[ShardCommit]
-
-    def shard(self, batch: pa.Table) -> ShardCommit | None:
-        return self.shards[batch.column(SHARD_INDEX)[0].as_py()] if SHARD_INDEX in batch.column_names else None
 
     def marker(self, shard: ShardCommit) -> dict[str, Any] | None:
         return self.segment.read_marker(Path(self.run_dir), shard.shard_id)

@@ -25,7 +25,7 @@ from dataengine.core import columns as C
 from dataengine.core.raytools import QUIET_WORKERS
 from dataengine.core.schemas import sample_schema
 from dataengine.engine import rejections
-from dataengine.engine.commit import SHARD_INDEX, ShardCommits
+from dataengine.engine.commit import ShardCommits
 from dataengine.engine.parts import SUMMARY_COMMITTED, shed_rejected, write_alive
 from dataengine.engine.spec import ResourcesSpec
 from dataengine.ops import get_op
@@ -91,6 +91,8 @@ class _StageActor:
         return shed_rejected(run_step(self.step, self.op, batch, self.schema, count_batch=True), self.parts_dir)
 
 
+SHARD_INDEX = "shard_index"  # in a read task's input row, with `committing`: which of its shards it reads
+
 #: Ray Data fuses a task into the actor pool after it when their remote arguments match (on a CPU-only
 #: cluster they do: one CPU each), and the read task (its downloads, the CPU half of a model stage) would
 #: then run inside the model's actors, as many at once as there are actors, instead of in tasks that scale
@@ -153,8 +155,8 @@ def _read_and_run(batch: pa.Table, steps: list[Step], schema: pa.Schema, parts_d
     task (one process per shard, as a plain script would: no hop through the object store between them),
     and, when no model stage follows (`final` is not None), its alive rows written here too; with
     `committing`, the shard is committed here as well (no commit task, no round trip to the driver)."""
-    shard = committing.shard(batch) if committing is not None else None
-    if shard is not None:
+    shard = committing.shards[batch.column(SHARD_INDEX)[0].as_py()] if committing is not None else None
+    if committing is not None and shard is not None:
         marker = committing.marker(shard)
         if marker is not None:  # a retried task whose shard is committed: nothing to redo
             return committing.summary(shard, marker)
@@ -167,7 +169,7 @@ def _read_and_run(batch: pa.Table, steps: list[Step], schema: pa.Schema, parts_d
     if final is None:
         return table
     summary = write_alive(table, parts_dir, final)
-    if shard is not None:
+    if committing is not None and shard is not None:
         done = committing.commit(shard) is not None  # None: not every uid came back (the driver says so)
         summary = summary.append_column(SUMMARY_COMMITTED, pa.array([done] * summary.num_rows))
     return summary

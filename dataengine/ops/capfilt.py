@@ -15,7 +15,6 @@ K captions cost K text passes, not K image passes.
 
 from __future__ import annotations
 
-import io
 from typing import Any, Literal
 
 import numpy as np
@@ -24,7 +23,7 @@ from pydantic import Field
 
 from dataengine.core import columns as C
 from dataengine.models.loaders import load_blip, load_tokenizer
-from dataengine.models.pixels import host_tensor, padded, pixels_array, to_model_input
+from dataengine.models.pixels import host_tensor, padded, pixels_array, ragged_tokens, to_model_input
 from dataengine.ops.base import ModelOp, ModelOpConfig, Score, prepare_then_infer, register_op
 from dataengine.ops.image_prep import ImagePreparer
 
@@ -54,7 +53,7 @@ class CapfiltFilter(ModelOp[CapfiltConfig]):
 
     def load_model(self, config: CapfiltConfig) -> Any:
         model, self.processor = load_blip(config.model, "itm", config.device, config.dtype)
-        self.prepare = self.preparer(config)
+        self.prepare = CapfiltPreparer(config, self.processor.tokenizer)  # the tokenizer just loaded, not again
         return model
 
     @classmethod
@@ -106,11 +105,9 @@ class CapfiltFilter(ModelOp[CapfiltConfig]):
 
     def match_probabilities(self, image: Any, texts: list[str]) -> np.ndarray:
         """ITM P(match) of each text with one PIL `image`."""
-        prepared = self.prepare(pa.table({C.IMAGE: [_png(image)], C.CAPTION: [""],
-                                          C.SYNTHETIC_CAPTIONS: pa.array([texts], pa.list_(pa.string()))}))
-        tokens = prepared.column(TOKENS).combine_chunks()
-        ids, mask = padded(tokens.flatten(), self.processor.tokenizer.pad_token_id or 0)
-        pixels = pixels_array(prepared.column(PIXELS), *self.prepare.size)
+        encoded = self.prepare.tokenizer(texts, truncation=True, max_length=self.config.max_text_tokens)["input_ids"]
+        ids, mask = padded(ragged_tokens(encoded), self.processor.tokenizer.pad_token_id or 0)
+        pixels = self.prepare.images.resize(image)[None]
         return self.pair_probabilities(pixels, np.zeros(len(texts), dtype=np.int64), ids, mask)
 
     def pair_probabilities(self, pixels: np.ndarray, image_of_pair: np.ndarray, ids: np.ndarray,
@@ -140,11 +137,11 @@ class CapfiltPreparer:
     captions to match (the web one first, when kept, then the synthetic ones) as token ids; rows
     without an image or a caption, or with a broken image, are rejected here."""
 
-    def __init__(self, config: CapfiltConfig) -> None:
+    def __init__(self, config: CapfiltConfig, tokenizer: Any | None = None) -> None:
         self.config = config
         self.images = ImagePreparer(config.model, PIXELS)
         self.size, self.mean, self.std = self.images.size, self.images.mean, self.images.std
-        self.tokenizer = load_tokenizer(config.model)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         config = self.config
@@ -173,12 +170,6 @@ class CapfiltPreparer:
         columns.update({TOKENS: pa.array(tokens, pa.list_(pa.list_(pa.int32()))), TEXTS: pa.array(texts, pa.list_(pa.string())),
                         WEB: pa.array(has_web, pa.bool_()), C.REJECT_REASON: pa.array(reasons, pa.string())})
         return pa.table(columns)
-
-
-def _png(image: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 _COLUMNS = (C.WEB_CAPTION_ITM, C.SYNTHETIC_CAPTION_ITM, C.CAPTIONS_KEPT, C.CAPTION_BEST, C.CAPTION_BEST_SOURCE,

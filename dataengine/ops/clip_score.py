@@ -61,7 +61,7 @@ class ClipScoreFilter(KeepFractionBarrier, ModelOp[ClipScoreConfig]):
     not_kept_reason = "clip_score_not_top_{:g}"
 
     def load_model(self, config: ClipScoreConfig) -> Any:
-        model, _, self.tokenizer = load_open_clip(config.model, config.pretrained, config.device, config.dtype)
+        model, _, _ = load_open_clip(config.model, config.pretrained, config.device, config.dtype)
         self.prepare = self.preparer(config)
         return model
 

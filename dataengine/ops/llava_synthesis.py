@@ -46,7 +46,7 @@ from dataengine.llm.grounding import ObjectVocabulary, ungrounded_objects
 from dataengine.llm.prompts import RESPONSE_TYPES, build_messages, load_prompt_sets, parse_reply
 from dataengine.llm.validate import InvalidConversation, Limits, validate_conversation
 from dataengine.ops.base import Op, OpConfig, RayLLMStage, Requirement, register_op
-from dataengine.ops.llm_common import driver_key, image_data_url, open_openai
+from dataengine.ops.llm_common import VLLM_REQUIREMENT, bound_to_run, image_data_url, open_openai
 
 log = logging.getLogger(__name__)
 
@@ -192,15 +192,11 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
 
     @classmethod
     def requires(cls, config: LlavaSynthesisConfig) -> list[Requirement]:
-        return [Requirement("vllm", "pip install 'dataengine[vllm]' (Ray Data LLM and vLLM, on GPU nodes)")] \
-            if config.backend == "vllm" else []
+        return [VLLM_REQUIREMENT] if config.backend == "vllm" else []
 
     @classmethod
     def bind_run(cls, config: LlavaSynthesisConfig, run_dir: Path) -> LlavaSynthesisConfig:
-        bound = config.model_copy()
-        bound._run_dir = str(run_dir)
-        bound._api_key = driver_key(config.openai) if config.backend == "openai" else None
-        return bound
+        return bound_to_run(config, run_dir)
 
     @classmethod
     def ray_llm_stage(cls, config: LlavaSynthesisConfig) -> RayLLMStage | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import os
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import SecretStr
 
@@ -14,6 +15,12 @@ from dataengine.io.imaging import ImageOptions, process_image
 from dataengine.llm.backends.openai_chat import OpenAIBackendConfig, OpenAIChat
 from dataengine.llm.cache import ResponseCache
 from dataengine.llm.usage import UsageLedger
+from dataengine.ops.base import OpConfig, Requirement
+
+#: what a `backend: vllm` LLM stage needs on its nodes
+OpConfigT = TypeVar("OpConfigT", bound=OpConfig)
+
+VLLM_REQUIREMENT = Requirement("vllm", "pip install 'dataengine[vllm]' (Ray Data LLM and vLLM, on GPU nodes)")
 
 
 def image_data_url(data: bytes, max_side: int) -> str:
@@ -24,10 +31,16 @@ def image_data_url(data: bytes, max_side: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(jpeg.data).decode("ascii")
 
 
-def driver_key(openai: OpenAIBackendConfig | None) -> SecretStr | None:
-    """The driver's API key (for workers whose environment lacks the variable), if it has one."""
-    env = openai.api_key_env if openai else None
-    return SecretStr(os.environ[env]) if env and os.environ.get(env) else None
+def bound_to_run(config: OpConfigT, run_dir: Path) -> OpConfigT:
+    """An LLM stage's config for this run's workers: where the cache and usage live (`_run_dir`) and, for
+    `backend: openai`, the driver's API key for workers whose environment lacks the variable (`_api_key`:
+    private attributes are never dumped into the spec, run.json or logs)."""
+    bound = config.model_copy()
+    bound._run_dir = str(run_dir)  # type: ignore[attr-defined]
+    openai: OpenAIBackendConfig | None = getattr(config, "openai", None)
+    env = openai.api_key_env if openai and getattr(config, "backend", None) == "openai" else None
+    bound._api_key = SecretStr(os.environ[env]) if env and os.environ.get(env) else None  # type: ignore[attr-defined]
+    return bound
 
 
 def state_path(run_dir: str | None, default: str, configured: str | None = None) -> Path | None:

@@ -37,7 +37,7 @@ from dataengine.llm.backends.vllm_engine import (
 )
 from dataengine.llm.prompts import default_prompts_dir, load_yaml, with_image
 from dataengine.ops.base import Op, OpConfig, RayLLMStage, Requirement, register_op
-from dataengine.ops.llm_common import driver_key, image_data_url, open_openai
+from dataengine.ops.llm_common import VLLM_REQUIREMENT, bound_to_run, image_data_url, open_openai
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +104,11 @@ class VlmCaptionMapper(Op[VlmCaptionConfig]):
 
     @classmethod
     def requires(cls, config: VlmCaptionConfig) -> list[Requirement]:
-        return [Requirement("vllm", "pip install 'dataengine[vllm]' (Ray Data LLM and vLLM, on GPU nodes)")] \
-            if config.backend == "vllm" else []
+        return [VLLM_REQUIREMENT] if config.backend == "vllm" else []
 
     @classmethod
     def bind_run(cls, config: VlmCaptionConfig, run_dir: Path) -> VlmCaptionConfig:
-        bound = config.model_copy()
-        bound._run_dir = str(run_dir)
-        bound._api_key = driver_key(config.openai) if config.backend == "openai" else None
-        return bound
+        return bound_to_run(config, run_dir)
 
     @classmethod
     def ray_llm_stage(cls, config: VlmCaptionConfig) -> RayLLMStage | None:

@@ -97,8 +97,8 @@ def test_a_read_task_that_wrote_its_whole_shard_commits_it_and_a_retry_commits_n
 
     from dataengine.core import columns as C
     from dataengine.core.schemas import sample_schema
-    from dataengine.engine.commit import SHARD_INDEX, ShardCommit, ShardCommits
-    from dataengine.engine.raydata import _read_and_run
+    from dataengine.engine.commit import ShardCommit, ShardCommits
+    from dataengine.engine.raydata import SHARD_INDEX, _read_and_run
     from dataengine.engine.segments import plan_segments
 
     segment = plan_segments([CaptionRulesConfig()])[0]
@@ -122,3 +122,13 @@ def test_a_read_task_that_wrote_its_whole_shard_commits_it_and_a_retry_commits_n
     assert again.column("committed").to_pylist() == [True] and again.column("rows").to_pylist() == [7]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "dataset").glob("*")} | \
         {p: p.stat().st_mtime_ns for p in (tmp_path / "rejected").glob("*")} == written
+
+
+def test_a_model_pool_sizes_itself_between_min_actors_and_concurrency_with_prepared_batches_queued():
+    from dataengine.engine.raydata import _actor_pool
+
+    config = ClipScoreConfig(model="unused", concurrency=4, min_actors=2, prepared_batches=6)
+    fed = _actor_pool(Step(0, config, phase="infer"))
+    assert (fed.min_size, fed.max_size, fed.max_tasks_in_flight_per_actor) == (2, 4, 6)
+    whole = _actor_pool(Step(0, config.model_copy(update={"min_actors": None})))  # both halves in the actor
+    assert (whole.min_size, whole.max_size) == (1, 4) and whole.max_tasks_in_flight_per_actor != 6

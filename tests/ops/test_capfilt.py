@@ -113,3 +113,20 @@ def test_prefer_web_keeps_a_passing_web_caption_as_best(blip_dirs):
     row = above_web.process(batch).to_pylist()[0]  # the web caption fails: the best synthetic one that passes, if any
     passing = [c for c, p in zip(["a red circle", "a green star"], low[0][C.SYNTHETIC_CAPTION_ITM]) if p > web_score]
     assert row[C.CAPTION_BEST] == (max(passing, key=lambda c: low[0][C.SYNTHETIC_CAPTION_ITM][["a red circle", "a green star"].index(c)]) if passing else None)
+
+
+def test_blips_prepared_pixels_are_the_processors_own(blip_dirs):
+    """The preparer resizes on uint8 as BLIP's image processor does and the device normalises as it does."""
+    import numpy as np
+    import torch
+
+    from dataengine.models.loaders import hf_image_prep
+    from dataengine.models.pixels import to_model_input
+
+    captioner, _ = blip_dirs
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    resize, size, mean, std = hf_image_prep(captioner)
+    ours = to_model_input(resize(image)[None], torch.device("cpu"), torch.float32, mean, std, scale=None)
+    op = BlipCaptionMapper(BlipCaptionConfig(model=captioner, device="cpu"))
+    theirs = op.processor(images=[image], return_tensors="pt")["pixel_values"]
+    assert size == tuple(theirs.shape[-2:]) and torch.equal(ours, theirs)
