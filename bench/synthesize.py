@@ -9,12 +9,12 @@ processing one batch of rows; the cache starts empty so every row is a request. 
 achieved / (C/L) is the share of the endpoint's capacity the op uses; CPU ms/req is the client process's
 CPU time (all its threads: the op, the client's event loop) per request.
 
-What bounds it here: the `openai` client spends ~2 ms of CPU per request (request building and
-connection-pool bookkeeping), so one worker process tops out near 500 requests/s on this machine
-whatever C is; C/L beyond that needs more actors (`concurrency`) or cores. The default sweep shows
-both regimes.
+`--actors A --servers S`: A client processes (what `concurrency: A` gives the op: one actor each), each
+with its own batch and bound C, against S fake-server processes (actor k calls server k mod S), all
+started, warmed and then released together; the rate is every actor's rows over the time from the
+first start to the last end, against the limit A x C / L.
 
-Run: `.venv/bin/python bench/synthesize.py [--c 256] [--latency 2.0 0.5] [--no-record]`
+Run: `.venv/bin/python bench/synthesize.py [--c 256] [--latency 2.0 1.0] [--actors 4 --servers 2] [--no-record]`
 """
 
 from __future__ import annotations
@@ -80,13 +80,82 @@ def measure(concurrency: int, latency: float, waves: int) -> dict[str, float]:
             "cpu_ms": cpu / n * 1e3}
 
 
+def _actor(base_url: str, concurrency: int, latency: float, waves: int, tag: str, ready: mp.Queue,
+           go: multiprocessing.synchronize.Event, results: mp.Queue) -> None:
+    """One client process: the op built and warmed, then one batch of waves x C rows once `go` is set."""
+    import os
+
+    from dataengine.ops.llava_synthesis import LlavaSynthesisConfig, LlavaSynthesisMapper
+
+    os.environ["BENCH_LLM_KEY"] = "bench"
+    with tempfile.TemporaryDirectory() as tmp:
+        config = LlavaSynthesisConfig(backend="openai", batch_size=concurrency * waves,
+                                      openai={"model": "fake", "base_url": base_url, "api_key_env": "BENCH_LLM_KEY",
+                                              "max_concurrency": concurrency, "max_retries": 0, "timeout_s": 60})
+        op = LlavaSynthesisMapper(LlavaSynthesisMapper.bind_run(config, Path(tmp)))
+        op.process(_rows(min(concurrency, 32), f"warm-{tag}"))
+        rows = _rows(concurrency * waves, tag)
+        ready.put(tag)
+        go.wait()
+        started, cpu_started = time.time(), time.process_time()
+        out = op.process(rows)
+        ended, cpu = time.time(), time.process_time() - cpu_started
+        op.backend.close()
+    results.put((started, ended, cpu, rows.num_rows, out.column(C.REJECT_REASON).null_count))
+
+
+def measure_actors(actors: int, servers: int, concurrency: int, latency: float, waves: int) -> dict[str, float]:
+    """`actors` client processes against `servers` server processes, released together."""
+    ctx = mp.get_context("spawn")
+    queue, stop = ctx.Queue(), ctx.Event()
+    serving = [ctx.Process(target=_serve, args=(latency, queue, stop), daemon=True) for _ in range(servers)]
+    for proc in serving:
+        proc.start()
+    urls = [queue.get(timeout=60) for _ in serving]
+    ready, go, results = ctx.Queue(), ctx.Event(), ctx.Queue()
+    clients = [ctx.Process(target=_actor, args=(urls[k % servers], concurrency, latency, waves,
+                                                 f"a{k}-c{concurrency}-l{latency}", ready, go, results), daemon=True)
+               for k in range(actors)]
+    for proc in clients:
+        proc.start()
+    for _ in clients:
+        ready.get(timeout=300)
+    go.set()
+    done = [results.get(timeout=600) for _ in clients]
+    for proc in clients:
+        proc.join(timeout=30)
+    stop.set()
+    in_flight = [queue.get(timeout=30)[1] for _ in serving]
+    seconds = max(d[1] for d in done) - min(d[0] for d in done)
+    n, kept, cpu = sum(d[3] for d in done), sum(d[4] for d in done), sum(d[2] for d in done)
+    limit = actors * concurrency / latency
+    return {"A": actors, "S": servers, "C": concurrency, "L": latency, "rows": n, "kept": kept, "seconds": seconds,
+            "achieved": n / seconds, "limit": limit, "ratio": n / seconds / limit, "max_in_flight": sum(in_flight),
+            "cpu_ms": cpu / n * 1e3}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--c", type=int, nargs="+", default=[256])
-    parser.add_argument("--latency", type=float, nargs="+", default=[2.0, 1.0, 0.5])
+    parser.add_argument("--latency", type=float, nargs="+", default=[2.0, 1.0])
     parser.add_argument("--waves", type=int, default=6, help="batch = waves x C rows")
+    parser.add_argument("--actors", type=int, default=1, help="client processes (the op's actors)")
+    parser.add_argument("--servers", type=int, default=1, help="fake-server processes (with --actors > 1)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
+    if args.actors > 1:
+        lines = [f"{'actors':>6} {'servers':>7} {'C':>5} {'L s':>5} {'rows':>6} {'kept':>6} {'seconds':>8} {'req/s':>8} "
+                 f"{'limit':>8} {'ratio':>6} {'CPU ms/req':>11}"]
+        for c in args.c:
+            for latency in args.latency:
+                r = measure_actors(args.actors, args.servers, c, latency, args.waves)
+                lines.append(f"{r['A']:>6} {r['S']:>7} {r['C']:>5} {r['L']:>5.2f} {r['rows']:>6} {r['kept']:>6} "
+                             f"{r['seconds']:>8.2f} {r['achieved']:>8.1f} {r['limit']:>8.1f} {r['ratio']:>6.3f} "
+                             f"{r['cpu_ms']:>11.2f}")
+                print(lines[-1], flush=True)
+        report(f"bench/synthesize.py: {args.actors} actors against {args.servers} fake servers", lines,
+               record=not args.no_record)
+        return
     lines = [f"{'C':>5} {'L s':>5} {'rows':>6} {'kept':>6} {'seconds':>8} {'req/s':>8} {'C/L':>8} {'ratio':>6} {'max in flight':>14} {'CPU ms/req':>11}"]
     for c in args.c:
         for latency in args.latency:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -217,25 +218,7 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
         wanted = _CONTEXT_COLUMNS | ({C.IMAGE} if self._sends_images() else set())  # image bytes only when sent
         rows = batch.select([c for c in batch.column_names if c in wanted]).to_pylist()
         out = [_empty_result() for _ in rows]
-        contexts: list[dict[str, Any] | None] = []
-        for row, result in zip(rows, out):
-            try:
-                context = row_context(row)
-            except ValueError as e:
-                result[C.REJECT_REASON], context = "invalid_boxes", None
-                log.debug("row %s: %s", row[C.UID], e)
-            if context is not None and not context["captions"] and not context.get("objects"):
-                result[C.REJECT_REASON], context = "no_context", None
-            if context is not None and self._sends_images():
-                if not row.get(C.IMAGE):
-                    result[C.REJECT_REASON], context = "no_image", None
-                else:
-                    try:
-                        row[_IMAGE_URL] = image_data_url(row[C.IMAGE], config.image_max_side)
-                    except ImageRejected as e:
-                        result[C.REJECT_REASON], context = e.reason, None
-            contexts.append(context)
-        requests = self.requests(rows, contexts)
+        requests = self.requests(rows, self._contexts(rows, out))  # lazily: each is sent as soon as it is built
         if config.backend == "vllm" and config._phase == "prepare":
             return self._vllm_requests(requests, out)
         failed: str | None = None
@@ -256,6 +239,27 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
             raise RuntimeError(f"{failed}; the run stops here and a rerun resumes (replies received so far are cached)")
         return pa.table({name: [r[name] for r in out] for name in _RESULT_COLUMNS})
 
+    def _contexts(self, rows: list[dict], out: list[dict]) -> Iterator[dict[str, Any] | None]:
+        """Each row's context (captions, boxes; its image as a data URL when sent), or None with the
+        row's reject reason set in `out`."""
+        for row, result in zip(rows, out):
+            try:
+                context = row_context(row)
+            except ValueError as e:
+                result[C.REJECT_REASON], context = "invalid_boxes", None
+                log.debug("row %s: %s", row[C.UID], e)
+            if context is not None and not context["captions"] and not context.get("objects"):
+                result[C.REJECT_REASON], context = "no_context", None
+            if context is not None and self._sends_images():
+                if not row.get(C.IMAGE):
+                    result[C.REJECT_REASON], context = "no_image", None
+                else:
+                    try:
+                        row[_IMAGE_URL] = image_data_url(row[C.IMAGE], self.config.image_max_side)
+                    except ImageRejected as e:
+                        result[C.REJECT_REASON], context = e.reason, None
+            yield context
+
     def type_and_question(self, uid: str) -> tuple[str, str | None]:
         """A row's response type and, for `detail`, the question we ask (LLaVA picks it from a list too)."""
         config = self.config
@@ -263,26 +267,24 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
         questions = self.prompts[kind].questions
         return kind, questions[row_seed(uid, config.seed + 1) % len(questions)] if kind == "detail" else None
 
-    def requests(self, rows: list[dict], contexts: list[dict | None]) -> list[Request]:
+    def requests(self, rows: list[dict], contexts: Iterable[dict | None]) -> Iterator[Request]:
         """A request for every row with a context; LLM backends get the response type, question and messages."""
-        requests = []
         for i, (row, context) in enumerate(zip(rows, contexts)):
             if context is None:
                 continue
             if self.config.backend == "template":
-                requests.append(Request(i, row[C.UID], context, row=row))
+                yield Request(i, row[C.UID], context, row=row)
                 continue
             kind, question = self.type_and_question(row[C.UID])
             messages = build_messages(self.prompts[kind], context, question, row.get(_IMAGE_URL))
-            requests.append(Request(i, row[C.UID], context, kind, question, messages, row))
-        return requests
+            yield Request(i, row[C.UID], context, kind, question, messages, row)
 
     def _sends_images(self) -> bool:
         """The image goes to the model: asked for, and not the vllm finish phase (it reads replies only)."""
         config = self.config
         return config.send_image and not (config.backend == "vllm" and config._phase != "prepare")
 
-    def _vllm_requests(self, requests: list[Request], out: list[dict]) -> pa.Table:
+    def _vllm_requests(self, requests: Iterable[Request], out: list[dict]) -> pa.Table:
         """Prepare phase: each row's chat messages as JSON, for Ray Data LLM to generate from."""
         messages: list[str | None] = [None] * len(out)
         for request in requests:

@@ -9,7 +9,7 @@ from a backend that writes structure itself (the templates), the turns.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,7 +45,7 @@ class Reply:
 
 
 class Backend(Protocol):
-    def generate(self, requests: list[Request]) -> Iterator[tuple[Request, Reply]]:
+    def generate(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Reply]]:
         """A reply for each request, in any order (as they arrive)."""
         ...
 

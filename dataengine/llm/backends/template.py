@@ -11,7 +11,7 @@ same samples.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,7 +158,7 @@ class TemplateBackend:
     absent_labels: tuple[str, ...] = ()
     short_first_fraction: float = 0.0
 
-    def generate(self, requests: list[Request]) -> Iterator[tuple[Request, Reply]]:
+    def generate(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Reply]]:
         for request in requests:
             kind, turns = template_conversation(request.context, row_seed(request.uid, self.seed), self.templates,
                                                 self.max_qa_turns, self.detailed_fraction, self.absent_labels,

@@ -14,7 +14,7 @@ Needs `pip install "ray[llm]"` (vLLM) on GPU nodes; the engine is not exercised 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -84,7 +84,7 @@ class EngineReplies:
 
     model: str
 
-    def generate(self, requests: list[Request]) -> Iterator[tuple[Request, Reply]]:
+    def generate(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Reply]]:
         text, finish, prompt_tokens, completion_tokens = REPLY_COLUMNS
         for request in requests:
             row = request.row or {}
