@@ -32,6 +32,19 @@ def test_vllm_config_is_validated():
     assert kwargs["accelerator_type"] == "H100"
 
 
+def test_sending_images_asks_ray_data_llm_for_its_multimodal_stage():
+    """Ray 2.60's processor config takes what we build: with images, the stage that turns image parts of
+    OpenAI-format messages into model inputs is on; without, it is left at Ray's default."""
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    config = VLLMBackendConfig(model="Qwen/Qwen2.5-VL-3B-Instruct")
+    with_images = vLLMEngineProcessorConfig(**config.processor_kwargs(images=True))
+    assert with_images.model_source == "Qwen/Qwen2.5-VL-3B-Instruct"
+    assert with_images.prepare_multimodal_stage == {"enabled": True}
+    assert "prepare_multimodal_stage" not in config.processor_kwargs(images=False)
+    vLLMEngineProcessorConfig(**config.processor_kwargs(images=False))  # accepted as is
+
+
 def test_a_vllm_spec_on_a_python_without_vllm_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     """Valid as a spec (it may be meant for a GPU cluster); `validate` and `run` name the missing package."""
     import importlib.util
