@@ -158,6 +158,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mix(args: argparse.Namespace) -> int:
+    from dataengine.train.mixture import MIXTURE_FILE, build_mixture, load_mixture_spec
+
+    spec = load_mixture_spec(args.spec)
+    out = Path(args.out or Path(args.spec).with_suffix(""))
+    manifest = build_mixture(spec, out)
+    print(f"{spec.name}: {manifest['size']} rows ({spec.sampling}), id {manifest['id']}")
+    for s in manifest["sources"]:
+        print(f"  {s['name']:<20} {s['rows']:>9} rows ({s['share']:.1%}) of {s['available']} available"
+              f"{', repeated' if s['rows'] > s['available'] else ''}  data {s['data_version']}")
+    print(f"\nmanifest: {out / MIXTURE_FILE} (train on it with `train: data: {out / MIXTURE_FILE}`)")
+    return 0
+
+
 def _cmd_query(args: argparse.Namespace) -> int:
     import polars as pl
 
@@ -255,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: start an embedded Ray)")
     verbose_flag(p)
     p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("mix", help="build a training mixture from several runs (weights or sqrt-size sampling, "
+                       "per-source caps): a content-addressed manifest the trainer reads")
+    p.add_argument("spec", help="mixture spec (YAML: name, sampling, size, seed, sources: [{run, weight, max_rows}])")
+    p.add_argument("--out", help="directory for mixture.yaml and its rows file (default: the spec's path without .yaml)")
+    p.set_defaults(fn=_cmd_mix)
 
     p = sub.add_parser("query", help="polars SQL over a run's tables `dataset` and `rejected`")
     p.add_argument("run")

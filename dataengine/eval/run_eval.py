@@ -16,15 +16,16 @@ from dataengine.core.plugins import BENCHMARKS, registered
 from dataengine.core.progress import note
 from dataengine.eval.heldout import heldout_loss
 from dataengine.train.config import TrainSpec
-from dataengine.train.data import encoded_split, plan_splits
+from dataengine.train.data import TrainingData, encoded_split, plan_splits
 from dataengine.train.model import load_llava
-from dataengine.train.trainer import pixel_shape
+from dataengine.train.trainer import pixel_shape, training_data
 
 
-def evaluate_model(model_dir: str, run_dir: str | None, stage: int, spec: TrainSpec,
+def evaluate_model(model_dir: str, data: TrainingData | str | None, stage: int, spec: TrainSpec,
                    benchmark: Callable[..., dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Held-out metrics of `model_dir` on `run_dir`'s held-out rows, and the benchmark (`benchmark`, as
-    the driver looked it up: a worker on another machine may not have the plugin's entry points)."""
+    """Held-out metrics of `model_dir` on the held-out rows of `data` (a run directory, or what the stage
+    trained on), and the benchmark (`benchmark`, as the driver looked it up: a worker on another machine
+    may not have the plugin's entry points)."""
     import ray.data
     import torch
 
@@ -33,9 +34,9 @@ def evaluate_model(model_dir: str, run_dir: str | None, stage: int, spec: TrainS
     if spec.use_gpu and torch.cuda.is_available():
         model = model.to("cuda", dtype=torch.bfloat16)
     result: dict[str, Any] = {"model": model_dir}
-    if run_dir is not None and spec.eval.heldout_fraction > 0:
-        _, split, _ = plan_splits(run_dir, stage, spec.eval.heldout_fraction)
-        heldout = encoded_split(run_dir, split, stage, model_dir, spec.stage(stage).max_length)
+    if data is not None and spec.eval.heldout_fraction > 0:
+        _, split, _ = plan_splits(data, stage, spec.eval.heldout_fraction)
+        heldout = encoded_split(data, split, stage, model_dir, spec.stage(stage).max_length)
         result["heldout"] = heldout_loss(model, processor, heldout.iter_batches(batch_size=64, batch_format="numpy"),
                                          tuple(pixel_shape(Path(model_dir))))
     if spec.eval.benchmark is not None:
@@ -52,7 +53,8 @@ def evaluate_stage(run_dir: Path, spec: TrainSpec, stage: int) -> dict[str, Any]
     note("stage %d: evaluating%s%s ...", stage, " on held-out rows" if spec.eval.heldout_fraction else "",
          f" and {spec.eval.benchmark_size} benchmark scenes" if spec.eval.benchmark else "")
     benchmark = registered(BENCHMARKS)[spec.eval.benchmark] if spec.eval.benchmark else None
-    result = raytools.get(raytools.submit(evaluate_model, model_dir, str(run_dir), stage, spec, benchmark,
+    data = training_data(run_dir, spec) if spec.eval.heldout_fraction else None
+    result = raytools.get(raytools.submit(evaluate_model, model_dir, data, stage, spec, benchmark,
                                           num_gpus=1 if spec.use_gpu else 0))
     held = result.get("heldout", {})
     bench = result.get("benchmark", {})

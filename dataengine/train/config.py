@@ -111,6 +111,8 @@ class TrainSpec(_Strict):
     """A LLaVA-style two-stage training run on Ray Train, fed from the pipeline's kept rows."""
 
     model: ModelSpec
+    data: str | None = Field(default=None, description="A training mixture's manifest (`dataengine mix`: "
+                                                       "mixture.yaml) to train on instead of the run's kept rows.")
     stages: list[Literal[1, 2]] = Field(default=[1, 2], min_length=1)
     stage1: StageSpec = Field(default_factory=_stage1_defaults)
     stage2: StageSpec = Field(default_factory=_stage2_defaults)

@@ -60,22 +60,85 @@ def kept_files(run_dir: str | Path) -> list[str]:
     return files
 
 
-def plan_splits(run_dir: str | Path, stage: int, heldout_fraction: float,
+def data_version(run_dir: str | Path) -> str:
+    """A digest of the kept Parquet files (names, sizes, row counts): changes whenever the data does."""
+    parts = [f"{Path(f).name}:{Path(f).stat().st_size}:{pq.ParquetFile(f).metadata.num_rows}" for f in kept_files(run_dir)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Kept files of one run; in a mixture, only the rows its rows file chose (each `repeats` times in
+    training), their uids prefixed with the source's name (uids are unique within a run only)."""
+
+    files: tuple[str, ...]
+    prefix: str = ""
+    rows_path: str | None = None
+    index: int = 0
+
+    def chosen(self) -> dict[str, int] | None:
+        """uid -> repeats, or None: every row once."""
+        return None if self.rows_path is None else _selection(self.rows_path, self.index)
+
+
+#: a mixture's rows file: which source, which uid, how many times (`dataengine.train.mixture`)
+SOURCE, REPEATS = "source", "repeats"
+
+
+@functools.lru_cache(maxsize=16)
+def _selection(rows_path: str, index: int) -> dict[str, int]:
+    """uid -> repeats of one source's chosen rows (read once per worker process)."""
+    table = pq.read_table(rows_path, filters=[(SOURCE, "=", index)], columns=[C.UID, REPEATS])
+    return dict(zip(table.column(C.UID).to_pylist(), table.column(REPEATS).to_pylist()))
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What a training stage reads: one run's kept rows, or a mixture's (`dataengine mix`)."""
+
+    sources: tuple[Source, ...]
+    version: str
+    mixture: dict[str, Any] | None = None  # the mixture's lineage (id, sources and their data versions)
+
+
+def run_data(run_dir: str | Path) -> TrainingData:
+    return TrainingData((Source(tuple(kept_files(run_dir))),), data_version(run_dir))
+
+
+def as_training_data(data: TrainingData | str | Path) -> TrainingData:
+    return data if isinstance(data, TrainingData) else run_data(data)
+
+
+def _rows(source: Source, table: pa.Table) -> tuple[list[str], list[int]]:
+    """The table's rows that the source takes: their training uids, and how many times each (0: not taken)."""
+    uids = table.column(C.UID).to_pylist()
+    chosen = source.chosen()
+    repeats = [1] * len(uids) if chosen is None else [chosen.get(u, 0) for u in uids]
+    return [source.prefix + u for u in uids], repeats
+
+
+def plan_splits(data: TrainingData | str | Path, stage: int, heldout_fraction: float,
                 max_samples: int | None = None) -> tuple[Split, Split, dict[str, int]]:
     """(train, held-out) splits of the rows that have something to train on in `stage`, and their
-    sizes. Cheap: reads no images."""
+    sizes (a mixture's repeated rows count once per repeat in training, once held out). Cheap: reads no
+    images."""
     heldout, train_keys, empty = 0, [], 0
-    for path in kept_files(run_dir):
-        parquet = pq.ParquetFile(path)
-        names = [c for c in (C.UID, C.CONVERSATIONS, C.CAPTION_BEST, C.CAPTION) if c in parquet.schema_arrow.names]
-        for row in parquet.read(columns=names).to_pylist():
-            key = heldout_key(row[C.UID])
-            if turns_for(row, stage) is None:
-                empty += 1
-            elif key < heldout_fraction:
-                heldout += 1
-            else:
-                train_keys.append(key)
+    for source in as_training_data(data).sources:
+        for path in source.files:
+            parquet = pq.ParquetFile(path)
+            names = [c for c in (C.UID, C.CONVERSATIONS, C.CAPTION_BEST, C.CAPTION) if c in parquet.schema_arrow.names]
+            table = parquet.read(columns=names)
+            uids, repeats = _rows(source, table)
+            for row, uid, times in zip(table.to_pylist(), uids, repeats):
+                if not times:
+                    continue
+                key = heldout_key(uid)
+                if turns_for(row, stage) is None:
+                    empty += 1
+                elif key < heldout_fraction:
+                    heldout += 1
+                else:
+                    train_keys.extend([key] * times)
     train_keys.sort()
     until = train_keys[max_samples] if max_samples is not None and max_samples < len(train_keys) else 1.0
     n_train = sum(k < until for k in train_keys)
@@ -104,16 +167,27 @@ def to_messages(turns: list[dict[str, str]], image: Any) -> list[dict[str, Any]]
     return messages
 
 
-def read_split(run_dir: str | Path, split: Split) -> Any:
-    """The kept rows of one split as a Ray dataset, image bytes included, one task per part file."""
+def read_split(data: TrainingData | str | Path, split: Split) -> Any:
+    """The rows of one split as a Ray dataset, image bytes included, one task per part file; a mixture's
+    rows repeated as it says (training split), their uids prefixed with their source."""
     from dataengine.core.raytools import read_files
 
-    def read(path: str) -> pa.Table:
+    data = as_training_data(data)
+    sources = data.sources
+
+    def read(item: str) -> pa.Table:
+        index, path = item.split("\t", 1)
+        source = sources[int(index)]
         parquet = pq.ParquetFile(path)
         table = parquet.read(columns=[c for c in SOURCE_COLUMNS if c in parquet.schema_arrow.names])
-        return table.filter(pa.array([split.contains(u) for u in table.column(C.UID).to_pylist()], pa.bool_()))
+        uids, repeats = _rows(source, table)
+        take = [i for i, (uid, times) in enumerate(zip(uids, repeats)) if times and split.contains(uid)
+                for _ in range(times if split.name == "train" else 1)]
+        if source.prefix:
+            table = table.set_column(table.schema.get_field_index(C.UID), C.UID, pa.array(uids, pa.string()))
+        return table.take(pa.array(take, pa.int64()))
 
-    return read_files(kept_files(run_dir), read)
+    return read_files([f"{k}\t{path}" for k, source in enumerate(sources) for path in source.files], read)
 
 
 @functools.lru_cache(maxsize=4)
@@ -159,10 +233,10 @@ def encode_batch(batch: pa.Table, processor_dir: str, stage: int, max_length: in
     })
 
 
-def encoded_split(run_dir: str | Path, split: Split, stage: int, processor_dir: str, max_length: int,
+def encoded_split(data: TrainingData | str | Path, split: Split, stage: int, processor_dir: str, max_length: int,
                   num_cpus: float = 1.0) -> Any:
     """`read_split` tokenized by `encode_batch` in Ray Data tasks (streaming: nothing is materialised)."""
     from dataengine.core.raytools import map_tables
 
-    return map_tables(read_split(run_dir, split), encode_batch,
+    return map_tables(read_split(data, split), encode_batch,
                       {"processor_dir": processor_dir, "stage": stage, "max_length": max_length}, 64, num_cpus)

@@ -12,7 +12,6 @@ stopped from its last checkpoint instead of starting it over.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -28,7 +27,7 @@ from dataengine.core.layout import CHECKPOINTS_DIR, FINAL_DIR, INIT_DIR, MANIFES
 from dataengine.core.progress import note, watch_steps
 from dataengine.train.checkpoints import LINEAGE_FILE, STATE_FILE, latest_checkpoint, prune_checkpoints
 from dataengine.train.config import StageSpec, TrainSpec
-from dataengine.train.data import encoded_split, kept_files, plan_splits
+from dataengine.train.data import TrainingData, encoded_split, plan_splits, run_data
 from dataengine.train.loop import LOOP_KEY, LoopConfig, train_loop
 from dataengine.train.model import build_llava
 
@@ -64,19 +63,29 @@ def batching(hp: StageSpec, workers: int, train_rows: int) -> Batching:
     return Batching(micro, per_worker // micro, per_epoch, total)
 
 
-def data_version(run_dir: Path) -> str:
-    """A digest of the kept Parquet files (names, sizes, row counts): changes whenever the data does."""
-    import pyarrow.parquet as pq
+def training_data(run_dir: str | Path, spec: TrainSpec) -> TrainingData:
+    """What the stages train on: the mixture `train: data:` names (checked against its sources), else the
+    run's kept rows."""
+    if spec.data is None:
+        return run_data(run_dir)
+    from dataengine.train.mixture import MixtureError, load_mixture, mixture_data
 
-    parts = [f"{Path(f).name}:{Path(f).stat().st_size}:{pq.ParquetFile(f).metadata.num_rows}" for f in kept_files(run_dir)]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    try:
+        return mixture_data(load_mixture(spec.data))
+    except (MixtureError, FileNotFoundError) as e:
+        raise TrainError(f"train: data: {e}") from None
 
 
-def lineage(run_dir: Path, spec: TrainSpec, stage: int, counts: dict[str, int]) -> dict[str, Any]:
+def lineage(run_dir: Path, spec: TrainSpec, stage: int, counts: dict[str, int], data: TrainingData) -> dict[str, Any]:
+    """What a checkpoint was trained on: the run, the train section's hash, the data's version and, for a
+    mixture, its id and each source's data version."""
     run = json.loads((run_dir / MANIFEST).read_text()) if (run_dir / MANIFEST).is_file() else {}
-    return {"run_dir": str(run_dir.resolve()), "run_name": run.get("name"), "run_started_at": run.get("started_at"),
-            "spec_hash": run.get("spec_hash"), "train_hash": spec.train_hash(), "stage": stage,
-            "data_version": data_version(run_dir), "run_totals": run.get("totals"), "samples": counts}
+    record = {"run_dir": str(run_dir.resolve()), "run_name": run.get("name"), "run_started_at": run.get("started_at"),
+              "spec_hash": run.get("spec_hash"), "train_hash": spec.train_hash(), "stage": stage,
+              "data_version": data.version, "run_totals": run.get("totals"), "samples": counts}
+    if data.mixture is not None:
+        record["mixture"] = data.mixture
+    return record
 
 
 def _start_model(run_dir: Path, spec: TrainSpec, stage: int, out: Path) -> Path:
@@ -146,9 +155,11 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     hp = spec.stage(stage)
-    train_split, _, counts = plan_splits(run_dir, stage, spec.eval.heldout_fraction, spec.max_samples)
+    data = training_data(run_dir, spec)
+    train_split, _, counts = plan_splits(data, stage, spec.eval.heldout_fraction, spec.max_samples)
     if counts["train"] == 0:
-        raise TrainError(f"stage {stage}: no training samples in {run_dir}/dataset ({counts})")
+        where = f"the mixture {spec.data}" if spec.data else f"{run_dir}/dataset"
+        raise TrainError(f"stage {stage}: no training samples in {where} ({counts})")
     plan = batching(hp, spec.workers, counts["train"])
     start = _start_model(run_dir, spec, stage, out)
     shape = pixel_shape(start)
@@ -158,11 +169,11 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
         micro_batch=plan.micro_batch, accumulation=plan.accumulation, total_steps=plan.total_steps,
         epochs=math.ceil(hp.epochs) if not hp.max_steps else 10**9, checkpoint_every=hp.checkpoint_every,
         group_by_length=spec.group_by_length, max_grad_norm=1.0, pixel_shape=(shape[0], shape[1], shape[2]),
-        metrics_path=str(out / METRICS_FILE), lineage=lineage(run_dir, spec, stage, counts),
+        metrics_path=str(out / METRICS_FILE), lineage=lineage(run_dir, spec, stage, counts, data),
         checkpoints_dir=str(checkpoints.resolve()), fail_at_step=fail_at_step, fail_rank=fail_rank)
     data_context = ray.data.DataContext.get_current()  # a dataset keeps the context it was made in
     bars, data_context.enable_progress_bars = data_context.enable_progress_bars, False  # per-step metrics instead
-    dataset = encoded_split(run_dir, train_split, stage, str(start), hp.max_length)
+    dataset = encoded_split(data, train_split, stage, str(start), hp.max_length)
     encoded_mb = counts["train"] * (4 * shape[0] * shape[1] * shape[2] + 8 * hp.max_length) / 2**20
     streaming = not (config.epochs > 1 and encoded_mb <= spec.cache_encoded_mb)
     if not streaming:
