@@ -8,6 +8,10 @@ are rejected (`metaclip:no_entry`) unless `keep_unmatched`. Then, over every mat
 a row survives when any of its entries keeps it, so tail entries (count <= t) keep all their rows. The
 draw is a hash of (seed, uid, entry): the same rows on every rerun, on any number of workers. A row
 sampled out is rejected as `metaclip:over_cap:<entry>`, naming its most frequent entry.
+
+Without an entry list, every word of a caption is an entry: the same balancing over caption unigrams,
+as Llama 3's image-text pipeline resamples by caption n-gram frequency (rows of only frequent words are
+sampled down, a rare word keeps its row).
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ class MetaclipBalanceConfig(OpConfig):
     """Entry list, the cap `t`, and which text is matched."""
 
     op: Literal["metaclip_balance"] = "metaclip_balance"
-    entries: list[str] | None = Field(default=None, description="Entries to match (inline).")
+    entries: list[str] | None = Field(default=None, description="Entries to match (inline). Neither this nor "
+                                      "entries_file: every caption word is an entry (n-gram balancing).")
     entries_file: str | None = Field(default=None, description="Entries, one per line (.txt) or a JSON list "
                                                                "(.json, as MetaCLIP's metadata.json).")
     t: int = Field(default=20_000, gt=0, description="Matches an entry keeps at most, in expectation (MetaCLIP: "
@@ -44,15 +49,18 @@ class MetaclipBalanceConfig(OpConfig):
 
     @model_validator(mode="after")
     def _one_entry_source(self) -> "MetaclipBalanceConfig":
-        if (self.entries is None) == (self.entries_file is None):
-            raise ValueError("give the entry list as entries (inline) or entries_file, one of them")
+        if self.entries is not None and self.entries_file is not None:
+            raise ValueError("give the entry list as entries (inline) or entries_file, not both")
         if self.entries is not None and not any(e.strip() for e in self.entries):
             raise ValueError("entries: the list has no non-empty entry")
         return self
 
 
-def load_entries(config: MetaclipBalanceConfig) -> list[str]:
-    """The entry list, stripped, empty lines dropped; a missing or malformed file is named in the error."""
+def load_entries(config: MetaclipBalanceConfig) -> list[str] | None:
+    """The entry list, stripped, empty lines dropped (None: every word is an entry); a missing or
+    malformed file is named in the error."""
+    if config.entries is None and config.entries_file is None:
+        return None
     if config.entries is not None:
         return [e.strip() for e in config.entries if e.strip()]
     path = Path(config.entries_file or "").expanduser()
@@ -71,11 +79,13 @@ def load_entries(config: MetaclipBalanceConfig) -> list[str]:
 
 
 class EntryMatcher:
-    """Entries as word tuples by length: a caption's n-grams are looked up, O(words x longest entry)."""
+    """Entries as word tuples by length: a caption's n-grams are looked up, O(words x longest entry).
+    No entries (None): each distinct word of the caption is its own entry."""
 
-    def __init__(self, entries: list[str]) -> None:
+    def __init__(self, entries: list[str] | None) -> None:
+        self.every_word = entries is None
         self.by_length: dict[int, dict[tuple[str, ...], str]] = {}
-        for entry in entries:
+        for entry in entries or []:
             words = tuple(_WORD.findall(entry.lower()))
             if words:
                 self.by_length.setdefault(len(words), {}).setdefault(words, entry)
@@ -85,6 +95,8 @@ class EntryMatcher:
         if not text:
             return []
         words = _WORD.findall(text.lower())
+        if self.every_word:
+            return list(dict.fromkeys(words))
         found: dict[str, None] = {}
         for start in range(len(words)):
             for n, table in self.by_length.items():

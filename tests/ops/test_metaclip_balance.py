@@ -91,9 +91,22 @@ def test_a_run_balances_over_every_shard_and_accounts_for_every_row(ray_local, t
     assert result.manifest["totals"]["kept"] == kept.height
 
 
+def test_without_an_entry_list_every_caption_word_is_an_entry():
+    """Llama 3-style n-gram balancing: a row of only frequent words is sampled down; a rare word keeps it."""
+    config = MetaclipBalanceConfig(t=5)
+    captions = ["a red circle"] * 40 + ["a red okapi"] * 3
+    uids = [f"u{i}" for i in range(len(captions))]
+    scored = MetaclipBalance(config).process(pa.table({C.UID: uids, C.CAPTION: captions}))
+    assert scored.column(C.METACLIP_ENTRIES).to_pylist()[0] == ["a", "red", "circle"]
+    rejected = MetaclipBalance.decide(config, pa.table({C.UID: uids, C.METACLIP_ENTRIES: scored.column(C.METACLIP_ENTRIES)}))
+    assert not any(uids[i] in rejected["rejected"] for i in range(40, 43))  # "okapi": 3 <= t
+    assert 20 <= sum(u in rejected["rejected"] for u in uids[:40]) <= 40
+
+
 def test_entry_list_errors_name_the_problem(tmp_path):
-    with pytest.raises(SpecError, match="entries \\(inline\\) or entries_file"):
-        parse_spec({"name": "b", "input": {"path": "x.parquet"}, "output": "o", "stages": [{"op": "metaclip_balance"}]})
+    with pytest.raises(SpecError, match="entries \\(inline\\) or entries_file, not both"):
+        parse_spec({"name": "b", "input": {"path": "x.parquet"}, "output": "o",
+                    "stages": [{"op": "metaclip_balance", "entries": ["cat"], "entries_file": "e.txt"}]})
     (tmp_path / "bad.json").write_text('{"cat": 1}')
     with pytest.raises(ValueError, match="must hold a JSON list of strings"):
         MetaclipBalance(MetaclipBalanceConfig(entries_file=str(tmp_path / "bad.json")))
