@@ -25,6 +25,7 @@ import multiprocessing.synchronize
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 from _record import report  # noqa: E402  (bench/ is on sys.path when run as a script)
@@ -47,24 +48,31 @@ def _rows(n: int, tag: str) -> pa.Table:
                      C.CAPTION: [f"a large red circle and two blue stars, picture {tag}-{i}" for i in range(n)]})
 
 
-def measure(concurrency: int, latency: float, waves: int) -> dict[str, float]:
-    """Run `waves * C` requests through the op against a server answering after `latency` seconds."""
+def _warm_op(base_url: str, concurrency: int, waves: int, run_dir: str, tag: str) -> Any:
+    """The op as one actor holds it (bound to a scratch run directory), its connections opened and its
+    modules imported by a small batch first, so the timed batch measures the steady state."""
     import os
 
     from dataengine.ops.llava_synthesis import LlavaSynthesisConfig, LlavaSynthesisMapper
 
+    os.environ["BENCH_LLM_KEY"] = "bench"
+    config = LlavaSynthesisConfig(backend="openai", batch_size=concurrency * waves,
+                                  openai={"model": "fake", "base_url": base_url, "api_key_env": "BENCH_LLM_KEY",
+                                          "max_concurrency": concurrency, "max_retries": 0, "timeout_s": 60})
+    op = LlavaSynthesisMapper(LlavaSynthesisMapper.bind_run(config, Path(run_dir)))
+    op.process(_rows(min(concurrency, 32), tag))
+    return op
+
+
+def measure(concurrency: int, latency: float, waves: int) -> dict[str, float]:
+    """Run `waves * C` requests through the op against a server answering after `latency` seconds."""
     ctx = mp.get_context("spawn")  # a fresh interpreter for the server: no shared GIL, no forked threads
     queue, stop = ctx.Queue(), ctx.Event()
     proc = ctx.Process(target=_serve, args=(latency, queue, stop), daemon=True)
     proc.start()
     base_url = queue.get(timeout=60)
-    os.environ["BENCH_LLM_KEY"] = "bench"
     with tempfile.TemporaryDirectory() as tmp:
-        config = LlavaSynthesisConfig(backend="openai", batch_size=concurrency * waves,
-                                      openai={"model": "fake", "base_url": base_url, "api_key_env": "BENCH_LLM_KEY",
-                                              "max_concurrency": concurrency, "max_retries": 0, "timeout_s": 60})
-        op = LlavaSynthesisMapper(LlavaSynthesisMapper.bind_run(config, Path(tmp)))
-        op.process(_rows(min(concurrency, 32), "warm"))  # connections and imports, not timed
+        op = _warm_op(base_url, concurrency, waves, tmp, "warm")
         rows = _rows(concurrency * waves, f"c{concurrency}-l{latency}")
         started, cpu_started = time.perf_counter(), time.process_time()
         out = op.process(rows)
@@ -83,17 +91,8 @@ def measure(concurrency: int, latency: float, waves: int) -> dict[str, float]:
 def _actor(base_url: str, concurrency: int, latency: float, waves: int, tag: str, ready: mp.Queue,
            go: multiprocessing.synchronize.Event, results: mp.Queue) -> None:
     """One client process: the op built and warmed, then one batch of waves x C rows once `go` is set."""
-    import os
-
-    from dataengine.ops.llava_synthesis import LlavaSynthesisConfig, LlavaSynthesisMapper
-
-    os.environ["BENCH_LLM_KEY"] = "bench"
     with tempfile.TemporaryDirectory() as tmp:
-        config = LlavaSynthesisConfig(backend="openai", batch_size=concurrency * waves,
-                                      openai={"model": "fake", "base_url": base_url, "api_key_env": "BENCH_LLM_KEY",
-                                              "max_concurrency": concurrency, "max_retries": 0, "timeout_s": 60})
-        op = LlavaSynthesisMapper(LlavaSynthesisMapper.bind_run(config, Path(tmp)))
-        op.process(_rows(min(concurrency, 32), f"warm-{tag}"))
+        op = _warm_op(base_url, concurrency, waves, tmp, f"warm-{tag}")
         rows = _rows(concurrency * waves, tag)
         ready.put(tag)
         go.wait()

@@ -6,8 +6,10 @@ caught), so the spec names its own checkpoint (e.g. Salesforce/blip-itm-large-co
 caption and every synthetic caption are scored (ITM match probability, all stored); those at or above
 `threshold` are kept (`captions_kept`, as BLIP keeps every caption that passes), `caption_best` first.
 `caption_best` is, by default the web caption when it passes, since a matching human caption is
-worth more than a generated one, else the best synthetic one (`prefer: score`: always the highest). A
-row whose captions all fall below is rejected as `capfilt_no_match`.
+worth more than a generated one, else the best synthetic one (`prefer: score`: always the highest,
+or the web caption unless a synthetic one beats it by `margin`). Synthetic captions can be held to a
+stricter bar (`synthetic_threshold`) where the captioner's mistakes score like the truth. A row whose
+captions all fall below is rejected as `capfilt_no_match`.
 
 The image is encoded once per row and each caption is matched against it through the ITM head, so
 K captions cost K text passes, not K image passes.
@@ -35,6 +37,12 @@ class CapfiltConfig(ModelOpConfig):
     model: str = Field(default="Salesforce/blip-itm-large-coco", description="BLIP ITM model: hub id or local dir.")
     threshold: float = Field(default=0.5, ge=0, le=1, description="Keep captions whose match probability is at least this.")
     keep_web_caption: bool = Field(default=True, description="Score the web caption too (false: synthetic captions only).")
+    synthetic_threshold: float | None = Field(
+        default=None, ge=0, le=1, description="A synthetic caption is kept only at or above this (default: "
+        "threshold). Higher than threshold when the captioner's mistakes score like the truth: a row whose web "
+        "caption fails is then rejected rather than given a wrong caption.")
+    margin: float = Field(default=0.0, ge=0, le=1, description="prefer: score: a synthetic caption replaces a "
+                                                              "passing web caption only when it scores this much higher.")
     prefer: Literal["web", "score"] = Field(
         default="web", description="caption_best: web = the web caption whenever it passes, a synthetic one only "
                                    "when it does not (a human caption that matches beats a generated one); "
@@ -91,9 +99,13 @@ class CapfiltFilter(ModelOp[CapfiltConfig]):
         result: dict[str, Any] = dict.fromkeys(_COLUMNS)
         sources = (["web"] if has_web else []) + ["synthetic"] * (len(texts) - (1 if has_web else 0))
         ranked = sorted(zip(scores.tolist(), texts, sources), key=lambda t: -t[0])
-        kept = [(s, t, src) for s, t, src in ranked if s >= config.threshold]
+        synthetic_bar = config.threshold if config.synthetic_threshold is None else config.synthetic_threshold
+        kept = [(s, t, src) for s, t, src in ranked if s >= (config.threshold if src == "web" else synthetic_bar)]
         if kept and config.prefer == "web":  # a passing web caption leads, the rest by score
             kept.sort(key=lambda k: k[2] != "web")
+        elif kept and config.margin and has_web and scores[0] >= config.threshold:
+            # prefer: score with a margin: the web caption leads unless a synthetic one beats it by `margin`
+            kept.sort(key=lambda k: -(k[0] + (config.margin if k[2] == "web" else 0.0)))
         result.update({C.WEB_CAPTION_ITM: float(scores[0]) if has_web else None,
                        C.SYNTHETIC_CAPTION_ITM: [float(s) for s in scores[1 if has_web else 0:]],
                        C.CAPTIONS_KEPT: _unique([t for _, t, _ in kept])})

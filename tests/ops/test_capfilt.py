@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
@@ -130,3 +131,23 @@ def test_blips_prepared_pixels_are_the_processors_own(blip_dirs):
     op = BlipCaptionMapper(BlipCaptionConfig(model=captioner, device="cpu"))
     theirs = op.processor(images=[image], return_tensors="pt")["pixel_values"]
     assert size == tuple(theirs.shape[-2:]) and torch.equal(ours, theirs)
+
+
+def test_synthetic_captions_can_be_held_to_a_stricter_bar_and_replace_a_passing_web_one_by_a_margin(blip_dirs):
+    """Where the captioner's mistakes score like the truth, a row whose web caption fails is rejected
+    rather than given a synthetic caption below `synthetic_threshold`; under prefer: score, a synthetic
+    caption displaces a passing web caption only by `margin`."""
+    _, itm = blip_dirs
+    texts, web = ["a red square", "a red circle", "a green star"], np.array([0.6, 0.7, 0.3])
+    strict = CapfiltFilter(CapfiltConfig(model=itm, device="cpu", threshold=0.5, synthetic_threshold=0.9))
+    assert strict._rank(texts, web, True)[C.CAPTION_BEST] == "a red square"  # the web caption passes
+    failing = strict._rank(texts, np.array([0.4, 0.8, 0.3]), True)
+    assert failing[C.REJECT_REASON] == "capfilt_no_match" and failing[C.CAPTION_BEST] is None
+    default = CapfiltFilter(CapfiltConfig(model=itm, device="cpu", threshold=0.5))
+    assert default._rank(texts, np.array([0.4, 0.8, 0.3]), True)[C.CAPTION_BEST] == "a red circle"
+    by_score = CapfiltFilter(CapfiltConfig(model=itm, device="cpu", threshold=0.5, prefer="score"))
+    assert by_score._rank(texts, web, True)[C.CAPTION_BEST] == "a red circle"  # 0.7 > 0.6
+    margin = CapfiltFilter(CapfiltConfig(model=itm, device="cpu", threshold=0.5, prefer="score", margin=0.2))
+    assert margin._rank(texts, web, True)[C.CAPTION_BEST] == "a red square"  # 0.7 < 0.6 + 0.2
+    assert margin._rank(texts, np.array([0.6, 0.85, 0.3]), True)[C.CAPTION_BEST] == "a red circle"  # 0.85 > 0.8
+    assert margin._rank(texts, np.array([0.6, 0.85, 0.3]), True)[C.CAPTIONS_KEPT] == ["a red circle", "a red square"]
