@@ -36,6 +36,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_head(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """`ray start --head --block` on free ports, and its dashboard address once its Jobs API answers; a
+    head that exits (another process took a port between our check and Ray's bind) is retried on new
+    ports, twice."""
+    for _ in range(3):
+        ports = {flag: _free_port() for flag in ("--port", "--dashboard-port", "--dashboard-agent-listen-port",
+                                                 "--dashboard-agent-grpc-port", "--metrics-export-port",
+                                                 "--runtime-env-agent-port", "--node-manager-port",
+                                                 "--object-manager-port", "--ray-client-server-port")}
+        command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2",
+                   "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--temp-dir", str(root),
+                   "--disable-usage-stats", *(str(x) for item in ports.items() for x in item)]
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        address = f"http://127.0.0.1:{ports['--dashboard-port']}"
+        deadline = time.monotonic() + 90
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                jobs.client(address)
+                return process, address
+            except jobs.JobError:
+                time.sleep(0.5)
+        _stop_head(process)
+    raise AssertionError("ray start --head did not come up in three attempts")
+
+
+def _stop_head(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)  # the head and every process it started share its group
+    try:
+        process.wait(timeout=3)  # on SIGTERM a head drains for up to 30 s before it stops: not worth waiting
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A head started the way Ray's docs say, `ray start --head`, as a process of its own: its own ports
@@ -44,40 +82,18 @@ def head(tmp_path_factory):
     root = Path(tempfile.mkdtemp(prefix="rh-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     token_file = tmp_path_factory.mktemp("auth") / "token"
     token_file.write_text(secrets.token_hex(32))
-    ports = {flag: _free_port() for flag in ("--port", "--dashboard-port", "--dashboard-agent-listen-port",
-                                             "--dashboard-agent-grpc-port", "--metrics-export-port",
-                                             "--runtime-env-agent-port", "--node-manager-port",
-                                             "--object-manager-port", "--ray-client-server-port")}
     env = {**os.environ, "RAY_AUTH_MODE": "token", jobs.TOKEN_PATH_ENV: str(token_file),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop(jobs.TOKEN_ENV, None)
-    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2",
-               "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--temp-dir", str(root),
-               "--disable-usage-stats", *(str(x) for item in ports.items() for x in item)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    address = f"http://127.0.0.1:{ports['--dashboard-port']}"
     os.environ[jobs.TOKEN_PATH_ENV] = str(token_file)  # this process: a client finds the token as Ray's do
+    process = None
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                jobs.client(address)
-                break
-            except jobs.JobError:
-                assert process.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
-                time.sleep(0.5)
+        process, address = _start_head(root, env)
         yield {"address": address, "token_file": token_file}
     finally:
         os.environ.pop(jobs.TOKEN_PATH_ENV, None)
-        os.killpg(process.pid, signal.SIGTERM)  # the head and every process it started share its group
-        try:
-            process.wait(timeout=3)  # on SIGTERM a head drains for up to 30 s before it stops: not worth waiting
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        if process is not None:
+            _stop_head(process)
         shutil.rmtree(root, ignore_errors=True)
 
 
