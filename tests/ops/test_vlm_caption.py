@@ -81,8 +81,10 @@ def test_captions_come_from_the_image_and_feed_capfilt_and_synthesis(rows, synth
 def test_what_cannot_be_captioned_is_rejected_with_a_reason(tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_VLM_KEY", SECRET)
     replies = iter([Reply(content="A cat."), Reply(content="A long caption that was cut", finish_reason="length")])
-    jpeg = encode_jpeg(Image.new("RGB", (40, 30), "red"))
-    batch = pa.table({C.UID: ["a", "b", "c", "d"], C.IMAGE: [None, b"not an image", jpeg, jpeg]})
+    # two different images: two different requests (an identical one may be answered from the cache once
+    # the first reply is in, which would give both rows the same reply)
+    red, blue = (encode_jpeg(Image.new("RGB", (40, 30), colour)) for colour in ("red", "blue"))
+    batch = pa.table({C.UID: ["a", "b", "c", "d"], C.IMAGE: [None, b"not an image", red, blue]})
     with FakeLLMServer(lambda body: next(replies)) as server:
         out = _run(VlmCaptionMapper(_config(server, tmp_path, max_concurrency=1)), batch)
     reasons = [r[C.REJECT_REASON] for r in out]
