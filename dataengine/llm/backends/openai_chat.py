@@ -202,8 +202,9 @@ class OpenAIChat:
     def complete_iter(self, requests: Iterable[list[dict[str, Any]]]) -> Iterator[tuple[int, Completion | RequestFailed]]:
         """(index, reply) for each of `requests` as replies arrive; a failed request yields a `RequestFailed`.
 
-        Each request is sent as soon as it is drawn from `requests` (cache hits are answered at once),
-        and the caller works on early replies while later ones are in flight. At the end, raises
+        Each request is sent as soon as it is drawn from `requests` (cache hits are answered at once: a
+        request identical to an earlier one of the batch whose reply is already in is one of them), and the
+        caller works on early replies while later ones are in flight. At the end, raises
         `BudgetExhausted` (in-flight requests were let finish and cached) when the run's budget is
         reached, or `EndpointError` when the endpoint refused us outright; no request is sent after either.
         """
