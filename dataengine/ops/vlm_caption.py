@@ -14,37 +14,29 @@ vLLM serving Qwen2.5-VL or LLaVA-OneVision) or through Ray Data LLM on the clust
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
-from pydantic import Field, PrivateAttr, SecretStr, model_validator
+from pydantic import Field, model_validator
 
 from dataengine.core import columns as C
 from dataengine.core.fields import OPERATIONAL
 from dataengine.io.imaging import ImageRejected
-from dataengine.llm.backends.base import Backend, Request
+from dataengine.llm.backends.base import Request
 from dataengine.llm.backends.openai_chat import OpenAIBackendConfig
-from dataengine.llm.backends.vllm_engine import (
-    REQUEST_COLUMN,
-    EngineReplies,
-    VLLMBackendConfig,
-    postprocess_row,
-    preprocess_row,
-    request_json,
-)
+from dataengine.llm.backends.vllm_engine import EngineReplies, VLLMBackendConfig
 from dataengine.llm.prompts import default_prompts_dir, load_yaml, with_image
-from dataengine.ops.base import Op, OpConfig, RayLLMStage, Requirement, register_op
-from dataengine.ops.llm_common import VLLM_REQUIREMENT, bound_to_run, image_data_url, open_openai
+from dataengine.ops.base import RayLLMStage, register_op
+from dataengine.ops.llm_common import LLMOp, LLMOpConfig, engine_requests, engine_stage, image_data_url, open_openai
 
 log = logging.getLogger(__name__)
 
 PROMPT_FILE = "vlm_caption.yaml"
 
 
-class VlmCaptionConfig(OpConfig):
+class VlmCaptionConfig(LLMOpConfig):
     """Detailed captions from a vision-language model."""
 
     op: Literal["vlm_caption_mapper"] = "vlm_caption_mapper"
@@ -66,9 +58,6 @@ class VlmCaptionConfig(OpConfig):
                                   description="Reply cache; default: <run>/_state/llm-cache.")
     concurrency: int | None = Field(default=1, gt=0, description="Actors; requests in flight = this x max_concurrency.")
     batch_size: int = Field(default=64, gt=0, description="Rows per batch.")
-    _run_dir: str | None = PrivateAttr(default=None)
-    _phase: str | None = PrivateAttr(default=None)  # vllm: "prepare" (requests) or None (finish)
-    _api_key: SecretStr | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _backend_settings(self) -> VlmCaptionConfig:
@@ -78,54 +67,32 @@ class VlmCaptionConfig(OpConfig):
             raise ValueError("backend vllm needs a `vllm:` section (a vision-language model, engine_kwargs, ...)")
         return self
 
-    def with_phase(self, phase: str | None) -> VlmCaptionConfig:
-        copy = self.model_copy()
-        copy._phase = phase
-        return copy
-
 
 @register_op
-class VlmCaptionMapper(Op[VlmCaptionConfig]):
+class VlmCaptionMapper(LLMOp[VlmCaptionConfig]):
     """Write `vlm_caption` from the image with a vision-language model; reject what fails."""
 
     Config = VlmCaptionConfig
-    stateful = True
 
     def __init__(self, config: VlmCaptionConfig) -> None:
         super().__init__(config)
         prompt = load_yaml(Path(config.prompt_file) if config.prompt_file else default_prompts_dir() / PROMPT_FILE)
         self.system, self.instruction = str(prompt["system"]).strip(), str(prompt["instruction"]).strip()
-        self.backend: Backend | None = None
-        if config.backend == "vllm":
+        if config.uses_engine:
             self.backend = EngineReplies(config.vllm.model if config.vllm else "vllm")
         elif config.openai is not None:  # captions are prose: no response_format
             self.backend = open_openai(config.openai.model_copy(update={"structured": "none", "json_mode": False}),
                                        config._run_dir, config.cache_dir, config._api_key)
 
     @classmethod
-    def requires(cls, config: VlmCaptionConfig) -> list[Requirement]:
-        return [VLLM_REQUIREMENT] if config.backend == "vllm" else []
-
-    @classmethod
-    def bind_run(cls, config: VlmCaptionConfig, run_dir: Path) -> VlmCaptionConfig:
-        return bound_to_run(config, run_dir)
-
-    @classmethod
     def ray_llm_stage(cls, config: VlmCaptionConfig) -> RayLLMStage | None:
-        if config.backend != "vllm" or config.vllm is None:
+        if not config.uses_engine or config.vllm is None:
             return None
-        vllm = config.vllm.model_copy(update={"structured": "none"})
-        return RayLLMStage(prepare=config.with_phase("prepare"), processor_kwargs=vllm.processor_kwargs(images=True),
-                           preprocess=functools.partial(preprocess_row, config=vllm),
-                           postprocess=functools.partial(postprocess_row, config=vllm))
-
-    def __del__(self) -> None:
-        if getattr(self, "backend", None) is not None:
-            self.backend.close()
+        return engine_stage(config, config.vllm.model_copy(update={"structured": "none"}), images=True)
 
     def process(self, batch: pa.Table) -> pa.Table:
         config = self.config
-        finishing = config.backend == "vllm" and config._phase != "prepare"
+        finishing = config.finishing
         wanted = {C.UID, C.SYNTHETIC_CAPTIONS, *(_REPLY_COLUMNS if finishing else (C.IMAGE,))}
         rows = batch.select([c for c in batch.column_names if c in wanted]).to_pylist()
         reasons: list[str | None] = [None] * len(rows)
@@ -145,11 +112,8 @@ class VlmCaptionMapper(Op[VlmCaptionConfig]):
             messages = [{"role": "system", "content": self.system},
                         {"role": "user", "content": with_image(self.instruction, url)}]
             requests.append(Request(i, row[C.UID], {}, messages=messages, row=row))
-        if config.backend == "vllm" and config._phase == "prepare":
-            asked: list[str | None] = [None] * len(rows)
-            for request in requests:
-                asked[request.index] = request_json(request.messages or [])
-            return pa.table({REQUEST_COLUMN: pa.array(asked, pa.string()), C.REJECT_REASON: pa.array(reasons, pa.string())})
+        if config.preparing:
+            return engine_requests(requests, reasons)
         assert self.backend is not None
         captions: list[str | None] = [None] * len(rows)
         raw: list[str | None] = [None] * len(rows)

@@ -81,15 +81,11 @@ class Source:
         return None if self.rows_path is None else _selection(self.rows_path, self.index)
 
 
-#: a mixture's rows file: which source, which uid, how many times (`dataengine.train.mixture`)
-SOURCE, REPEATS = "source", "repeats"
-
-
 @functools.lru_cache(maxsize=16)
 def _selection(rows_path: str, index: int) -> dict[str, int]:
     """uid -> repeats of one source's chosen rows (read once per worker process)."""
-    table = pq.read_table(rows_path, filters=[(SOURCE, "=", index)], columns=[C.UID, REPEATS])
-    return dict(zip(table.column(C.UID).to_pylist(), table.column(REPEATS).to_pylist()))
+    table = pq.read_table(rows_path, filters=[(C.MIXTURE_SOURCE, "=", index)], columns=[C.UID, C.MIXTURE_REPEATS])
+    return dict(zip(table.column(C.UID).to_pylist(), table.column(C.MIXTURE_REPEATS).to_pylist()))
 
 
 @dataclass(frozen=True)

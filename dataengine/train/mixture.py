@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dataengine.core import columns as C
 from dataengine.core.atomic import write_parquet_atomic, write_text_atomic
-from dataengine.train.data import REPEATS, SOURCE, Source, TrainingData, data_version, kept_files
+from dataengine.train.data import Source, TrainingData, data_version, kept_files
 
 MIXTURE_FILE = "mixture.yaml"
 
@@ -128,23 +128,19 @@ def build_mixture(spec: MixtureSpec, out_dir: str | Path) -> dict[str, Any]:
     size = spec.size or sum(sizes)
     fractions = shares(sizes, [s.weight for s in spec.sources], spec.sampling)
     targets = allocate(size, fractions)
-    columns: dict[str, list] = {SOURCE: [], C.UID: [], REPEATS: []}
+    chosen: list[tuple[int, str, int]] = []  # (source, uid, repeats)
     for k, (uids, target) in enumerate(zip(ordered, targets)):
         if target and not uids:
             raise MixtureError(f"source {names[k]}: no kept rows, but its share is {target} rows")
         every, extra = divmod(target, len(uids)) if uids else (0, 0)
-        for i, uid in enumerate(uids):
-            repeats = every + (i < extra)
-            if repeats:
-                columns[SOURCE].append(k)
-                columns[C.UID].append(uid)
-                columns[REPEATS].append(repeats)
-    rows = pa.table({SOURCE: pa.array(columns[SOURCE], pa.int32()), C.UID: pa.array(columns[C.UID], pa.string()),
-                     REPEATS: pa.array(columns[REPEATS], pa.int32())})
+        chosen.extend((k, uid, every + (i < extra)) for i, uid in enumerate(uids) if every + (i < extra))
+    sources_of, uids_of, repeats_of = zip(*chosen) if chosen else ((), (), ())
+    rows = pa.table({C.MIXTURE_SOURCE: pa.array(sources_of, pa.int32()), C.UID: pa.array(uids_of, pa.string()),
+                     C.MIXTURE_REPEATS: pa.array(repeats_of, pa.int32())})
     digest = hashlib.sha256()
     for name, version in zip(names, versions):
         digest.update(f"{name}\x1f{version}\x1e".encode())
-    for k, uid, repeats in zip(*columns.values()):
+    for k, uid, repeats in chosen:
         digest.update(f"{k}\x1f{uid}\x1f{repeats}\x1e".encode())
     mixture_id = digest.hexdigest()[:16]
     rows_file = f"rows-{mixture_id}.parquet"
