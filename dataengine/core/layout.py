@@ -28,6 +28,7 @@ TRAIN_DIR, RESULT_FILE, METRICS_FILE = "train", "result.json", "metrics.jsonl"
 INIT_DIR, CHECKPOINTS_DIR, FINAL_DIR = "init", "checkpoints", "final"
 
 
-def stage_dir(run_dir: Path, stage: int) -> Path:
-    """`RUN/train/stageN`: one training stage's model, checkpoints, metrics and result."""
-    return Path(run_dir) / TRAIN_DIR / f"stage{stage}"
+def stage_dir(run_dir: Path, stage: int, seed: int | None = None) -> Path:
+    """`RUN/train/stageN`: one training stage's model, checkpoints, metrics and result; with `seed`,
+    `RUN/train/stageN-seedS`, a repeat of the stage with another seed (`train.stage2_seeds`)."""
+    return Path(run_dir) / TRAIN_DIR / (f"stage{stage}" if seed is None else f"stage{stage}-seed{seed}")

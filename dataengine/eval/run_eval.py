@@ -45,20 +45,22 @@ def evaluate_model(model_dir: str, data: TrainingData | str | None, stage: int, 
     return result
 
 
-def evaluate_stage(run_dir: Path, spec: TrainSpec, stage: int) -> dict[str, Any]:
-    """`evaluate_model` on the stage's final model, as a Ray task (with a GPU when training used one)."""
-    model_dir = str(stage_dir(run_dir, stage) / FINAL_DIR)
+def evaluate_stage(run_dir: Path, spec: TrainSpec, stage: int, out: Path | None = None) -> dict[str, Any]:
+    """`evaluate_model` on the final model in `out` (default: the stage's directory), as a Ray task (with
+    a GPU when training used one)."""
+    model_dir = str((out or stage_dir(run_dir, stage)) / FINAL_DIR)
+    label = f"stage {stage}" + (f" ({out.name})" if out else "")
     if spec.eval.heldout_fraction == 0 and spec.eval.benchmark is None:
         return {"model": model_dir}  # nothing to measure: no task, no model load
-    note("stage %d: evaluating%s%s ...", stage, " on held-out rows" if spec.eval.heldout_fraction else "",
-         f" and {spec.eval.benchmark_size} benchmark scenes" if spec.eval.benchmark else "")
+    parts = (["held-out rows"] if spec.eval.heldout_fraction else []) + \
+        ([f"{spec.eval.benchmark_size} benchmark scenes"] if spec.eval.benchmark else [])
+    note("%s: evaluating on %s ...", label, " and ".join(parts))
     benchmark = registered(BENCHMARKS)[spec.eval.benchmark] if spec.eval.benchmark else None
     data = training_data(run_dir, spec) if spec.eval.heldout_fraction else None
     result = raytools.get(raytools.submit(evaluate_model, model_dir, data, stage, spec, benchmark,
                                           num_gpus=1 if spec.use_gpu else 0))
-    held = result.get("heldout", {})
-    bench = result.get("benchmark", {})
-    note("stage %d eval: held-out loss %.3f (ppl %.2f) on %s samples%s", stage, held.get("loss", float("nan")),
-             held.get("perplexity", float("nan")), held.get("samples", 0),
-             f"; benchmark exact match {bench['exact_match']:.3f}, POPE F1 {bench['pope']['f1']:.3f}" if bench else "")
+    held, bench = result.get("heldout"), result.get("benchmark")
+    said = ([f"held-out loss {held['loss']:.3f} (ppl {held['perplexity']:.2f}) on {held['samples']} samples"] if held else []) + \
+        ([f"benchmark exact match {bench['exact_match']:.3f}, POPE F1 {bench['pope']['f1']:.3f}"] if bench else [])
+    note("%s eval: %s", label, "; ".join(said))
     return result

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,13 @@ from dataengine.core.layout import EXPORT_DIR, INIT_DIR, LOG_FILE, MANIFEST, RES
 from dataengine.core.progress import note
 from dataengine.engine.runner import RunError, format_summary, run_pipeline
 from dataengine.engine.spec import PipelineSpec, load_spec
+from dataengine.eval.train_then_eval import train_stage2_together
 from dataengine.io.export import EXPORT_MANIFEST
+from dataengine.testbed.data_comparison import compare, format_training, training_rows, unfiltered_spec
 from dataengine.testbed.synthweb import SynthWebServer, build_synthweb, write_url_list
 from dataengine.testbed.synthweb import build as T  # the truth table's column names
+from dataengine.testbed.synthweb.caption_qa import CaptionQAResponder
+from dataengine.testbed.synthweb.llm_server import FakeLLMServer
 from dataengine.testbed.synthweb.models import DEMO_PREFIX, ensure_demo_models
 
 log = logging.getLogger(__name__)
@@ -172,57 +176,20 @@ def _benchmark_before_training(run_dir: Path, spec: PipelineSpec) -> dict[str, A
                                         spec.train))["benchmark"]
 
 
-def unfiltered_spec(spec: PipelineSpec, run_dir: Path, train_rows: int) -> PipelineSpec:
-    """The same input, downloader and synthesis without any filter, trained on `train_rows` rows: the
-    baseline the curated data is compared with."""
-    keep = [s for s in spec.stages if s.op in ("download", "llava_synthesis_mapper")]
-    train = spec.train.model_copy(update={"max_samples": train_rows, "stages": [1, 2]}) if spec.train else None
-    return spec.model_copy(update={"name": spec.name + "-unfiltered", "stages": keep, "train": train,
-                                   "output": str(run_dir.with_name(run_dir.name + "-unfiltered"))})
-
-
-BENCH_KEYS = ("exact_match", "count_accuracy", "colour_accuracy", "position_accuracy")
-
-
-def training_rows(before: dict[str, Any], curated: dict[str, Any], unfiltered: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
-    """(label, benchmark) rows of the demo's training table, in the order they are printed."""
-    rows = [("before stage 1 (assembled)", before)]
-    for name, result in (("curated", curated), ("unfiltered", unfiltered)):
-        for stage in (1, 2):
-            if result and f"stage{stage}" in result:
-                rows.append((f"{name}, after stage {stage}", result[f"stage{stage}"]["eval"]["benchmark"]))
-    return rows
-
-
-def _verdict(what: str, curated: float, unfiltered: float, noise: float, lower_is_better: bool = False) -> str:
-    gain = (unfiltered - curated) if lower_is_better else (curated - unfiltered)
-    word = "wins" if gain > noise else "loses" if gain < -noise else "is within noise"
-    return f"  {what}: curated {curated:.3f} vs unfiltered {unfiltered:.3f}: curated data {word} (noise +/-{noise:.3f})"
-
-
-def format_training(rows: list[tuple[str, dict[str, Any]]], samples: int) -> str:
-    lines = [f"tiny VLM on the synthetic-web VQA benchmark (trained on {samples} rows; exact match per question type;",
-             "caption ppl: perplexity of each benchmark image's true caption, lower is better):",
-             f"  {'model':<30}{'all':>7}{'count':>7}{'colour':>8}{'where':>7}{'POPE F1':>9}{'yes-ratio':>11}"
-             f"{'caption ppl':>13}"]
-    for label, b in rows:
-        lines.append(f"  {label:<30}{b['exact_match']:>7.3f}{b.get('count_accuracy', 0):>7.3f}"
-                     f"{b.get('colour_accuracy', 0):>8.3f}{b.get('position_accuracy', 0):>7.3f}"
-                     f"{b['pope']['f1']:>9.3f}{b['pope']['yes_ratio']:>11.2f}{b.get('caption_perplexity', 0):>13.2f}")
-    by_label = dict(rows)
-    if "unfiltered, after stage 1" in by_label:
-        cur, unf = by_label["curated, after stage 1"], by_label["unfiltered, after stage 1"]
-        # caption perplexity: a likelihood over every caption token, far steadier than generated answers;
-        # count a 5% relative difference as the noise floor
-        lines.append(_verdict("after stage 1, caption perplexity", cur["caption_perplexity"], unf["caption_perplexity"],
-                              0.05 * unf["caption_perplexity"], lower_is_better=True))
-    if "unfiltered, after stage 2" in by_label:
-        cur, unf = by_label["curated, after stage 2"], by_label["unfiltered, after stage 2"]
-        noise = 2 * math.sqrt(sum(b["exact_match"] * (1 - b["exact_match"]) / max(1, b["questions"]) for b in (cur, unf)))
-        lines.append(_verdict("after stage 2, VQA exact match", cur["exact_match"], unf["exact_match"], noise))
-        lines.append("  (the VQA answers come from object boxes, which the web's caption noise does not touch; the")
-        lines.append("   filters clean the captions, so their effect shows first in what stage 1 learns from captions)")
-    return "\n".join(lines)
+def with_demo_llm(spec: PipelineSpec, stack: ExitStack) -> PipelineSpec:
+    """`spec` with every `openai` stage whose model is a demo one (`synthweb-demo:llm`) pointed at a
+    simulated LLM served on 127.0.0.1 for as long as `stack` lasts (`CaptionQAResponder`: it writes
+    questions and answers from the captions it is given, as LLaVA's text-only GPT-4 did)."""
+    stages, llm = [], None
+    for stage in spec.stages:
+        endpoint = getattr(stage, "openai", None)
+        if endpoint is not None and endpoint.model.startswith(DEMO_PREFIX):
+            if llm is None:  # one server for every such stage
+                llm = stack.enter_context(FakeLLMServer(CaptionQAResponder()))
+                note("simulated LLM (writes Q&A from captions) at %s", llm.base_url)
+            stage = stage.model_copy(update={"openai": endpoint.model_copy(update={"base_url": llm.base_url})})
+        stages.append(stage)
+    return spec.model_copy(update={"stages": stages})
 
 
 def fresh_run_dir(spec_path: Path, output: str | None = None) -> Path:
@@ -254,20 +221,29 @@ def run_demo(n: int = 1000, seed: int = 0, spec_path: Path = Path("pipelines/dem
     from dataengine.engine.raydata import ray_session
 
     # one Ray for the curated run, its training, the baseline and the floor (each start costs seconds)
-    with SynthWebServer(web_dir) as server, ray_session(None, spec.resources):
+    with SynthWebServer(web_dir) as server, ExitStack() as stack, ray_session(None, spec.resources):
+        spec = with_demo_llm(spec, stack)
         urls = write_url_list(web_dir, server.base_url)
         if urls.resolve() != input_path.resolve():
             shutil.copyfile(urls, input_path)
         note("serving it at %s; running %s ...", server.base_url, spec_path)
-        result = run_pipeline(spec, output=run_dir)
-        unfiltered = None
+        # stage 2 of both sides is trained at the end, all seeds at once (train_stage2_together)
+        first = spec.model_copy(update={"train": spec.train.model_copy(update={"stages": [1]})}) \
+            if spec.train is not None and 2 in spec.train.stages else spec
+        result = run_pipeline(first, output=run_dir)
+        unfiltered = before = None
         if spec.train is not None:
+            before = _benchmark_before_training(result.run_dir, spec)
             rows = json.loads((stage_dir(run_dir, 1) / RESULT_FILE).read_text())["lineage"]["samples"]["train"]
             baseline = unfiltered_spec(spec, run_dir.resolve(), rows)
             note("the same %d rows' worth of unfiltered data for comparison: %s ...", rows, baseline.output)
             shutil.rmtree(baseline.output, ignore_errors=True)
-            unfiltered = run_pipeline(baseline).manifest.get("train")
-        before = _benchmark_before_training(result.run_dir, spec) if spec.train is not None else None
+            run_pipeline(baseline.model_copy(update={"train": None}))
+            if 2 in spec.train.stages:
+                note("stage 2 on each side under %d seeds, trained at once ...", 1 + len(spec.train.stage2_seeds))
+                curated_stage2, unfiltered = train_stage2_together(
+                    [(result.run_dir.resolve(), spec.train), (Path(baseline.output), baseline.train)])
+                result.manifest["train"].update(curated_stage2)
     truth = pl.read_parquet(web_dir / T.TRUTH_FILE)
     scores = score_stages(result.run_dir, truth, result.manifest["stage_names"])
     capfilt = capfilt_report(result.run_dir, truth, result.manifest["stage_names"])
@@ -283,8 +259,13 @@ def run_demo(n: int = 1000, seed: int = 0, spec_path: Path = Path("pipelines/dem
                      "(llava.json, images/, conversations.parquet)")
     if spec.train is not None and before is not None:
         rows = training_rows(before, result.manifest["train"], unfiltered)
-        samples = result.manifest["train"]["stage2"]["lineage"]["samples"]["train"]
-        (result.run_dir / TRAINING_FILE).write_text(json.dumps(dict(rows), indent=2))
+        trained = result.manifest["train"].get("stage2") or result.manifest["train"]["stage1"]
+        samples = trained["lineage"]["samples"]["train"]
+        facts: dict[str, Any] = {"models": dict(rows)}
+        if unfiltered:
+            facts["stage2_comparison"] = compare([b for label, b in rows if label.startswith("curated, stage 2")],
+                                                 [b for label, b in rows if label.startswith("unfiltered, stage 2")])
+        (result.run_dir / TRAINING_FILE).write_text(json.dumps(facts, indent=2))
         lines.append("\n" + format_training(rows, samples))
         lines.append(f"  models: {result.run_dir}/train/stage{{1,2}}/final (load with "
                      "LlavaForConditionalGeneration.from_pretrained)")

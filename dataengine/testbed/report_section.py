@@ -30,11 +30,15 @@ TEMPLATE = """\
   <h3>Curated vs unfiltered training</h3>
   <table>
     <tr><th>model</th>{% for key, label in benchmark_metrics %}<th class="n">{{ label }}</th>{% endfor %}<th class="n">POPE F1</th><th class="n">caption ppl</th></tr>
-    {% for name, b in section.training.items() %}
+    {% for name, b in section.training.models.items() %}
     <tr><td>{{ name }}</td>{% for key, label in benchmark_metrics %}<td class="n">{{ b.get(key) | num }}</td>{% endfor %}
         <td class="n">{{ (b.get("pope") or {}).get("f1") | num }}</td><td class="n">{{ b.get("caption_perplexity") | num }}</td></tr>
     {% endfor %}
   </table>
+  {% set c = section.training.get("stage2_comparison") %}
+  {% if c %}<p>Stage 2, VQA exact match over seeds: curated {{ c.curated.mean | num }} vs unfiltered {{ c.unfiltered.mean | num }},
+  difference {{ c.difference | num }} &plusmn; {{ c.interval | num }} (95%, training variance and benchmark sampling):
+  curated data {{ c.verdict }}.</p>{% endif %}
   {% endif %}
 """
 

@@ -137,6 +137,14 @@ class TrainSpec(_Strict):
                                   "image decoding and tokenizing; larger sets are streamed every epoch.",
                                   json_schema_extra=OPERATIONAL)
     seed: int = 0
+    stage2_init: str | None = Field(
+        default=None, description="Stage 2 starts from this model directory (another run's train/stage1/final: "
+        "LLaVA's pretrained projector) instead of this run's stage 1; `stages: [2]` then trains stage 2 alone.")
+    stage2_seeds: list[int] = Field(
+        default_factory=list, json_schema_extra=OPERATIONAL,  # which extra runs are made, not how one is trained
+        description="Train stage 2 again from the same stage-1 model with each of these seeds (besides `seed`), "
+        "into train/stage2-seed<N>, each evaluated: the spread over seeds is the training variance a "
+        "comparison of two datasets has to beat.")
     eval: EvalSpec = EvalSpec()
 
     @field_validator("stage1", "stage2", mode="before")
@@ -156,6 +164,8 @@ class TrainSpec(_Strict):
             raise ValueError("stage1.lora: stage 1 trains only the projector; LoRA applies to stage 2")
         if sorted(set(self.stages)) != list(self.stages):
             raise ValueError("stages: list each of 1 and 2 at most once, in order")
+        if self.seed in self.stage2_seeds or len(set(self.stage2_seeds)) != len(self.stage2_seeds):
+            raise ValueError(f"stage2_seeds: {self.stage2_seeds} must be distinct and differ from seed ({self.seed})")
         return self
 
     def stage(self, n: int) -> StageSpec:

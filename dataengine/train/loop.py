@@ -56,6 +56,13 @@ class LoopConfig:
     checkpoints_dir: str
     fail_at_step: int | None = None  # fault injection for tests (see `_maybe_fail`)
     fail_rank: int = 0
+    shuffle_rows: int = 1024  # local shuffle buffer (rows); 0: the rows in the dataset's order every epoch
+
+
+def epoch_order_seed(seed: int, epoch: int) -> int:
+    """The shuffle seed of one epoch: another order every epoch and every training seed, the same order
+    again when a restarted attempt replays the epoch (its consumed batches are skipped by index)."""
+    return seed * 100_003 + epoch
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str) -> Any:
@@ -309,8 +316,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     metrics_path = Path(config.metrics_path)
     last_saved = state["step"]
     for epoch in range(state["epoch"], config.epochs):
-        for index, batch in enumerate(shard.iter_batches(batch_size=config.micro_batch * config.accumulation,
-                                                         batch_format="numpy")):
+        batches = shard.iter_batches(batch_size=config.micro_batch * config.accumulation, batch_format="numpy",
+                                     local_shuffle_buffer_size=config.shuffle_rows or None,
+                                     local_shuffle_seed=epoch_order_seed(config.seed, epoch) if config.shuffle_rows else None)
+        for index, batch in enumerate(batches):
             if epoch == state["epoch"] and index < state["batch_in_epoch"]:
                 continue  # consumed before the checkpoint this attempt started from
             started = time.perf_counter()

@@ -82,7 +82,7 @@ def lineage(run_dir: Path, spec: TrainSpec, stage: int, counts: dict[str, int], 
     run = json.loads((run_dir / MANIFEST).read_text()) if (run_dir / MANIFEST).is_file() else {}
     record = {"run_dir": str(run_dir.resolve()), "run_name": run.get("name"), "run_started_at": run.get("started_at"),
               "spec_hash": run.get("spec_hash"), "train_hash": spec.train_hash(), "stage": stage,
-              "data_version": data.version, "run_totals": run.get("totals"), "samples": counts}
+              "seed": spec.seed, "data_version": data.version, "run_totals": run.get("totals"), "samples": counts}
     if data.mixture is not None:
         record["mixture"] = data.mixture
     return record
@@ -91,6 +91,12 @@ def lineage(run_dir: Path, spec: TrainSpec, stage: int, counts: dict[str, int], 
 def _start_model(run_dir: Path, spec: TrainSpec, stage: int, out: Path) -> Path:
     """Where this stage starts: stage 1 from the assembled model; stage 2 from stage 1's final model."""
     init = out / INIT_DIR
+    if stage == 2 and spec.stage2_init:
+        given = Path(spec.stage2_init)
+        if not (given / "config.json").is_file():
+            raise TrainError(f"train.stage2_init: {given} is not a saved model (no config.json); give a stage-1 "
+                             "model directory such as RUN/train/stage1/final")
+        return given
     previous = stage_dir(run_dir, 1) / FINAL_DIR
     if stage == 2 and previous.is_dir():
         return previous
@@ -131,15 +137,16 @@ def worker_cpus(spec: TrainSpec, streaming: bool) -> float:
 
 
 def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool = False,
-                fail_at_step: int | None = None, fail_rank: int = 0) -> dict[str, Any]:
-    """Train one stage of `spec` on `run_dir`'s kept rows; returns (and writes) the stage's result.
-    `fail_at_step`/`fail_rank` inject one worker failure (tests of the restart path)."""
+                fail_at_step: int | None = None, fail_rank: int = 0, out: Path | None = None) -> dict[str, Any]:
+    """Train one stage of `spec` on `run_dir`'s kept rows into `out` (default: the stage's directory);
+    returns (and writes) the stage's result. `fail_at_step`/`fail_rank` inject one worker failure
+    (tests of the restart path)."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     run_dir = Path(run_dir)
-    out = stage_dir(run_dir, stage)
+    out = out or stage_dir(run_dir, stage)
     fail_at_step = fail_at_step or int(os.environ.get(FAIL_ENV, "0")) or None
     if (out / RESULT_FILE).is_file():  # finished: `--resume` continues only a stage that did not finish
         done = json.loads((out / RESULT_FILE).read_text())

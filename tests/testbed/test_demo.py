@@ -65,19 +65,27 @@ def test_demo_runs_end_to_end_and_every_filter_beats_chance(demo_models, tmp_pat
 
 
 def test_training_table_says_who_wins_and_by_how_much():
-    from dataengine.testbed.demo import format_training
+    from dataengine.testbed.data_comparison import compare, format_training
 
-    def bench(em: float, ppl: float) -> dict:
+    def bench(em: float, ppl: float = 6.0, questions: int = 400) -> dict:
         return {"exact_match": em, "count_accuracy": em, "colour_accuracy": em, "position_accuracy": em,
-                "questions": 400, "pope": {"f1": 0.5, "yes_ratio": 0.5}, "caption_perplexity": ppl}
+                "questions": questions, "pope": {"f1": 0.5, "yes_ratio": 0.5}, "caption_perplexity": ppl}
 
-    rows = [("before stage 1 (assembled)", bench(0.1, 20)), ("curated, after stage 1", bench(0.2, 4.0)),
-            ("curated, after stage 2", bench(0.5, 6.0)), ("unfiltered, after stage 1", bench(0.2, 5.0)),
-            ("unfiltered, after stage 2", bench(0.4, 6.0))]
-    text = format_training(rows, 600)
-    assert "after stage 1, caption perplexity: curated 4.000 vs unfiltered 5.000: curated data wins" in text
-    assert "after stage 2, VQA exact match: curated 0.500 vs unfiltered 0.400: curated data wins" in text
-    rows[4] = ("unfiltered, after stage 2", bench(0.49, 6.0))
-    assert "0.500 vs unfiltered 0.490: curated data is within noise" in format_training(rows, 600)
-    rows[3] = ("unfiltered, after stage 1", bench(0.2, 3.0))
-    assert "curated 4.000 vs unfiltered 3.000: curated data loses" in format_training(rows, 600)
+    def rows(curated: list[float], unfiltered: list[float]) -> list:
+        return ([("before stage 1 (assembled)", bench(0.1, 20)), ("curated, after stage 1", bench(0.2, 4.0))]
+                + [(f"curated, stage 2 seed {i}", bench(v)) for i, v in enumerate(curated)]
+                + [(f"unfiltered, stage 2 seed {i}", bench(v)) for i, v in enumerate(unfiltered)])
+
+    text = format_training(rows([0.50, 0.52, 0.51], [0.40, 0.41, 0.39]), 600)
+    assert "curated 0.510 (0.500, 0.520, 0.510) vs unfiltered 0.400 (0.400, 0.410, 0.390)" in text
+    assert text.rstrip().endswith("curated data wins")
+    # the interval: t(4) = 2.78 x sqrt(seed variance / 3 per side + p (1 - p) / 400 per side)
+    result = compare([bench(v) for v in (0.50, 0.52, 0.51)], [bench(v) for v in (0.40, 0.41, 0.39)])
+    expected = 2.78 * ((1e-4 / 3 + 0.51 * 0.49 / 400) + (1e-4 / 3 + 0.4 * 0.6 / 400)) ** 0.5
+    assert result["interval"] == pytest.approx(expected) and result["difference"] == pytest.approx(0.11)
+    # seeds that scatter widely: the same means are no longer a win
+    assert "curated data is within the interval\n  (no win shown" in format_training(rows([0.40, 0.62, 0.51], [0.30, 0.50, 0.40]), 600)
+    assert "curated data loses" in format_training(rows([0.30, 0.31, 0.30], [0.45, 0.46, 0.45]), 600)
+    # one seed per side: benchmark sampling alone, x 2
+    single = compare([bench(0.5)], [bench(0.4)])
+    assert single["interval"] == pytest.approx(2 * ((0.25 + 0.24) / 400) ** 0.5)

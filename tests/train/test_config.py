@@ -26,3 +26,13 @@ def test_spec_errors_name_the_field():
     assert (partial.stage2.lr, partial.stage2.global_batch, partial.stage2.epochs) == (2e-5, 128, 2)
     with pytest.raises(ValidationError, match="stage2.lr"):
         TrainSpec.model_validate({"model": {"vision": "x", "lm": "y"}, "stage2": {"lr": -1}})
+
+
+def test_stage2_seeds_must_be_distinct_and_differ_from_seed():
+    from dataengine.train.config import TrainSpec
+
+    model = {"vision": "v", "lm": "l"}
+    assert TrainSpec.model_validate({"model": model, "stage2_seeds": [1, 2]}).stage2_seeds == [1, 2]
+    for seeds in ([0, 1], [3, 3]):
+        with pytest.raises(ValueError, match="stage2_seeds"):
+            TrainSpec.model_validate({"model": model, "stage2_seeds": seeds})

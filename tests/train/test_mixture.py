@@ -15,8 +15,15 @@ import yaml
 from dataengine import cli
 from dataengine.testbed.synthweb.train_rows import make_train_rows, write_train_run
 from dataengine.train.data import Split, plan_splits, read_split
-from dataengine.train.mixture import (MixtureError, MixtureSpec, allocate, build_mixture, load_mixture, mixture_data,
-                                      shares)
+from dataengine.train.mixture import (
+    MixtureError,
+    MixtureSpec,
+    allocate,
+    build_mixture,
+    load_mixture,
+    mixture_data,
+    shares,
+)
 
 
 @pytest.fixture(scope="module")

@@ -147,3 +147,37 @@ def test_a_train_section_runs_after_the_data_stages_and_a_stopped_stage_resumes(
     assert "<h3>stage1" in (run / "report.html").read_text()  # `dataengine train` rewrote the report with it
     with pytest.raises(TrainError, match="trained with another train: section"):
         train_stage(run, edited.train, 1)
+
+
+def test_stage2_under_more_seeds_from_a_given_stage1_model(reference, tiny_vlm_parts, tmp_path):
+    """`stage2_seeds` trains stage 2 once more per seed, here with another run's stage 2 (all three at once,
+    sharing the CPUs), from `stage2_init` (the reference's model: no stage 1 in these runs); rows come in
+    another order per seed, so the runs differ, the same seed gives the same weights, and each lineage
+    names its seed. A stage2_init that is no model is refused by name."""
+    from dataengine.eval.train_then_eval import stage2_runs, train_stage2_together
+
+    ref_run, _ = reference
+    run, other = _dataset_only(ref_run, tmp_path / "seeds"), _dataset_only(ref_run, tmp_path / "other")
+    start = stage_dir(ref_run, 2) / "final"
+    stage2 = {"lr": 3e-3, "global_batch": 8, "micro_batch": 8, "epochs": 1, "max_length": 512}
+    spec = _spec(tiny_vlm_parts, stage2_init=str(start), stage2_seeds=[7], stage2=stage2)
+    results, other_results = train_stage2_together([(run, spec), (other, _spec(tiny_vlm_parts, stage2_init=str(start),
+                                                                                stage2=stage2, seed=7))])
+    assert list(results) == ["stage2", "stage2-seed7"] and len(stage2_runs(results)) == 2
+    assert list(other_results) == ["stage2"] and other_results["stage2"]["lineage"]["seed"] == 7
+    assert [r["lineage"]["seed"] for r in stage2_runs(results)] == [0, 7]
+    assert [r["steps"] for r in stage2_runs(results)] == [4, 4]
+    assert (stage_dir(run, 2, seed=7) / "final" / "config.json").is_file() and not (stage_dir(run, 1)).exists()
+    losses = {seed: [json.loads(line)["loss"] for line in (stage_dir(run, 2, seed) / "metrics.jsonl").read_text().splitlines()]
+              for seed in (None, 7)}
+    assert losses[None] != losses[7]  # same rows, another order
+    from transformers import LlavaForConditionalGeneration
+
+    weights = [LlavaForConditionalGeneration.from_pretrained(str(stage_dir(run, 2, s) / "final")).state_dict() for s in (None, 7)]
+    assert _max_diff(*weights) > 1e-6
+    # the same seed on the same rows from the same start: the same order and weights, whichever run it is
+    seven = LlavaForConditionalGeneration.from_pretrained(str(stage_dir(other, 2) / "final")).state_dict()
+    assert _max_diff(weights[1], seven) < 1e-5
+    bad = _spec(tiny_vlm_parts, stage2_init=str(tmp_path))
+    with pytest.raises(TrainError, match="train.stage2_init: .* is not a saved model"):
+        train_stage(_dataset_only(ref_run, tmp_path / "bad"), bad, 2)

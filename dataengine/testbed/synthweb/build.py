@@ -59,7 +59,7 @@ _CAPTION_NOISE = ("mismatched", "gibberish", "boilerplate")
 _URL_NOISE = ("http_404", "slow", "truncated", "not_image", "oversized", "opt_out", "redirect", "flaky")
 _DUP_SOURCE_KINDS = ("ok", "redirect", "flaky")  # a near-duplicate's source must itself be downloadable
 _STORED_DIRS = ("img", "truncated", "notimage")  # the static subset; other routes are behaviour
-_ASPECTS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9))
+ASPECTS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9))  # width : height of the web's images
 _TRUNCATE_AT = (0.55, 0.65)
 _PICK_TRIES = 20
 _POOL_MIN_MEGAPIXELS = 40.0  # below this a process pool costs more to start than it saves
@@ -218,7 +218,7 @@ _LOOK, _NOISE, _TEXTURE, _CAPTION = range(4)
 def _look(seed: int, index: int, sizes: tuple[int, ...], weights: np.ndarray) -> _Look:
     rng = _rng(seed, index, _LOOK)
     long_side = int(sizes[int(rng.choice(len(sizes), p=weights))])
-    a, b = _ASPECTS[int(rng.integers(0, len(_ASPECTS)))]
+    a, b = ASPECTS[int(rng.integers(0, len(ASPECTS)))]
     if a >= b:
         width, height = long_side, max(8, round(long_side * b / a))
     else:
