@@ -89,3 +89,23 @@ def test_training_table_says_who_wins_and_by_how_much():
     # one seed per side: benchmark sampling alone, x 2
     single = compare([bench(0.5)], [bench(0.4)])
     assert single["interval"] == pytest.approx(2 * ((0.25 + 0.24) / 400) ** 0.5)
+
+
+def test_the_report_section_shows_every_seed_and_the_verdict(tmp_path):
+    from jinja2 import Environment
+
+    from dataengine.testbed.data_comparison import compare
+    from dataengine.testbed.demo import TRAINING_FILE
+    from dataengine.testbed.report_section import SECTION, demo_checks
+
+    bench = lambda em: {"exact_match": em, "questions": 400, "pope": {"f1": 0.5}, "caption_perplexity": 5.0}  # noqa: E731
+    models = {f"curated, stage 2 seed {i}": bench(v) for i, v in enumerate((0.5, 0.52, 0.51))}
+    models.update({f"unfiltered, stage 2 seed {i}": bench(v) for i, v in enumerate((0.40, 0.41, 0.39))})
+    comparison = compare([b for k, b in models.items() if k.startswith("curated")],
+                         [b for k, b in models.items() if k.startswith("unfiltered")])
+    (tmp_path / TRAINING_FILE).write_text(json.dumps({"models": models, "stage2_comparison": comparison}))
+    env = Environment()
+    env.filters["num"] = lambda v, digits=3: "-" if v is None else f"{v:.{digits}g}"
+    html = env.from_string(SECTION.template).render(section=demo_checks(tmp_path),
+                                                    benchmark_metrics=[("exact_match", "all")])
+    assert html.count("stage 2 seed") == 6 and "curated data wins" in html and "0.51 vs unfiltered 0.4" in html
