@@ -93,6 +93,13 @@ def get(refs: Any) -> Any:
         raise
 
 
+def cluster_cpus(default: float = 0.0) -> float:
+    """CPUs the connected Ray cluster has (`default` when it reports none)."""
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", default))
+
+
 def submit(fn: Callable[..., T], *args: Any, num_cpus: float = 1, num_gpus: float = 0) -> Any:
     """`fn(*args)` as one Ray task asking `num_cpus` (and `num_gpus`); the reference to `get`. The one
     place below the engine's adapter that sets a task's resources."""

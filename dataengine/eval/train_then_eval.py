@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from dataengine.core import raytools
 from dataengine.core.atomic import write_text_atomic
 from dataengine.core.layout import RESULT_FILE, stage_dir
 from dataengine.eval.run_eval import evaluate_stage
@@ -21,14 +22,11 @@ def train_run(run_dir: str | Path, spec: TrainSpec, stages: list[int] | None = N
     results = {}
     for stage in stages or spec.stages:
         if stage == 2 and spec.stage2_seeds:
-            results.update(_stage2_under_seeds(Path(run_dir), spec, resume))
+            results.update(train_stage2_together([(Path(run_dir), spec)], resume)[0])
         else:
-            results[f"stage{stage}"] = _train_and_evaluate(Path(run_dir), spec, stage, None, resume)
+            summary = train_stage(run_dir, spec, stage, resume=resume)
+            results[f"stage{stage}"] = _evaluated(Path(run_dir), spec, stage, None, summary)
     return results
-
-
-def _stage2_under_seeds(run_dir: Path, spec: TrainSpec, resume: bool) -> dict[str, Any]:
-    return train_stage2_together([(run_dir, spec)], resume)[0]
 
 
 def _seed_specs(spec: TrainSpec) -> list[tuple[int | None, TrainSpec]]:
@@ -43,11 +41,10 @@ def train_stage2_together(jobs: list[tuple[Path, TrainSpec]], resume: bool = Fal
     tasks need a CPU besides its own task's). Unless a spec sets `cpus_per_worker`, the CPUs are shared
     evenly between the runs in flight.
     Returns, per job, its results by name (`stage2`, `stage2-seed<N>`)."""
-    import ray
     from transformers import AutoImageProcessor  # noqa: F401 - resolved here: transformers' lazy imports race in threads
 
     runs = [(i, run_dir, seed, spec) for i, (run_dir, job) in enumerate(jobs) for seed, spec in _seed_specs(job)]
-    cpus = float(ray.cluster_resources().get("CPU", 1))
+    cpus = raytools.cluster_cpus(default=1)
     # measured on 2 cores, 3-epoch demo runs: one at a time 30 s each, three at once 28 s, six at once 34 s
     at_once = min(len(runs), int(cpus) + 1)
     # one CPU stays free for the Ray Data tasks that feed streamed runs (they hang when workers hold every
@@ -56,17 +53,17 @@ def train_stage2_together(jobs: list[tuple[Path, TrainSpec]], resume: bool = Fal
     runs = [(i, run_dir, seed, spec if spec.cpus_per_worker else spec.model_copy(update={"cpus_per_worker": share}))
             for i, run_dir, seed, spec in runs]
     with ThreadPoolExecutor(at_once, thread_name_prefix="stage2") as pool:
-        list(pool.map(lambda r: train_stage(r[1], r[3], 2, resume=resume, out=stage_dir(r[1], 2, r[2])), runs))
+        summaries = list(pool.map(lambda r: train_stage(r[1], r[3], 2, resume=resume, out=stage_dir(r[1], 2, r[2])), runs))
     results: list[dict[str, Any]] = [{} for _ in jobs]
-    for i, run_dir, seed, spec in runs:
-        results[i]["stage2" if seed is None else f"stage2-seed{seed}"] = _train_and_evaluate(run_dir, spec, 2, seed, resume)
+    for (i, run_dir, seed, spec), summary in zip(runs, summaries):
+        results[i]["stage2" if seed is None else f"stage2-seed{seed}"] = _evaluated(run_dir, spec, 2, seed, summary)
     return results
 
 
-def _train_and_evaluate(run_dir: Path, spec: TrainSpec, stage: int, seed: int | None, resume: bool) -> dict[str, Any]:
-    out = stage_dir(run_dir, stage, seed)
-    summary = train_stage(run_dir, spec, stage, resume=resume, out=out)
+def _evaluated(run_dir: Path, spec: TrainSpec, stage: int, seed: int | None, summary: dict[str, Any]) -> dict[str, Any]:
+    """A trained stage's summary with its evaluation (run now, and written to its result, if it has none)."""
     if "eval" not in summary:
+        out = stage_dir(run_dir, stage, seed)
         summary["eval"] = evaluate_stage(run_dir, spec, stage, out if seed is not None else None)
         write_text_atomic(out / RESULT_FILE, json.dumps(summary, indent=2))
     return summary

@@ -70,12 +70,6 @@ def compare(curated: list[dict[str, Any]], unfiltered: list[dict[str, Any]], key
             "interval": interval, "t": t, "verdict": verdict}
 
 
-def _verdict(what: str, curated: float, unfiltered: float, noise: float, lower_is_better: bool = False) -> str:
-    gain = (unfiltered - curated) if lower_is_better else (curated - unfiltered)
-    word = "wins" if gain > noise else "loses" if gain < -noise else "is within noise"
-    return f"  {what}: curated {curated:.3f} vs unfiltered {unfiltered:.3f}: curated data {word} (noise +/-{noise:.3f})"
-
-
 def format_comparison(result: dict[str, Any]) -> str:
     c, u = result["curated"], result["unfiltered"]
     seeds = lambda side: ", ".join(f"{v:.3f}" for v in side["values"])  # noqa: E731 - one-line formatter
@@ -95,13 +89,6 @@ def format_training(rows: list[tuple[str, dict[str, Any]]], samples: int) -> str
         lines.append(f"  {label:<30}{b['exact_match']:>7.3f}{b.get('count_accuracy', 0):>7.3f}"
                      f"{b.get('colour_accuracy', 0):>8.3f}{b.get('position_accuracy', 0):>7.3f}"
                      f"{b['pope']['f1']:>9.3f}{b['pope']['yes_ratio']:>11.2f}{b.get('caption_perplexity', 0):>13.2f}")
-    by_label = dict(rows)
-    if "unfiltered, after stage 1" in by_label:
-        cur, unf = by_label["curated, after stage 1"], by_label["unfiltered, after stage 1"]
-        # caption perplexity: a likelihood over every caption token, far steadier than generated answers;
-        # count a 5% relative difference as the noise floor
-        lines.append(_verdict("after stage 1, caption perplexity", cur["caption_perplexity"], unf["caption_perplexity"],
-                              0.05 * unf["caption_perplexity"], lower_is_better=True))
     curated = [b for label, b in rows if label.startswith("curated, stage 2")]
     unfiltered = [b for label, b in rows if label.startswith("unfiltered, stage 2")]
     if curated and unfiltered:

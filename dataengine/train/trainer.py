@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dataengine.core import raytools
 from dataengine.core.atomic import write_text_atomic
 from dataengine.core.layout import CHECKPOINTS_DIR, FINAL_DIR, INIT_DIR, MANIFEST, METRICS_FILE, RESULT_FILE, stage_dir
 from dataengine.core.progress import note, watch_steps
@@ -123,9 +124,7 @@ def worker_cpus(spec: TrainSpec, streaming: bool) -> float:
     """CPUs per worker (Ray sets each worker's PyTorch thread count from it). A streamed dataset needs
     a CPU of its own for the Ray Data tasks that feed the workers (it hangs when the workers hold every
     CPU); a materialized one does not."""
-    import ray
-
-    total = float(ray.cluster_resources().get("CPU", 1))
+    total = raytools.cluster_cpus(default=1)
     free = total - (1 if streaming else 0)
     wanted = spec.cpus_per_worker or max(1.0, float(int(free // spec.workers)))
     if spec.workers * wanted <= free:

@@ -21,7 +21,7 @@ import numpy as np
 
 from dataengine.llm.backends.template import Templates, plural
 from dataengine.testbed.synthweb.llm_responder import SceneResponder
-from dataengine.testbed.synthweb.scenes import COLOURS, KINDS
+from dataengine.testbed.synthweb.scenes import _NUMBERS, COLOURS, KINDS, _join, _with_article
 
 _COUNTS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}
 _GROUP = re.compile(
@@ -84,10 +84,9 @@ def caption_questions(groups: list[Group], templates: Templates, rng: np.random.
 
 
 def _listing(groups: list[Group]) -> str:
-    words = {1: "a", 2: "two", 3: "three", 4: "four"}
-    parts = [f"{words[g.count]} {g.colour} {g.kind}{'s' if g.count > 1 else ''}" for g in groups]
-    parts = [("an" + p[1:]) if p.startswith("a ") and p[2] in "aeiou" else p for p in parts]
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    """Groups as a caption names them ("a red star and two blue circles")."""
+    return _join([_with_article(f"{g.colour} {g.kind}") if g.count == 1 else f"{_NUMBERS[g.count]} {g.colour} {g.kind}s"
+                  for g in groups])
 
 
 class CaptionQAResponder(SceneResponder):
@@ -106,10 +105,9 @@ class CaptionQAResponder(SceneResponder):
         self.guessed = 0  # conversations written about a caption that named no shape
 
     def reply(self, context: dict[str, Any], question: str | None, messages: list[dict[str, str]]) -> dict[str, Any]:
-        caption = next((c for c in context.get("captions") or [] if caption_groups(c)), None)
+        caption, groups = next(((c, g) for c in context.get("captions") or [] if (g := caption_groups(c))), (None, []))
         rng = _rng(self.seed, caption or context.get("captions"))
         if caption is not None:
-            groups = caption_groups(caption)
             description = _sentence(caption)
         else:
             groups = guessed_groups(rng)
