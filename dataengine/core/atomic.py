@@ -21,15 +21,26 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
 
 
-#: rows per Parquet row group. Rows carry image bytes (tens of kB each): small groups let a reader
-#: fetch a few rows' images (the report, a sample in polars) without reading a whole file's images,
-#: as Hugging Face datasets does for image data. Whole-column scans are not slowed measurably.
-ROW_GROUP_ROWS = 256
+#: bytes per Parquet row group (in memory, before encoding). Rows that carry image bytes (tens of kB
+#: each) get small groups, so a reader fetches a few rows' images (the report, a sample in polars)
+#: without reading a whole file's images, as Hugging Face datasets does for image data; caption-only
+#: rows get large ones, since every group costs its own column chunks: a 40k-row, 40-column caption
+#: part in 256-row groups took 0.15 s to write and 0.15 s to read, in 40k-row groups 0.034 s and 0.014 s.
+ROW_GROUP_BYTES = 8 << 20
+#: the bounds on rows per group: a row of images alone never gets a group of its own, and no group is
+#: larger than a shard of captions
+ROW_GROUP_ROWS, ROW_GROUP_MAX_ROWS = 256, 1 << 17
+
+
+def row_group_rows(table: pa.Table) -> int:
+    """Rows per row group for `table`: about ROW_GROUP_BYTES each, within the bounds above."""
+    per_row = table.nbytes / max(table.num_rows, 1)
+    return int(min(max(ROW_GROUP_BYTES // max(per_row, 1), ROW_GROUP_ROWS), ROW_GROUP_MAX_ROWS))
 
 
 def write_parquet_atomic(table: pa.Table, path: Path, **options: Any) -> None:
-    """`options` go to `pq.write_table` (row groups of ROW_GROUP_ROWS unless given)."""
-    options.setdefault("row_group_size", ROW_GROUP_ROWS)
+    """`options` go to `pq.write_table` (row groups of about ROW_GROUP_BYTES unless given)."""
+    options.setdefault("row_group_size", row_group_rows(table))
     _write_then_rename(path, lambda tmp: pq.write_table(table, tmp, **options))
 
 

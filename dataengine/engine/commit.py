@@ -41,6 +41,7 @@ from dataengine.engine.parts import (
     part_counters,
 )
 from dataengine.engine.segments import Segment
+from dataengine.io.shard_plan import shard_uids
 
 
 class AccountingError(RuntimeError):
@@ -53,7 +54,7 @@ def commit_shard(run_dir: str, segment: Segment, shard_id: str, inputs: list[str
     attempt's half-done shard). `inputs`: the files the segment read for this shard (relative paths)."""
     root = Path(run_dir)
     part_dir = segment.parts_dir(root) / shard_id
-    expected = pc.unique(_uids([root / f for f in inputs]))
+    expected = pc.unique(pa.chunked_array([shard_uids(root / f) for f in inputs], pa.string()).combine_chunks())
     files = sorted(part_dir.glob("*.parquet")) if part_dir.is_dir() else []
     seen = _uids(files)
     if len(pc.unique(seen)) != len(seen):  # a retry re-delivered rows (rare): keep the first copy

@@ -13,20 +13,17 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import ray.data
 
 import dataengine
-from dataengine.core import columns as C
 from dataengine.core.raytools import QUIET_WORKERS
 from dataengine.core.schemas import sample_schema
-from dataengine.engine import rejections
 from dataengine.engine.commit import ShardCommits
-from dataengine.engine.parts import SUMMARY_COMMITTED, shed_rejected, write_alive
+from dataengine.engine.parts import shed_rejected, write_alive
+from dataengine.engine.shard_tasks import IO_TASK_CPUS, SHARD_INDEX, read_and_run, run_task_step, shard_tasks
 from dataengine.engine.spec import ResourcesSpec
 from dataengine.ops import get_op
 from dataengine.ops.base import INFER, PREPARE, RayLLMStage, Step, run_step, split_steps
@@ -59,26 +56,6 @@ def ray_session(address: str | None, resources: ResourcesSpec) -> Iterator[None]
         ray.shutdown()
 
 
-_TASK_OPS: dict[tuple, Any] = {}
-
-
-def _run_task_step(batch: pa.Table, step: Step, schema: pa.Schema, parts_dir: str, shed: bool = True) -> pa.Table:
-    """Task body for stateless ops, model stages' CPU halves and decisions (an op object or preparer is
-    cached per worker process); the rows the step rejects leave the stream here (`shed`), or, in the
-    read task, once its batches are back together."""
-    op = None
-    if step.decision is None:
-        key = (step.index, step.phase, step.config.model_dump_json(), repr(step.config.__pydantic_private__))
-        op = _TASK_OPS.get(key)
-        if op is None:
-            op_class = get_op(step.config.op)
-            op = _TASK_OPS[key] = op_class.preparer(step.config) if step.phase == PREPARE else op_class(step.config)
-    else:
-        step = Step(step.index, step.config, rejections.for_batch(step.decision, batch))
-    out = run_step(step, op, batch, schema)
-    return shed_rejected(out, parts_dir) if shed else out
-
-
 class _StageActor:
     """Actor body for stateful (model) ops: the op, and its model, are built once per actor."""
 
@@ -91,18 +68,12 @@ class _StageActor:
         return shed_rejected(run_step(self.step, self.op, batch, self.schema, count_batch=True), self.parts_dir)
 
 
-SHARD_INDEX = "shard_index"  # in a read task's input row, with `committing`: which of its shards it reads
-
 #: Ray Data fuses a task into the actor pool after it when their remote arguments match (on a CPU-only
 #: cluster they do: one CPU each), and the read task (its downloads, the CPU half of a model stage) would
 #: then run inside the model's actors, as many at once as there are actors, instead of in tasks that scale
 #: with the cluster's CPUs. `max_calls: 0` (worker processes reused without limit: Ray's default for CPU
 #: tasks) changes nothing else and makes the arguments differ (tests/engine/test_raydata.py checks the plan)
 UNFUSED_TASK = {"max_calls": 0}
-
-#: reading a shard's files and writing its parts wait on the disk more than they compute; asking a whole
-#: CPU would stall a small cluster whose model actors hold the rest (1 CPU: an actor at 0.5 and a read at 1)
-IO_TASK_CPUS = 0.25
 
 CRASH_ENV = "DATAENGINE_FAULT_ACTOR_CRASH"  # fault injection for tests: a marker path; crash once
 
@@ -118,18 +89,6 @@ def _maybe_crash() -> None:
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
         os._exit(1)
-
-
-def _read_inputs(batch: pa.Table) -> pa.Table:
-    """Read task: a shard's files (the input shard, or the rows a previous segment kept), without the
-    busy seconds and batch counts that segment already accounted for."""
-    tables = []
-    for files in batch.column("files").to_pylist():
-        for f in files:
-            table = pq.read_table(f)
-            counters = tuple(C.STAGE_COUNTERS.values())
-            tables.append(table.drop_columns([c for c in table.column_names if c.startswith(counters)]))
-    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def _needs_actor(step: Step) -> bool:
@@ -149,41 +108,20 @@ def _leading_task_steps(steps: list[Step]) -> list[Step]:
     return fused
 
 
-def _read_and_run(batch: pa.Table, steps: list[Step], schema: pa.Schema, parts_dir: str,
-                  final: bool | None, committing: ShardCommits | None = None) -> pa.Table:
-    """Read task: a shard, then the steps that need no model over it in their batch sizes, in this one
-    task (one process per shard, as a plain script would: no hop through the object store between them),
-    and, when no model stage follows (`final` is not None), its alive rows written here too; with
-    `committing`, the shard is committed here as well (no commit task, no round trip to the driver)."""
-    shard = committing.shards[batch.column(SHARD_INDEX)[0].as_py()] if committing is not None else None
-    if committing is not None and shard is not None:
-        marker = committing.marker(shard)
-        if marker is not None:  # a retried task whose shard is committed: nothing to redo
-            return committing.summary(shard, marker)
-    table = _read_inputs(batch)
-    for step in steps:  # each step's rejected rows leave in one part per shard, not one per batch
-        size = step.config.batch_size
-        outputs = [_run_task_step(table.slice(i, size), step, schema, parts_dir, shed=False)
-                   for i in range(0, table.num_rows, size)]
-        table = shed_rejected(pa.concat_tables(outputs, promote_options="permissive"), parts_dir) if outputs else table
-    if final is None:
-        return table
-    summary = write_alive(table, parts_dir, final)
-    if committing is not None and shard is not None:
-        done = committing.commit(shard) is not None  # None: not every uid came back (the driver says so)
-        summary = summary.append_column(SUMMARY_COMMITTED, pa.array([done] * summary.num_rows))
-    return summary
-
-
 def stream_pipeline(inputs: list[list[str]], steps: list[Step], parts_dir: Path, final: bool,
                     committing: ShardCommits | None = None) -> Iterator[dict]:
-    """Run the steps over the shards (each a list of files) on Ray Data; yield one summary row per part
-    written (shard, rows back, rejected per stage, and whether the shard was committed where it was
-    written). Rows never come to the driver: tasks read the shards, and workers write rejected rows as
-    they fall out (`parts.shed_rejected`) and the alive rows at the end (`parts.write_alive`) under
-    `parts_dir`."""
-    summaries = build_stream(inputs, steps, parts_dir, final, committing).iter_batches(batch_size=None,
-                                                                                       batch_format="pyarrow")
+    """Run the steps over the shards (each a list of files); yield one summary row per part written
+    (shard, rows back, rejected per stage, and whether the shard was committed where it was written).
+    Rows never come to the driver: tasks read the shards, and workers write rejected rows as they fall
+    out (`parts.shed_rejected`) and the alive rows at the end (`parts.write_alive`) under `parts_dir`.
+    A segment whose every step runs in the read task is plain Ray tasks, one per shard (`shard_tasks`);
+    one with model or LLM stages is a Ray Data stream (`build_stream`)."""
+    split = split_steps(steps)
+    if len(_leading_task_steps(split)) == len(split):
+        summaries: Iterator[pa.Table] = shard_tasks(inputs, split, parts_dir, final, committing)
+    else:
+        summaries = build_stream(inputs, steps, parts_dir, final, committing).iter_batches(
+            batch_size=None, batch_format="pyarrow")
     try:
         for summary in summaries:
             yield from summary.to_pylist()
@@ -214,7 +152,7 @@ def build_stream(inputs: list[list[str]], steps: list[Step], parts_dir: Path, fi
     items = [{"files": files, **({SHARD_INDEX: i} if committing is not None else {})} for i, files in enumerate(inputs)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(inputs)))
     limits = [s.config.concurrency for s in own if s.config.concurrency]
-    ds = ds.map_batches(_read_and_run, fn_args=(fused, schema, parts, final if write_here else None, committing),
+    ds = ds.map_batches(read_and_run, fn_args=(fused, schema, parts, final if write_here else None, committing),
                         batch_size=1,
                         batch_format="pyarrow", num_cpus=cpus,
                         compute=ray.data.TaskPoolStrategy(size=min(limits)) if limits else None, **UNFUSED_TASK)
@@ -225,7 +163,7 @@ def build_stream(inputs: list[list[str]], steps: list[Step], parts_dir: Path, fi
         if llm is not None:
             ds = _ray_llm_stage(ds, step, schema, parts, llm, common)
         elif step.phase == PREPARE:  # a model stage's CPU half: tasks, as many as the CPUs allow
-            ds = ds.map_batches(_run_task_step, fn_args=(step, schema, parts), num_cpus=min(1, task_cpus),
+            ds = ds.map_batches(run_task_step, fn_args=(step, schema, parts), num_cpus=min(1, task_cpus),
                                 **UNFUSED_TASK, **common)
         elif step.decision is None and get_op(config.op).stateful:
             ds = ds.map_batches(_StageActor, fn_constructor_args=(step, schema, parts),
@@ -233,10 +171,10 @@ def build_stream(inputs: list[list[str]], steps: list[Step], parts_dir: Path, fi
                                 compute=_actor_pool(step), **common)
         elif step.decision is None:
             compute = ray.data.TaskPoolStrategy(size=config.concurrency) if config.concurrency else None
-            ds = ds.map_batches(_run_task_step, fn_args=(step, schema, parts),
+            ds = ds.map_batches(run_task_step, fn_args=(step, schema, parts),
                                 num_cpus=min(config.num_cpus, task_cpus), compute=compute, **UNFUSED_TASK, **common)
         else:  # applying a decision is cheap and needs no model: not the op's actor-pool size or GPUs
-            ds = ds.map_batches(_run_task_step, fn_args=(step, schema, parts), num_cpus=min(1, task_cpus),
+            ds = ds.map_batches(run_task_step, fn_args=(step, schema, parts), num_cpus=min(1, task_cpus),
                                 **UNFUSED_TASK, **common)
     if not write_here:
         ds = ds.map_batches(write_alive, fn_args=(parts, final), batch_size=None, batch_format="pyarrow",
@@ -304,8 +242,8 @@ def _ray_llm_stage(ds: ray.data.Dataset, step: Step, schema: pa.Schema, parts: s
     """Prepare (the op writes requests) -> Ray Data LLM's vLLM processor -> finish (the op reads replies)."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    ds = ds.map_batches(_run_task_step, fn_args=(Step(step.index, llm.prepare), schema, parts), num_cpus=1, **common)
+    ds = ds.map_batches(run_task_step, fn_args=(Step(step.index, llm.prepare), schema, parts), num_cpus=1, **common)
     processor = build_processor(vLLMEngineProcessorConfig(**llm.processor_kwargs), preprocess=llm.preprocess,
                                 postprocess=llm.postprocess)
     ds = processor(ds)
-    return ds.map_batches(_run_task_step, fn_args=(step, schema, parts), num_cpus=1, **common)
+    return ds.map_batches(run_task_step, fn_args=(step, schema, parts), num_cpus=1, **common)

@@ -5,6 +5,11 @@ Parquet per shard holding uid, url, caption, source id) and reused on rerun, so 
 exactly the rows and uids it saw the first time. Rows are never dropped here: a repeated `id_col`
 value is marked rejected (`duplicate_id`, stage `input`) and travels with the rest.
 
+Parquet input without `id_col` is not copied: a shard is a pointer (`<shard>.json`) to its rows in
+the input files, cut from the files' footers, and the task that processes the shard reads them
+(`read_shard`), each row given its uid there. Any other input (CSV, TSV, JSONL, or `id_col`, whose
+repeats are found across the whole input) is copied into shards as Parquet, as follows.
+
 How it scales: one task per piece (an input file, or a run of a Parquet file's row groups) reads it,
 gives each row its uid (`<file>-<row in file>`, so uid order is input order) and writes it back as a
 normalised piece, and, with `id_col`, writes (id, uid) into hash partitions; one task per partition
@@ -32,7 +37,15 @@ import pyarrow.parquet as pq
 
 from dataengine.core import columns as C
 from dataengine.core.atomic import write_parquet_atomic, write_text_atomic
-from dataengine.io.inputs import InputError, InputSpec, file_format, read_input_file, resolve_files
+from dataengine.io.inputs import (
+    InputError,
+    InputSpec,
+    file_format,
+    parquet_rows,
+    read_input_file,
+    read_parquet_rows,
+    resolve_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +60,8 @@ SHARDS_PER_TASK = 64
 #: small run's fixed cost: ~3 s here for 5,000 rows). Measured: a 16 MB Parquet of 1M captions took the
 #: driver from 282 to 675 MiB; 2 MB (~100k caption rows) costs it ~50 MB
 SMALL_INPUT_BYTES = 2 << 20
+#: a shard that points at its rows in Parquet input files, read by the task that processes it
+POINTER_SUFFIX = ".json"
 T = TypeVar("T")
 
 
@@ -90,7 +105,30 @@ def plan_shards(spec: InputSpec, run_dir: Path, in_task: bool = False) -> list[S
                 f"input.path: the input files or input settings changed since {run_dir} was started "
                 f"(plan {plan['fingerprint']}, now {fingerprint}); use a new output directory"
             )
-        return [Shard(s["id"], s["rows"], shard_dir / f"{s['id']}.parquet") for s in plan["shards"]]
+        suffix = plan.get("shard_suffix", ".parquet")
+        return [Shard(s["id"], s["rows"], shard_dir / f"{s['id']}{suffix}") for s in plan["shards"]]
+    if spec.id_col is None and all(file_format(f, spec) == "parquet" for f in files):
+        pieces = [Piece(i, f, 0, None) for i, f in enumerate(files)]
+        counts = each(parquet_rows, [(f, spec) for f in files])
+        runs = _runs(_cut(pieces, counts, spec.shard_rows))
+        shards = [s for run in each(_write_pointers, [(run, files, spec, shard_dir) for run in runs]) for s in run]
+    else:
+        pieces, counts, shards = _copy_into_shards(files, spec, shard_dir, each)
+    for piece, rows in zip(pieces, counts):
+        log.info("input %s (from row %d): %d rows", piece.path, piece.first_row, rows)
+    total = sum(counts)
+    plan = {"fingerprint": fingerprint, "files": [str(f) for f in files], "total_rows": total,
+            "shard_rows": spec.shard_rows, "shard_suffix": shards[0].path.suffix if shards else ".parquet",
+            "shards": [{"id": s.id, "rows": s.rows} for s in shards]}
+    write_text_atomic(plan_path(run_dir), json.dumps(plan, indent=2))
+    if not total:
+        log.warning("input %s has no rows", spec.path)
+    return shards
+
+
+def _copy_into_shards(files: list[Path], spec: InputSpec, shard_dir: Path,
+                      each: Callable[..., list]) -> tuple[list[Piece], list[int], list[Shard]]:
+    """Read every piece (uids given, ids partitioned), find the repeated ids, write the shards."""
     work = shard_dir / "_pieces"
     shutil.rmtree(work, ignore_errors=True)
     pieces = [p for group in each(_pieces_of, [(i, f, spec) for i, f in enumerate(files)]) for p in group]
@@ -98,19 +136,54 @@ def plan_shards(spec: InputSpec, run_dir: Path, in_task: bool = False) -> list[S
     if spec.id_col:  # sized from the files' bytes: a piece does not know the total rows when it writes
         partitions = max(1, sum(f.stat().st_size for f in files) // (ID_PARTITION_ROWS * 64))
     counts = each(_read_piece, [(p, spec, work, partitions) for p in pieces])
-    for piece, rows in zip(pieces, counts):
-        log.info("input %s (from row %d): %d rows", piece.path, piece.first_row, rows)
     each(_find_repeated_ids, [(work, k) for k in range(partitions)])
-    cuts = _cut(pieces, counts, spec.shard_rows)
-    runs = [cuts[i:i + SHARDS_PER_TASK] for i in range(0, len(cuts), SHARDS_PER_TASK)]
+    runs = _runs(_cut(pieces, counts, spec.shard_rows))
     shards = [s for run in each(_write_shards, [(run, work, shard_dir, partitions > 0) for run in runs]) for s in run]
-    total = sum(counts)
-    plan = {"fingerprint": fingerprint, "files": [str(f) for f in files], "total_rows": total,
-            "shard_rows": spec.shard_rows, "shards": [{"id": s.id, "rows": s.rows} for s in shards]}
-    write_text_atomic(plan_path(run_dir), json.dumps(plan, indent=2))
     shutil.rmtree(work, ignore_errors=True)
-    if not total:
-        log.warning("input %s has no rows", spec.path)
+    return pieces, counts, shards
+
+
+def _runs(cuts: list[T]) -> list[list[T]]:
+    return [cuts[i:i + SHARDS_PER_TASK] for i in range(0, len(cuts), SHARDS_PER_TASK)]
+
+
+def read_shard(path: str | Path) -> pa.Table:
+    """A shard's rows as the pipeline's first segment reads them: uid, url, caption, source_id, boxes,
+    reject_stage and reject_reason (set for repeated ids), shard."""
+    path = Path(path)
+    if path.suffix != POINTER_SUFFIX:
+        return pq.read_table(path)
+    pointer = json.loads(path.read_text())
+    spec = InputSpec(**pointer["input"])
+    tables = [_with_uids(read_parquet_rows(Path(r["path"]), spec, r["start"], r["rows"]), r["file_index"], r["start"])
+              for r in pointer["ranges"]]
+    return _as_shard(pa.concat_tables(tables), pointer["shard"], None)
+
+
+def shard_uids(path: str | Path) -> pa.Array:
+    """The uids of a shard's rows, without reading the rows where the shard points into the input."""
+    path = Path(path)
+    if path.suffix != POINTER_SUFFIX:
+        return pq.read_table(path, columns=[C.UID]).column(C.UID).combine_chunks()
+    ranges = json.loads(path.read_text())["ranges"]
+    return pa.concat_arrays([_uids(r["file_index"], r["start"], r["rows"]) for r in ranges]) if ranges \
+        else pa.array([], pa.string())
+
+
+def _write_pointers(run: list[tuple[str, list[tuple[str, int, int]]]], files: list[Path], spec: InputSpec,
+                    shard_dir: Path) -> list[Shard]:
+    """Write a run of consecutive shards as pointers to their rows in the input files."""
+    shards = []
+    for shard_id, ranges in run:
+        entries = []
+        for name, offset, rows in ranges:
+            file_index = int(name.split("-")[0])  # a whole file is one piece: offset is the row in the file
+            entries.append({"path": str(files[file_index].resolve()), "file_index": file_index, "start": offset,
+                            "rows": rows})
+        path = shard_dir / f"{shard_id}{POINTER_SUFFIX}"
+        write_text_atomic(path, json.dumps({"shard": shard_id, "input": spec.model_dump(mode="json"),
+                                            "ranges": entries}))
+        shards.append(Shard(shard_id, sum(e["rows"] for e in entries), path))
     return shards
 
 
@@ -158,12 +231,7 @@ def _pieces_of(index: int, path: Path, spec: InputSpec) -> list[Piece]:
 
 def _read_piece(piece: Piece, spec: InputSpec, work: Path, partitions: int) -> int:
     """Read a piece, give its rows their uids, write it normalised, and its ids into their partitions."""
-    table = read_input_file(piece.path, spec, piece.row_groups)
-    uids = pc.binary_join_element_wise(
-        pa.array([f"{piece.file_index:04d}"] * table.num_rows, pa.string()),
-        pc.utf8_lpad(pa.array(np.arange(piece.first_row, piece.first_row + table.num_rows)).cast(pa.string()),
-                     10, "0"), "-")
-    table = table.add_column(0, C.UID, uids)
+    table = _with_uids(read_input_file(piece.path, spec, piece.row_groups), piece.file_index, piece.first_row)
     write_parquet_atomic(table, work / f"{piece.name}.parquet")
     if partitions:
         ids = table.select([C.UID, C.SOURCE_ID]).filter(pc.is_valid(table.column(C.SOURCE_ID)))
@@ -171,6 +239,17 @@ def _read_piece(piece: Piece, spec: InputSpec, work: Path, partitions: int) -> i
         for k in np.unique(keys):
             write_parquet_atomic(ids.filter(pa.array(keys == k)), work / f"ids-{k}" / f"{piece.name}.parquet")
     return table.num_rows
+
+
+def _uids(file_index: int, first_row: int, rows: int) -> pa.Array:
+    """`<file>-<row in file>`: uid order is input order."""
+    return pc.binary_join_element_wise(
+        pa.array([f"{file_index:04d}"] * rows, pa.string()),
+        pc.utf8_lpad(pa.array(np.arange(first_row, first_row + rows)).cast(pa.string()), 10, "0"), "-")
+
+
+def _with_uids(table: pa.Table, file_index: int, first_row: int) -> pa.Table:
+    return table.add_column(0, C.UID, _uids(file_index, first_row, table.num_rows))
 
 
 def _find_repeated_ids(work: Path, partition: int) -> int:
@@ -225,15 +304,19 @@ def _write_shards(run: list[tuple[str, list[tuple[str, int, int]]]], work: Path,
                 loaded[name] = pq.read_table(work / f"{name}.parquet")
             parts.append(loaded[name].slice(offset, rows))
         table = pa.concat_tables(parts)
-        marked = pc.is_in(table.column(C.UID), repeated) if len(repeated) else \
-            pa.array(np.zeros(table.num_rows, dtype=bool))
-        table = table.append_column(C.REJECT_STAGE, pc.if_else(marked, INPUT_STAGE, pa.scalar(None, pa.string())))
-        table = table.append_column(C.REJECT_REASON, pc.if_else(marked, "duplicate_id", pa.scalar(None, pa.string())))
-        table = table.append_column(C.SHARD, pa.array([shard_id] * table.num_rows, pa.string()))
+        table = _as_shard(table, shard_id, pc.is_in(table.column(C.UID), repeated) if len(repeated) else None)
         path = shard_dir / f"{shard_id}.parquet"
         write_parquet_atomic(table, path)
         shards.append(Shard(shard_id, table.num_rows, path))
     return shards
+
+
+def _as_shard(table: pa.Table, shard_id: str, repeated: pa.Array | None) -> pa.Table:
+    """A shard's columns: its rows, their repeated ids (`repeated`, a mask) marked rejected, its id."""
+    marked = repeated if repeated is not None else pa.array(np.zeros(table.num_rows, dtype=bool))
+    table = table.append_column(C.REJECT_STAGE, pc.if_else(marked, INPUT_STAGE, pa.scalar(None, pa.string())))
+    table = table.append_column(C.REJECT_REASON, pc.if_else(marked, "duplicate_id", pa.scalar(None, pa.string())))
+    return table.append_column(C.SHARD, pa.array([shard_id] * table.num_rows, pa.string()))
 
 
 def _uid_at(piece_range: tuple[str, int, int], k: int) -> str:

@@ -7,6 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from dataengine.core.atomic import (
+    ROW_GROUP_BYTES,
+    ROW_GROUP_MAX_ROWS,
     ROW_GROUP_ROWS,
     TMP_SUFFIX,
     remove_stale_temporaries,
@@ -33,11 +35,26 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["part.parquet"]  # no temporary left behind
 
 
-def test_parquet_row_groups_are_small_so_a_reader_can_take_a_few_rows(tmp_path):
+def test_rows_with_images_get_small_row_groups_so_a_reader_can_take_a_few_rows(tmp_path):
     path = tmp_path / "rows.parquet"
-    write_parquet_atomic(pa.table({"i": list(range(ROW_GROUP_ROWS * 2 + 1))}), path)
+    image = b"\xff" * 64_000  # a small JPEG's worth: 256 rows are ~16 MB, over the byte target
+    write_parquet_atomic(pa.table({"i": list(range(ROW_GROUP_ROWS * 2 + 1)),
+                                   "image": [image] * (ROW_GROUP_ROWS * 2 + 1)}), path)
     meta = pq.ParquetFile(path).metadata
     assert meta.num_row_groups == 3 and meta.num_rows == ROW_GROUP_ROWS * 2 + 1
+
+
+def test_caption_rows_get_row_groups_of_about_the_byte_target(tmp_path):
+    path = tmp_path / "captions.parquet"
+    n = 300_000
+    table = pa.table({"caption": pa.array([f"a caption of about forty bytes, row {i:08d}" for i in range(n)])})
+    write_parquet_atomic(table, path)
+    meta = pq.ParquetFile(path).metadata
+    per_row = table.nbytes / n
+    expected = min(int(ROW_GROUP_BYTES // per_row), ROW_GROUP_MAX_ROWS)
+    assert ROW_GROUP_ROWS < expected <= ROW_GROUP_MAX_ROWS
+    assert meta.row_group(0).num_rows == expected and meta.num_rows == n
+    assert meta.num_row_groups == -(-n // expected)
 
 
 def test_stale_temporaries_are_removed_and_counted(tmp_path):

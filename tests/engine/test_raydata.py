@@ -22,7 +22,8 @@ def test_tasks_fit_beside_the_actors_on_a_one_cpu_cluster(ray_local):
     """With one CPU, an actor holds half of it: a task asking for a whole CPU would wait forever."""
     from unittest import mock
 
-    from dataengine.engine.raydata import IO_TASK_CPUS, _task_cpu_cap
+    from dataengine.engine.raydata import _task_cpu_cap
+    from dataengine.engine.shard_tasks import IO_TASK_CPUS
 
     clip = ClipScoreConfig(model="unused", min_score=0.2)
     with mock.patch.object(ray_local, "cluster_resources", return_value={"CPU": 1.0}):
@@ -44,7 +45,8 @@ def test_steps_before_the_first_model_stage_run_in_the_read_task(ray_local, tmp_
     from dataengine.core import columns as C
     from dataengine.core.schemas import sample_schema
     from dataengine.engine.parts import is_tally
-    from dataengine.engine.raydata import _leading_task_steps, _read_and_run, _run_task_step
+    from dataengine.engine.raydata import _leading_task_steps
+    from dataengine.engine.shard_tasks import read_and_run, run_task_step
 
     clip = ClipScoreConfig(model="unused", min_score=0.2)
     rules, decided = Step(0, CaptionRulesConfig(batch_size=3)), Step(2, CaptionRulesConfig(), decision={"x": 1})
@@ -58,13 +60,13 @@ def test_steps_before_the_first_model_stage_run_in_the_read_task(ray_local, tmp_
     pq.write_table(shard, tmp_path / "shard.parquet")
     files = pa.table({"files": [[str(tmp_path / "shard.parquet")]]})
     (tmp_path / "fused").mkdir(), (tmp_path / "alone").mkdir()
-    fused = _read_and_run(files, [rules], sample_schema(), str(tmp_path / "fused"), final=None)
-    alone = _run_task_step(shard, Step(0, CaptionRulesConfig(batch_size=7)), sample_schema(), str(tmp_path / "alone"))
+    fused = read_and_run(files, [rules], sample_schema(), str(tmp_path / "fused"), final=None)
+    alone = run_task_step(shard, Step(0, CaptionRulesConfig(batch_size=7)), sample_schema(), str(tmp_path / "alone"))
     alive = [t.filter(pa.array(~is_tally(t))).column(C.UID).to_pylist() for t in (fused, alone)]
     assert alive[0] == alive[1] and 0 < len(alive[0]) < 7
     tallied = [sum(t.filter(pa.array(is_tally(t))).column(C.TALLY).to_pylist()) for t in (fused, alone)]
     assert tallied[0] == tallied[1] == 7 - len(alive[0])
-    summary = _read_and_run(files, [rules], sample_schema(), str(tmp_path / "written"), final=True)
+    summary = read_and_run(files, [rules], sample_schema(), str(tmp_path / "written"), final=True)
     assert summary.column("rows").to_pylist() == [7]  # alive rows + the rejected ones' tally
     # three batches of 3 rows, one rejected part: a step's rejected rows leave the read task together
     assert len(list((tmp_path / "written" / "s").glob("rejected-*.parquet"))) == 1
@@ -82,11 +84,11 @@ def test_a_model_stage_preparing_in_tasks_has_its_own_task_pool_before_the_actor
     rules = Step(0, CaptionRulesConfig())
     split = physical_plan([rules, Step(1, ClipScoreConfig(model="unused", prepare_in="tasks")),
                            Step(2, ClipScoreConfig(model="unused", name="again", prepare_in="tasks"))])
-    assert "TaskPoolMapOperator[MapBatches(_read_and_run)]" in split  # rules + the first stage's CPU half
+    assert "TaskPoolMapOperator[MapBatches(read_and_run)]" in split  # rules + the first stage's CPU half
     assert split.count("ActorPoolMapOperator[MapBatches(_StageActor)]") == 2
-    assert "TaskPoolMapOperator[MapBatches(_run_task_step)]" in split  # the second stage's CPU half
+    assert "TaskPoolMapOperator[MapBatches(run_task_step)]" in split  # the second stage's CPU half
     whole = physical_plan([rules, Step(1, ClipScoreConfig(model="unused", prepare_in="actor"))])
-    assert "TaskPoolMapOperator[MapBatches(_read_and_run)]" in whole and "_read_and_run)->" not in whole
+    assert "TaskPoolMapOperator[MapBatches(read_and_run)]" in whole and "read_and_run)->" not in whole
 
 
 def test_a_read_task_that_wrote_its_whole_shard_commits_it_and_a_retry_commits_nothing_twice(tmp_path):
@@ -98,8 +100,8 @@ def test_a_read_task_that_wrote_its_whole_shard_commits_it_and_a_retry_commits_n
     from dataengine.core import columns as C
     from dataengine.core.schemas import sample_schema
     from dataengine.engine.commit import ShardCommit, ShardCommits
-    from dataengine.engine.raydata import SHARD_INDEX, _read_and_run
     from dataengine.engine.segments import plan_segments
+    from dataengine.engine.shard_tasks import SHARD_INDEX, read_and_run
 
     segment = plan_segments([CaptionRulesConfig()])[0]
     captions = ["a red circle next to a blue square", "IMG_2041.JPG", "two dogs on a beach", "x",
@@ -111,14 +113,14 @@ def test_a_read_task_that_wrote_its_whole_shard_commits_it_and_a_retry_commits_n
                               [ShardCommit("s", ["_shards/s.parquet"], None, 7, 7)])
     batch = pa.table({"files": [[str(tmp_path / "_shards" / "s.parquet")]], SHARD_INDEX: [0]})
     rules = Step(0, CaptionRulesConfig(batch_size=3))
-    first = _read_and_run(batch, [rules], sample_schema(), str(segment.parts_dir(tmp_path)), segment.final, committing)
+    first = read_and_run(batch, [rules], sample_schema(), str(segment.parts_dir(tmp_path)), segment.final, committing)
     assert first.column("committed").to_pylist() == [True] and first.column("rows").to_pylist() == [7]
     marker = segment.read_marker(tmp_path, "s")
     assert marker["rows"] == 7 and marker["kept"] + marker["rejected"] == 7 and 0 < marker["kept"] < 7
     written = {p: p.stat().st_mtime_ns for p in (tmp_path / "dataset").glob("*")} | \
         {p: p.stat().st_mtime_ns for p in (tmp_path / "rejected").glob("*")}
     assert len(written) == 2 and not (segment.parts_dir(tmp_path) / "s").exists()
-    again = _read_and_run(batch, [rules], sample_schema(), str(segment.parts_dir(tmp_path)), segment.final, committing)
+    again = read_and_run(batch, [rules], sample_schema(), str(segment.parts_dir(tmp_path)), segment.final, committing)
     assert again.column("committed").to_pylist() == [True] and again.column("rows").to_pylist() == [7]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "dataset").glob("*")} | \
         {p: p.stat().st_mtime_ns for p in (tmp_path / "rejected").glob("*")} == written

@@ -13,7 +13,7 @@ from dataengine.core.schemas import rejected_schema, sample_schema
 from dataengine.engine.parts import shed_rejected
 from dataengine.engine.runner import AccountingError, RunError, run_pipeline
 from dataengine.engine.spec import parse_spec
-from dataengine.io.shard_plan import plan_shards
+from dataengine.io.shard_plan import plan_shards, read_shard
 from tests.conftest import download_stage
 
 
@@ -115,7 +115,7 @@ def _process_offline(spec, shard):
     from dataengine.ops import apply_stage, get_op
 
     op = get_op("download")(spec.stages[0])
-    return apply_stage(op, pq.read_table(shard.path), "download", 0)
+    return apply_stage(op, read_shard(shard.path), "download", 0)
 
 
 def test_recovery_commits_finished_parts_and_redoes_half_done_shards(ray_local, tmp_path):

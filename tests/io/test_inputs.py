@@ -6,7 +6,7 @@ import pytest
 
 from dataengine.core import columns as C
 from dataengine.io import shard_plan
-from dataengine.io.inputs import InputError, InputSpec, read_input_file
+from dataengine.io.inputs import InputError, InputSpec, read_input_file, read_parquet_rows
 from dataengine.io.shard_plan import plan_shards
 
 ROWS = [("http://a/1.jpg", "a cat", "k1"), ("http://a/2.jpg", "two dogs", "k2"), (None, None, "k3"), ("", "", "k4")]
@@ -125,3 +125,42 @@ def test_empty_input_plans_no_shards(tmp_path):
     assert plan_shards(InputSpec(path=str(tmp_path / "in.jsonl")), tmp_path / "run") == []
     pq.write_table(pa.table({"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())}), tmp_path / "e.parquet")
     assert plan_shards(InputSpec(path=str(tmp_path / "e.parquet")), tmp_path / "run2") == []
+
+
+def test_parquet_rows_anywhere_in_a_file_read_as_the_whole_file_gives_them(tmp_path):
+    n = 100
+    pq.write_table(pa.table({"url": [f"http://a/{i}" for i in range(n)], "caption": [f"c{i}" for i in range(n)]}),
+                   tmp_path / "a.parquet", row_group_size=7)
+    spec = InputSpec(path=str(tmp_path))
+    whole = read_input_file(tmp_path / "a.parquet", spec)
+    for start, rows in [(0, 100), (0, 1), (5, 3), (6, 9), (13, 1), (50, 50), (99, 1), (14, 0)]:
+        assert read_parquet_rows(tmp_path / "a.parquet", spec, start, rows) == whole.slice(start, rows)
+    with pytest.raises(InputError, match="has 100 rows where the plan expects at least 101"):
+        read_parquet_rows(tmp_path / "a.parquet", spec, 90, 11)
+    with pytest.raises(InputError, match="input.caption_col: column 'text' not found"):
+        read_parquet_rows(tmp_path / "a.parquet", InputSpec(path=".", caption_col="text"), 0, 1)
+
+
+def test_parquet_without_ids_is_planned_from_footers_as_pointers_into_the_files(tmp_path):
+    """No copy of the input: each shard is a pointer read by the task that runs it, with the same uids
+    and rows a copied shard would have, shards running across file boundaries."""
+    pq.write_table(pa.table({"url": [f"http://a/{i}" for i in range(25)], "caption": [f"a{i}" for i in range(25)]}),
+                   tmp_path / "a.parquet", row_group_size=4)
+    pq.write_table(pa.table({"url": ["http://b/0", "http://b/1"], "caption": ["b0", "b1"]}), tmp_path / "b.parquet")
+    spec = InputSpec(path=str(tmp_path / "*.parquet"), shard_rows=10)
+    shards = plan_shards(spec, tmp_path / "run")
+    assert [s.rows for s in shards] == [10, 10, 7]
+    assert [s.path.name for s in shards] == ["000000.json", "000001.json", "000002.json"]
+    assert sorted(p.name for p in (tmp_path / "run" / "_shards").iterdir()) == ["000000.json", "000001.json",
+                                                                              "000002.json", "plan.json"]
+    rows = pa.concat_tables([shard_plan.read_shard(s.path) for s in shards])
+    assert rows.column_names == [C.UID, C.URL, C.CAPTION, C.SOURCE_ID, C.BOXES, C.REJECT_STAGE, C.REJECT_REASON,
+                                 C.SHARD]
+    assert rows.column(C.UID).to_pylist() == [f"0000-{i:010d}" for i in range(25)] + ["0001-0000000000",
+                                                                                        "0001-0000000001"]
+    assert rows.column(C.CAPTION).to_pylist() == [f"a{i}" for i in range(25)] + ["b0", "b1"]
+    assert rows.column(C.SHARD).to_pylist() == ["000000"] * 10 + ["000001"] * 10 + ["000002"] * 7
+    assert rows.column(C.REJECT_REASON).null_count == 27
+    for s in shards:
+        assert shard_plan.shard_uids(s.path) == shard_plan.read_shard(s.path).column(C.UID).combine_chunks()
+    assert plan_shards(spec, tmp_path / "run") == shards  # reused as written
