@@ -1,7 +1,8 @@
 """Scale benchmark (a): caption rows through `caption_rules_filter`, the engine vs one plain process.
 
-The engine (`dataengine run` in a subprocess: embedded Ray, shards planned and read by tasks, rejected
-rows written by workers, commits in tasks) against the floor: the same op's `process` over the same rows
+The engine (`dataengine run` in a subprocess: embedded Ray, the Parquet input planned from its footer,
+one Ray task per shard reading its rows from the input, running the op, writing its kept and rejected
+parts and committing them) against the floor: the same op's `process` over the same rows
 in one Python process, reading and writing Parquet with pyarrow. Both write kept and rejected rows.
 Prints rows/s, the engine's ratio to the floor (2 cores: 2x is the ideal) and the driver's peak RSS
 (polled: the `dataengine run` process only, not its Ray workers), at each size given, so the growth

@@ -1,12 +1,13 @@
-"""Commit a shard's segment without rewriting its kept rows; run as a Ray task, never on the driver.
+"""Commit a shard's segment without rewriting its rows; in the task that wrote them, or a commit task.
 
 The commit checks that the shard's parts hold every uid that entered the segment exactly once (a
-retried task that batched differently can write a uid twice: the later copy is dropped), gathers the
-rows rejected during the segment into one `rejected/part-<shard>-s<k>.parquet`, and writes the
-marker: counts, busy seconds, the files the shard owns and, in the last segment, the moves that put
-its `kept-*` parts into `dataset/`. The marker is the commit point; the moves come after it and are
-finished by the next run if a kill interrupts them (`finish_commit`), so a shard is in `dataset/`
-whole or, with no marker, not at all (`clear_uncommitted`).
+retried task that batched differently can write a uid twice: the later copy is dropped) and writes the
+marker: counts, busy seconds, the files the shard owns, the moves that put its `rejected-*` parts into
+`rejected/part-<shard>-s<k>-<hash>.parquet` and, in the last segment, its `kept-*` parts into
+`dataset/`: workers wrote both as those directories hold them, so no row is read and written again.
+The marker is the commit point; the moves come after it and are finished by the next run if a kill
+interrupts them (`finish_commit`), so a shard is in `dataset/` whole or, with no marker, not at all
+(`clear_uncommitted`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import pyarrow.parquet as pq
 from dataengine.core import columns as C
 from dataengine.core.atomic import write_parquet_atomic, write_text_atomic
 from dataengine.core.layout import DATASET_DIR, REJECTED_DIR
-from dataengine.core.schemas import conform, rejected_schema
 from dataengine.engine.parts import (
     KEPT_PART,
     REJECTED_PART,
@@ -37,7 +37,6 @@ from dataengine.engine.parts import (
     SUMMARY_REJECTED,
     SUMMARY_ROWS,
     SUMMARY_SHARD,
-    counter_sums,
     part_counters,
 )
 from dataengine.engine.segments import Segment
@@ -131,13 +130,14 @@ def _marker(root: Path, segment: Segment, shard_id: str, alive: list[Path], shed
 
     for path in alive:
         count(part_counters(path))
-    if shed:
-        rows = pa.concat_tables([pq.read_table(p) for p in shed], promote_options="permissive")
-        count(counter_sums(rows))
+    rejected_moves = []
+    for path in shed:  # written as `rejected/` holds them: moved there after the marker, never rewritten
+        count(part_counters(path))
+        rows = pq.read_table(path, columns=[C.REJECT_STAGE, C.REJECT_REASON])
         for stage, reason in zip(rows.column(C.REJECT_STAGE).to_pylist(), rows.column(C.REJECT_REASON).to_pylist()):
             reasons[stage][reason] += 1
-        target = f"{REJECTED_DIR}/part-{shard_id}-s{segment.index}.parquet"
-        write_parquet_atomic(conform(rows.sort_by(C.UID), rejected_schema()), root / target)
+        target = f"{REJECTED_DIR}/part-{shard_id}-s{segment.index}-{path.stem.removeprefix(REJECTED_PART + '-')}.parquet"
+        rejected_moves.append([str(path.relative_to(root)), target])
         rejected_files.append(target)
         n_rejected += rows.num_rows
     n_alive = sum(pq.read_metadata(p).num_rows for p in alive)
@@ -146,7 +146,7 @@ def _marker(root: Path, segment: Segment, shard_id: str, alive: list[Path], shed
         "shard": shard_id, "segment": segment.index, "rows": input_rows, "alive": n_alive, "rejected": n_rejected,
         "rejected_by_stage": {s: dict(c) for s, c in reasons.items()},
         **{name: dict(values) for name, values in counters.items()},
-        "rejected_files": rejected_files, "committed_at": time.time(),
+        "rejected_files": rejected_files, "rejected_moves": rejected_moves, "committed_at": time.time(),
     }
     if segment.final:
         moves = [[r, f"{DATASET_DIR}/part-{shard_id}-{Path(r).stem.removeprefix(KEPT_PART + '-')}.parquet"]
@@ -188,7 +188,7 @@ def _drop_uids(path: Path, uids: set[str]) -> None:
 def finish_commit(root: Path, segment: Segment, shard_id: str, marker: dict[str, Any]) -> None:
     """The steps after the marker, each safe to repeat: move kept parts into `dataset/`, remove the
     segment's rejected parts (their rows are in `rejected/` now) and, in the last segment, the parts."""
-    for src, dst in marker.get("moves", []):
+    for src, dst in marker.get("moves", []) + marker.get("rejected_moves", []):
         if (root / src).exists():
             (root / dst).parent.mkdir(parents=True, exist_ok=True)
             os.replace(root / src, root / dst)
@@ -202,7 +202,8 @@ def finish_commit(root: Path, segment: Segment, shard_id: str, marker: dict[str,
 
 def clear_uncommitted(root: Path, segment: Segment, shard_id: str) -> None:
     """Outputs a killed commit may have written before its marker: they belong to no commit."""
-    (root / REJECTED_DIR / f"part-{shard_id}-s{segment.index}.parquet").unlink(missing_ok=True)
+    for stray in (root / REJECTED_DIR).glob(f"part-{shard_id}-s{segment.index}[-.]*parquet"):
+        stray.unlink()
     if segment.final:
         for stray in (root / DATASET_DIR).glob(f"part-{shard_id}-*.parquet"):
             stray.unlink()

@@ -1,7 +1,7 @@
 """What workers write while a segment streams: rejected rows as they fall out, alive rows at the end.
 
 A row rejected by a stage leaves the stream right there: the worker writes it to a `rejected-*` part
-of its shard and puts in its place one *tally* row per shard and stage (no uid, the count and the
+of its shard, already as `rejected/` holds it and puts in its place one *tally* row per shard and stage (no uid, the count and the
 shed rows' busy seconds), so later stages, model batches included, carry alive rows only, and the
 driver still learns how many rows of a shard came back. At the end of the segment a worker writes
 the alive rows: `kept-*` parts, already in the sample schema, in the last segment (committing moves
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from dataengine.core import columns as C
 from dataengine.core.atomic import write_parquet_atomic
-from dataengine.core.schemas import conform, sample_schema
+from dataengine.core.schemas import conform, rejected_schema, sample_schema
 
 REJECTED_PART, KEPT_PART, ROWS_PART = "rejected", "kept", "rows"
 COUNTERS_METADATA = b"dataengine.counters"  # a kept part's busy seconds and batches per stage index
@@ -42,22 +42,25 @@ def is_tally(batch: pa.Table) -> np.ndarray:
     return pc.is_valid(batch.column(C.TALLY)).to_numpy(zero_copy_only=False)
 
 
-def shed_rejected(batch: pa.Table, parts_dir: str) -> pa.Table:
-    """Write the rows a step just rejected to their shards' `rejected-*` parts; return the alive rows
-    and the tally rows (earlier ones, and one per shard and stage for the rows written now)."""
+def shed_rejected(batch: pa.Table, parts_dir: str, held: list[pa.Table] | None = None) -> pa.Table:
+    """Write the rows a step just rejected to their shards' `rejected-*` parts (or, with `held`, keep
+    them there for `write_rejected`: a task running several steps writes one part per shard); return
+    the alive rows and the tally rows (earlier ones, and one per shard and stage for the rows shed now)."""
     if C.REJECT_REASON not in batch.column_names:
         return batch
     tally = is_tally(batch)
     dead = pc.is_valid(batch.column(C.REJECT_REASON)).to_numpy(zero_copy_only=False) & ~tally
     if not dead.any():
         return batch
-    shed = batch.filter(pa.array(dead))
+    shed = batch.filter(pa.array(dead)).drop_columns([c for c in (C.TALLY,) if c in batch.column_names])
+    if held is None:
+        write_rejected([shed], parts_dir)
+    else:
+        held.append(shed)
     counter_columns = [c for c in batch.column_names if c.startswith(tuple(C.STAGE_COUNTERS.values()))]
     tallies = []
     for shard in pc.unique(shed.column(C.SHARD)).to_pylist():
         rows = shed.filter(pc.equal(shed.column(C.SHARD), shard))
-        write_parquet_atomic(rows.drop_columns([c for c in (C.TALLY,) if c in rows.column_names]),
-                             Path(parts_dir) / shard / part_name(REJECTED_PART, rows.column(C.UID).to_pylist()))
         for stage in pc.unique(rows.column(C.REJECT_STAGE)).to_pylist():
             of_stage = rows.filter(pc.equal(rows.column(C.REJECT_STAGE), stage))
             entry = {C.SHARD: shard, C.REJECT_STAGE: stage, C.REJECT_REASON: C.TALLY, C.TALLY: of_stage.num_rows}
@@ -69,6 +72,18 @@ def shed_rejected(batch: pa.Table, parts_dir: str) -> pa.Table:
     fields = {name: kept.schema.field(name).type for name in tallies[0]}
     new = pa.table({name: pa.array([t.get(name) for t in tallies], fields[name]) for name in fields})
     return pa.concat_tables([kept, new], promote_options="permissive")
+
+
+def write_rejected(tables: list[pa.Table], parts_dir: str) -> None:
+    """Rejected rows as `rejected/` holds them, one part per shard: the commit moves a part there as
+    written (no second read and write of rejected rows)."""
+    if not tables:
+        return
+    rows = pa.concat_tables(tables, promote_options="permissive")
+    for shard in pc.unique(rows.column(C.SHARD)).to_pylist():
+        of_shard = rows.filter(pc.equal(rows.column(C.SHARD), shard))
+        write_parquet_atomic(_as_final(of_shard, rejected_schema()),
+                             Path(parts_dir) / shard / part_name(REJECTED_PART, of_shard.column(C.UID).to_pylist()))
 
 
 def write_alive(batch: pa.Table, parts_dir: str, final: bool) -> pa.Table:
@@ -97,12 +112,17 @@ def write_alive(batch: pa.Table, parts_dir: str, final: bool) -> pa.Table:
 
 
 def _as_kept(alive: pa.Table) -> pa.Table:
-    """Alive rows as `dataset/` holds them: the sample schema, with their busy seconds and batches per
-    stage kept in the file's metadata (the columns themselves are internal)."""
-    kept = conform(alive.drop_columns([c for c in (C.REJECT_STAGE, C.REJECT_REASON) if c in alive.column_names]),
-                   sample_schema())
-    metadata = {**(kept.schema.metadata or {}), COUNTERS_METADATA: json.dumps(counter_sums(alive)).encode()}
-    return kept.replace_schema_metadata(metadata)
+    """Alive rows as `dataset/` holds them."""
+    return _as_final(alive.drop_columns([c for c in (C.REJECT_STAGE, C.REJECT_REASON) if c in alive.column_names]),
+                     sample_schema())
+
+
+def _as_final(rows: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Rows in `schema`, sorted by uid, with their busy seconds and batches per stage kept in the file's
+    metadata (the columns themselves are internal)."""
+    final = conform(rows, schema).sort_by(C.UID)
+    metadata = {**(final.schema.metadata or {}), COUNTERS_METADATA: json.dumps(counter_sums(rows)).encode()}
+    return final.replace_schema_metadata(metadata)
 
 
 def counter_sums(table: pa.Table) -> dict[str, dict[str, float]]:

@@ -22,7 +22,7 @@ from dataengine.core import raytools
 from dataengine.core.schemas import sample_schema
 from dataengine.engine import rejections
 from dataengine.engine.commit import ShardCommits
-from dataengine.engine.parts import SUMMARY_COMMITTED, shed_rejected, write_alive
+from dataengine.engine.parts import SUMMARY_COMMITTED, shed_rejected, write_alive, write_rejected
 from dataengine.io.shard_plan import read_shard
 from dataengine.ops import get_op
 from dataengine.ops.base import PREPARE, Step, run_step
@@ -77,11 +77,14 @@ def read_and_run(batch: pa.Table, steps: list[Step], schema: pa.Schema, parts_di
         if marker is not None:  # a retried task whose shard is committed: nothing to redo
             return committing.summary(shard, marker)
     table = read_inputs(batch)
-    for step in steps:  # each step's rejected rows leave in one part per shard, not one per batch
+    held: list[pa.Table] = []  # every step's rejected rows leave in one part per shard, not one per batch or step
+    for step in steps:
         size = step.config.batch_size
         outputs = [run_task_step(table.slice(i, size), step, schema, parts_dir, shed=False)
                    for i in range(0, table.num_rows, size)]
-        table = shed_rejected(pa.concat_tables(outputs, promote_options="permissive"), parts_dir) if outputs else table
+        table = shed_rejected(pa.concat_tables(outputs, promote_options="permissive"), parts_dir, held) \
+            if outputs else table
+    write_rejected(held, parts_dir)
     if final is None:
         return table
     summary = write_alive(table, parts_dir, final)

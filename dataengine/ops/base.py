@@ -377,7 +377,8 @@ def _apply(fn: Callable[[pa.Table], pa.Table], op_name: str, batch: pa.Table, st
     alive = pc.is_null(batch.column(C.REJECT_REASON)).to_numpy(zero_copy_only=False)
     alive_idx = np.flatnonzero(alive)
     started = time.perf_counter()
-    result = fn(batch.take(alive_idx)) if len(alive_idx) else None
+    alive_rows = batch if len(alive_idx) == n else batch.take(alive_idx)  # (no copy when all are alive)
+    result = fn(alive_rows) if len(alive_idx) else None
     elapsed = time.perf_counter() - started
     if result is not None and result.num_rows != len(alive_idx):
         raise RuntimeError(
@@ -420,6 +421,9 @@ def _merge_columns(batch: pa.Table, result: pa.Table, alive_idx: np.ndarray, sta
             new = new.cast(known.field(name).type)
         elif name == C.REJECT_REASON:
             new = new.cast(pa.string())
+        if not len(dead_idx):  # every row was alive: the op's column is the column
+            batch = _set_column(batch, name, new)
+            continue
         if name in batch.column_names:
             old = batch.column(name).take(dead_idx).cast(new.type)
         else:

@@ -1,5 +1,5 @@
 """A shard's commit: every uid that entered the segment exactly once, its kept parts moved into
-`dataset/` as written, its rejected rows gathered, and the marker as the commit point."""
+`dataset/` and its rejected parts into `rejected/` as written, and the marker as the commit point."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dataengine.core import columns as C
+from dataengine.core.schemas import rejected_schema
 from dataengine.engine.commit import AccountingError, clear_uncommitted, commit_shard, finish_commit
 from dataengine.engine.parts import shed_rejected, write_alive
 from dataengine.engine.segments import Segment
@@ -33,18 +34,21 @@ def _write(run, rows, final=True):
     write_alive(shed_rejected(rows, parts), parts, final)
 
 
-def test_a_complete_shard_commits_without_rewriting_its_kept_rows(tmp_path):
+def test_a_complete_shard_commits_without_rewriting_its_rows(tmp_path):
     rows = _shard(tmp_path)
     _write(tmp_path, rows.slice(0, 4))
     _write(tmp_path, rows.slice(4))
     kept_parts = {p.name: p.read_bytes() for p in FINAL.parts_dir(tmp_path).rglob("kept-*.parquet")}
+    rejected_parts = {p.name: p.read_bytes() for p in FINAL.parts_dir(tmp_path).rglob("rejected-*.parquet")}
     marker = commit_shard(str(tmp_path), FINAL, "000000", ["_shards/000000.parquet"], None, 6, STAGES)
     assert marker is not None and (marker["rows"], marker["kept"], marker["rejected"]) == (6, 3, 3)
     assert marker["rejected_by_stage"] == {"download": {"http_404": 3}} and marker["seconds"] == {"download": 6.0}
     moved = {p.name.split("-")[-1]: p.read_bytes() for p in (tmp_path / "dataset").glob("part-000000-*.parquet")}
     assert sorted(moved.values()) == sorted(kept_parts.values())  # the very bytes the workers wrote
-    rejected = pq.read_table(tmp_path / marker["rejected_files"][0])
-    assert rejected.column(C.UID).to_pylist() == ["0-1", "0-3", "0-5"] and "_shard" not in rejected.column_names
+    assert sorted((tmp_path / f).read_bytes() for f in marker["rejected_files"]) == sorted(rejected_parts.values())
+    rejected = pa.concat_tables([pq.read_table(tmp_path / f) for f in sorted(marker["rejected_files"])])
+    assert sorted(rejected.column(C.UID).to_pylist()) == ["0-1", "0-3", "0-5"] and "_shard" not in rejected.column_names
+    assert rejected.schema.remove_metadata() == rejected_schema().remove_metadata()
     assert json.loads(FINAL.marker(tmp_path, "000000").read_text()) == marker
     assert not FINAL.parts_dir(tmp_path).joinpath("000000").exists()
 

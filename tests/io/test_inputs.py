@@ -164,3 +164,12 @@ def test_parquet_without_ids_is_planned_from_footers_as_pointers_into_the_files(
     for s in shards:
         assert shard_plan.shard_uids(s.path) == shard_plan.read_shard(s.path).column(C.UID).combine_chunks()
     assert plan_shards(spec, tmp_path / "run") == shards  # reused as written
+
+
+def test_a_rewritten_file_is_never_read_from_the_row_group_a_process_kept(tmp_path):
+    spec = InputSpec(path=str(tmp_path))
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"url": ["http://a/0", "http://a/1"], "caption": ["old", "old"]}), path)
+    assert read_parquet_rows(path, spec, 1, 1).column(C.CAPTION).to_pylist() == ["old"]
+    pq.write_table(pa.table({"url": ["http://a/0", "http://a/1", "http://a/2"], "caption": ["new"] * 3}), path)
+    assert read_parquet_rows(path, spec, 1, 1).column(C.CAPTION).to_pylist() == ["new"]
