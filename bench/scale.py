@@ -14,6 +14,7 @@ Run: `.venv/bin/python bench/scale.py --sizes 1000000 10000000`
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import time
 from pathlib import Path
@@ -95,7 +96,9 @@ def main() -> None:
         src = work / "captions.parquet"
         make_input(n, src)
         (work / "floor").mkdir()
+        os.sync()  # each side starts with the disk's write-back done (the input's, then the floor's ~1 GB at 10M)
         floor_s = floor(src, work / "floor")
+        os.sync()
         engine_s, rss = engine(src, work / "run")
         lines.append(f"{n:>11,} {n / floor_s:>13,.0f} {n / engine_s:>14,.0f} {floor_s / engine_s:>5.2f}x "
                      f"{rss / 2**20:>12,.0f} MiB")

@@ -1,25 +1,19 @@
 """A shard's work in one Ray task: read it, run the steps that need no model, write its parts, commit.
 
-Used two ways: alone, as plain Ray tasks (`shard_tasks`), for a segment whose every step runs here
-(the demo's caption filters, a download, rules, a decision applied); and as the first operator of a
-Ray Data stream that goes on to model actors (`raydata.build_stream`). It imports Ray core only, not
-Ray Data: a worker that runs only these tasks starts ~1 s sooner (Ray Data and pandas unimported).
+Used two ways, both set up by the engine's Ray adapter (`raydata.py`): alone, as plain Ray tasks
+(`raydata.shard_tasks`), for a segment whose every step runs here (caption filters, a download,
+rules, a decision applied); and as the first operator of a Ray Data stream that goes on to model
+actors (`raydata.build_stream`). This module imports no Ray: a worker that runs only these tasks
+starts ~1 s sooner than one that imports the adapter (Ray Data and pandas unimported).
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import ray
 
 from dataengine.core import columns as C
-from dataengine.core import raytools
-from dataengine.core.schemas import sample_schema
 from dataengine.engine import rejections
 from dataengine.engine.commit import ShardCommits
 from dataengine.engine.parts import SUMMARY_COMMITTED, shed_rejected, write_alive, write_rejected
@@ -94,43 +88,7 @@ def read_and_run(batch: pa.Table, steps: list[Step], schema: pa.Schema, parts_di
     return summary
 
 
-def _shard_task(batch: pa.Table, shared: tuple[list[Step], pa.Schema, str], final: bool,
+def shard_task(batch: pa.Table, shared: tuple[list[Step], pa.Schema, str], final: bool,
                 committing: ShardCommits | None) -> pa.Table:
     steps, schema, parts_dir = shared  # put in the object store once per segment, not once per shard
     return read_and_run(batch, steps, schema, parts_dir, final, committing)
-
-
-def shard_tasks(inputs: list[list[str]], steps: list[Step], parts_dir: Path, final: bool,
-                committing: ShardCommits | None = None) -> Iterator[pa.Table]:
-    """A segment that needs no model: one Ray task per shard reads it, runs every step, writes its parts
-    and commits it; yields each task's summary as it finishes. Ray Data would add nothing here but its
-    streaming executor, which on 2 cores cost 25% of the throughput (bench/scale.py: 20 shards of 50k
-    captions in 9.9 s through Ray Data, 7.8 s as tasks) and seconds of start-up. A retried task (its
-    worker died) finds its shard's marker, or overwrites its own parts (their names are their uids)."""
-    schema = sample_schema()
-    own = [s for s in steps if s.decision is None and s.phase is None]
-    cpus = max((s.config.num_cpus if s in own else 1 for s in steps), default=IO_TASK_CPUS)
-    limits = [s.config.concurrency for s in own if s.config.concurrency]
-    window = min([*limits, max(2, 2 * int(raytools.cluster_cpus(1) / cpus))])
-    run = ray.remote(num_cpus=cpus)(_shard_task)
-    shared = ray.put((steps, schema, str(parts_dir)))
-    queued = iter(enumerate(inputs))
-    in_flight: list[ray.ObjectRef] = []
-
-    def submit(k: int, files: list[str]) -> ray.ObjectRef:
-        row: dict[str, Any] = {"files": [files]}
-        one = None
-        if committing is not None:  # the task gets its own shard's commit, not the whole segment's list
-            one, row[SHARD_INDEX] = replace(committing, shards=[committing.shards[k]]), [0]
-        return run.remote(pa.table(row), shared, final, one)
-
-    try:
-        while True:
-            in_flight += [submit(*k_files) for k_files in itertools.islice(queued, window - len(in_flight))]
-            if not in_flight:
-                return
-            done, in_flight = ray.wait(in_flight, num_returns=1)
-            yield raytools.get(done[0])
-    finally:
-        for ref in in_flight:  # stopped early (an error, the caller closed us): tasks under way end now
-            ray.cancel(ref)

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 
 from dataengine.core import columns as C
 from dataengine.engine.commit import ShardCommit, ShardCommits
+from dataengine.engine.raydata import shard_tasks
 from dataengine.engine.segments import plan_segments
-from dataengine.engine.shard_tasks import shard_tasks
 from dataengine.io.inputs import InputSpec
 from dataengine.io.shard_plan import plan_shards
 from dataengine.ops.base import Step
