@@ -2,9 +2,11 @@
 
 The commit checks that the shard's parts hold every uid that entered the segment exactly once (a
 retried task that batched differently can write a uid twice: the later copy is dropped) and writes the
-marker: counts, busy seconds, the files the shard owns, the moves that put its `rejected-*` parts into
+marker: counts, busy seconds, the files the shard owns, the move that puts its `rejected-*` part into
 `rejected/part-<shard>-s<k>-<hash>.parquet` and, in the last segment, its `kept-*` parts into
 `dataset/`: workers wrote both as those directories hold them, so no row is read and written again.
+(Where actors shed rows, a shard has a rejected part per batch: those are gathered into one
+`rejected/part-<shard>-s<k>.parquet` instead, so `rejected/` keeps one file per shard and segment.)
 The marker is the commit point; the moves come after it and are finished by the next run if a kill
 interrupts them (`finish_commit`), so a shard is in `dataset/` whole or, with no marker, not at all
 (`clear_uncommitted`).
@@ -28,7 +30,9 @@ import pyarrow.parquet as pq
 from dataengine.core import columns as C
 from dataengine.core.atomic import write_parquet_atomic, write_text_atomic
 from dataengine.core.layout import DATASET_DIR, REJECTED_DIR
+from dataengine.core.schemas import conform, rejected_schema
 from dataengine.engine.parts import (
+    COUNTERS_METADATA,
     KEPT_PART,
     REJECTED_PART,
     ROWS_PART,
@@ -114,8 +118,9 @@ class ShardCommits:
 
 def _marker(root: Path, segment: Segment, shard_id: str, alive: list[Path], shed: list[Path],
             previous: dict[str, Any] | None, input_rows: int, stage_names: list[str]) -> dict[str, Any]:
-    """Counts and files of the shard so far (this segment added to the previous segment's marker);
-    writes the segment's rejected rows as one file."""
+    """Counts and files of the shard so far (this segment added to the previous segment's marker). A
+    shard's one rejected part (what a task writes) is moved into `rejected/` after the marker; several (one
+    per model batch that shed rows) are gathered into one file here, before it."""
     reasons: dict[str, Counter[str]] = defaultdict(Counter)
     for stage, by_reason in ((previous or {}).get("rejected_by_stage") or {}).items():
         reasons[stage].update(by_reason)
@@ -131,13 +136,22 @@ def _marker(root: Path, segment: Segment, shard_id: str, alive: list[Path], shed
     for path in alive:
         count(part_counters(path))
     rejected_moves = []
-    for path in shed:  # written as `rejected/` holds them: moved there after the marker, never rewritten
+    if len(shed) == 1 and _in_final_form(shed[0]):  # as `rejected/` holds it: moved after the marker
+        path = shed[0]
         count(part_counters(path))
         rows = pq.read_table(path, columns=[C.REJECT_STAGE, C.REJECT_REASON])
-        for stage, reason in zip(rows.column(C.REJECT_STAGE).to_pylist(), rows.column(C.REJECT_REASON).to_pylist()):
-            reasons[stage][reason] += 1
         target = f"{REJECTED_DIR}/part-{shard_id}-s{segment.index}-{path.stem.removeprefix(REJECTED_PART + '-')}.parquet"
         rejected_moves.append([str(path.relative_to(root)), target])
+    elif shed:  # parts per model batch (or from an older version): gathered into one file, written here
+        for path in shed:
+            count(part_counters(path))
+        rows = pa.concat_tables([pq.read_table(p) for p in shed], promote_options="permissive")
+        rows = conform(rows, rejected_schema()).sort_by(C.UID)
+        target = f"{REJECTED_DIR}/part-{shard_id}-s{segment.index}.parquet"
+        write_parquet_atomic(rows.replace_schema_metadata(None), root / target)
+    if shed:
+        for stage, reason in zip(rows.column(C.REJECT_STAGE).to_pylist(), rows.column(C.REJECT_REASON).to_pylist()):
+            reasons[stage][reason] += 1
         rejected_files.append(target)
         n_rejected += rows.num_rows
     n_alive = sum(pq.read_metadata(p).num_rows for p in alive)
@@ -155,6 +169,12 @@ def _marker(root: Path, segment: Segment, shard_id: str, alive: list[Path], shed
     else:
         marker["next"] = relative
     return marker
+
+
+def _in_final_form(path: Path) -> bool:
+    """A rejected part written as `rejected/` holds it (its busy seconds in the footer)."""
+    metadata = pq.read_schema(path).metadata or {}
+    return COUNTERS_METADATA in metadata
 
 
 def _uids(paths: list[Path]) -> pa.Array:
@@ -178,7 +198,13 @@ def _drop_repeats(files: list[Path]) -> None:
 def _drop_uids(path: Path, uids: set[str]) -> None:
     table = pq.read_table(path)
     keep = pc.invert(pc.is_in(table.column(C.UID), pa.array(sorted(uids), pa.string())))
-    table = table.filter(keep)
+    before, table = table.num_rows, table.filter(keep)
+    metadata = table.schema.metadata or {}
+    if table.num_rows and COUNTERS_METADATA in metadata:  # the footer's busy seconds: for the rows left only
+        share = table.num_rows / before
+        sums = {name: {k: v * share for k, v in by_index.items()}
+                for name, by_index in json.loads(metadata[COUNTERS_METADATA]).items()}
+        table = table.replace_schema_metadata({**metadata, COUNTERS_METADATA: json.dumps(sums).encode()})
     if table.num_rows:
         write_parquet_atomic(table, path)
     else:

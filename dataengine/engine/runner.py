@@ -2,7 +2,7 @@
 
 The run directory:
     dataset/part-<shard>-<hash>.parquet   kept rows (schemas/sample.schema.json), as workers wrote them
-    rejected/part-<shard>-s<k>-<hash>.parquet  rows rejected in segment k, with reject_stage, reject_reason
+    rejected/part-<shard>-s<k>[-<hash>].parquet  rows rejected in segment k, with reject_stage, reject_reason
     run.json                              spec, hash, versions, attempts, per-stage counts and times
     dataengine.log                        the command's full log (the console shows progress and warnings)
     _shards/                              the input cut into shards (written once, reused on rerun)

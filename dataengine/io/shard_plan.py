@@ -94,7 +94,7 @@ def plan_shards(spec: InputSpec, run_dir: Path, in_task: bool = False) -> list[S
     """The shard plan a previous attempt wrote, or a new one. With `in_task`, Ray tasks read an input
     over SMALL_INPUT_BYTES and write the shards (the caller, the driver, sees names and counts);
     otherwise the same steps run here one after another."""
-    files = resolve_files(spec)
+    files = [f.resolve() for f in resolve_files(spec)]  # here: a task's working directory may differ
     each = _tasks if in_task and sum(f.stat().st_size for f in files) > SMALL_INPUT_BYTES else _loop
     fingerprint = each(_fingerprint, [(files, spec)])[0]
     shard_dir = Path(run_dir) / SHARD_DIR
@@ -106,7 +106,11 @@ def plan_shards(spec: InputSpec, run_dir: Path, in_task: bool = False) -> list[S
                 f"(plan {plan['fingerprint']}, now {fingerprint}); use a new output directory"
             )
         suffix = plan.get("shard_suffix", ".parquet")
-        return [Shard(s["id"], s["rows"], shard_dir / f"{s['id']}{suffix}") for s in plan["shards"]]
+        shards = [Shard(s["id"], s["rows"], shard_dir / f"{s['id']}{suffix}") for s in plan["shards"]]
+        if suffix == POINTER_SUFFIX and plan["files"] != [str(f) for f in files]:  # the same bytes, moved
+            each(_repoint, [(run, files) for run in _runs([s.path for s in shards])])
+            write_text_atomic(plan_path(run_dir), json.dumps({**plan, "files": [str(f) for f in files]}, indent=2))
+        return shards
     if spec.id_col is None and all(file_format(f, spec) == "parquet" for f in files):
         pieces = [Piece(i, f, 0, None) for i, f in enumerate(files)]
         counts = each(parquet_rows, [(f, spec) for f in files])
@@ -170,6 +174,15 @@ def shard_uids(path: str | Path) -> pa.Array:
         else pa.array([], pa.string())
 
 
+def _repoint(pointers: list[Path], files: list[Path]) -> None:
+    """Point shards at where their input files are now (a rerun with the same files under another path)."""
+    for path in pointers:
+        pointer = json.loads(path.read_text())
+        for entry in pointer["ranges"]:
+            entry["path"] = str(files[entry["file_index"]])
+        write_text_atomic(path, json.dumps(pointer))
+
+
 def _write_pointers(run: list[tuple[str, list[tuple[str, int, int]]]], files: list[Path], spec: InputSpec,
                     shard_dir: Path) -> list[Shard]:
     """Write a run of consecutive shards as pointers to their rows in the input files."""
@@ -178,7 +191,7 @@ def _write_pointers(run: list[tuple[str, list[tuple[str, int, int]]]], files: li
         entries = []
         for name, offset, rows in ranges:
             file_index = int(name.split("-")[0])  # a whole file is one piece: offset is the row in the file
-            entries.append({"path": str(files[file_index].resolve()), "file_index": file_index, "start": offset,
+            entries.append({"path": str(files[file_index]), "file_index": file_index, "start": offset,
                             "rows": rows})
         path = shard_dir / f"{shard_id}{POINTER_SUFFIX}"
         write_text_atomic(path, json.dumps({"shard": shard_id, "input": spec.model_dump(mode="json"),

@@ -26,13 +26,18 @@ def _plan(tmp_path, n):
     return plan_shards(InputSpec(path=str(tmp_path / "in.parquet"), shard_rows=4), tmp_path / "run"), captions
 
 
-def test_each_shard_is_one_task_that_commits_it_and_every_row_lands_once(ray_local, tmp_path):
-    shards, captions = _plan(tmp_path, 23)
-    run = tmp_path / "run"
+def _segment(run, shards):
+    """The rules stage's only segment, committing in its tasks, and each shard's input files."""
     segment = plan_segments([CaptionRulesConfig()])[0]
     committing = ShardCommits(str(run), segment, ["caption_rules_filter"],
                               [ShardCommit(s.id, [str(s.path.relative_to(run))], None, s.rows, s.rows) for s in shards])
-    inputs = [[str(s.path)] for s in shards]
+    return segment, committing, [[str(s.path)] for s in shards]
+
+
+def test_each_shard_is_one_task_that_commits_it_and_every_row_lands_once(ray_local, tmp_path):
+    shards, captions = _plan(tmp_path, 23)
+    run = tmp_path / "run"
+    segment, committing, inputs = _segment(run, shards)
     steps = [Step(0, CaptionRulesConfig(batch_size=3, concurrency=1))]
     summaries = pa.concat_tables(list(shard_tasks(inputs, steps, segment.parts_dir(run), True, committing)))
     assert sorted(summaries.column("shard").to_pylist()) == [s.id for s in shards]
@@ -51,10 +56,7 @@ def test_each_shard_is_one_task_that_commits_it_and_every_row_lands_once(ray_loc
 def test_a_stream_closed_early_cancels_its_tasks_and_a_rerun_finishes_the_rest(ray_local, tmp_path):
     shards, _ = _plan(tmp_path, 40)
     run = tmp_path / "run"
-    segment = plan_segments([CaptionRulesConfig()])[0]
-    committing = ShardCommits(str(run), segment, ["caption_rules_filter"],
-                              [ShardCommit(s.id, [str(s.path.relative_to(run))], None, s.rows, s.rows) for s in shards])
-    inputs = [[str(s.path)] for s in shards]
+    segment, committing, inputs = _segment(run, shards)
     steps = [Step(0, CaptionRulesConfig(batch_size=3, concurrency=2))]
     stream = shard_tasks(inputs, steps, segment.parts_dir(run), True, committing)
     first = next(stream)

@@ -164,6 +164,12 @@ def test_parquet_without_ids_is_planned_from_footers_as_pointers_into_the_files(
     for s in shards:
         assert shard_plan.shard_uids(s.path) == shard_plan.read_shard(s.path).column(C.UID).combine_chunks()
     assert plan_shards(spec, tmp_path / "run") == shards  # reused as written
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("a.parquet", "b.parquet"):
+        (tmp_path / name).rename(moved / name)
+    again = plan_shards(InputSpec(path=str(moved / "*.parquet"), shard_rows=10), tmp_path / "run")
+    assert again == shards and pa.concat_tables([shard_plan.read_shard(s.path) for s in again]) == rows
 
 
 def test_a_rewritten_file_is_never_read_from_the_row_group_a_process_kept(tmp_path):
