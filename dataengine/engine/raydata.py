@@ -27,7 +27,14 @@ from dataengine.core.raytools import QUIET_WORKERS
 from dataengine.core.schemas import sample_schema
 from dataengine.engine.commit import ShardCommits
 from dataengine.engine.parts import shed_rejected, write_alive
-from dataengine.engine.shard_tasks import IO_TASK_CPUS, SHARD_INDEX, read_and_run, run_task_step, shard_task
+from dataengine.engine.shard_tasks import (
+    IO_TASK_CPUS,
+    SHARD_FILES,
+    SHARD_INDEX,
+    read_and_run,
+    run_task_step,
+    shard_task,
+)
 from dataengine.engine.spec import ResourcesSpec
 from dataengine.ops import get_op
 from dataengine.ops.base import INFER, PREPARE, RayLLMStage, Step, run_step, split_steps
@@ -162,7 +169,7 @@ def shard_tasks(inputs: list[list[str]], steps: list[Step], parts_dir: Path, fin
     in_flight: list[ray.ObjectRef] = []
 
     def submit(k: int, files: list[str]) -> ray.ObjectRef:
-        row: dict[str, Any] = {"files": [files]}
+        row: dict[str, Any] = {SHARD_FILES: [files]}
         one = None
         if committing is not None:  # the task gets its own shard's commit, not the whole segment's list
             one, row[SHARD_INDEX] = replace(committing, shards=[committing.shards[k]]), [0]
@@ -196,7 +203,7 @@ def build_stream(inputs: list[list[str]], steps: list[Step], parts_dir: Path, fi
     own = [s for s in fused if s.decision is None and s.phase is None]  # (a CPU half's fields are its actor's)
     cpus = min(max(s.config.num_cpus if s in own else 1 for s in fused), task_cpus) if fused else IO_TASK_CPUS
     committing = committing if write_here else None
-    items = [{"files": files, **({SHARD_INDEX: i} if committing is not None else {})} for i, files in enumerate(inputs)]
+    items = [{SHARD_FILES: files, **({SHARD_INDEX: i} if committing is not None else {})} for i, files in enumerate(inputs)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(inputs)))
     limits = [s.config.concurrency for s in own if s.config.concurrency]
     ds = ds.map_batches(read_and_run, fn_args=(fused, schema, parts, final if write_here else None, committing),

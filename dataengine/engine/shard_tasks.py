@@ -21,6 +21,7 @@ from dataengine.io.shard_plan import read_shard
 from dataengine.ops import get_op
 from dataengine.ops.base import PREPARE, Step, run_step
 
+SHARD_FILES = "files"  # in a read task's input row: the files of its shard
 SHARD_INDEX = "shard_index"  # in a read task's input row, with `committing`: which of its shards it reads
 
 #: reading a shard's files and writing its parts wait on the disk more than they compute; asking a whole
@@ -51,7 +52,7 @@ def read_inputs(batch: pa.Table) -> pa.Table:
     """Read task: a shard's files (the input shard, or the rows a previous segment kept), without the
     busy seconds and batch counts that segment already accounted for."""
     tables = []
-    for files in batch.column("files").to_pylist():
+    for files in batch.column(SHARD_FILES).to_pylist():
         for f in files:
             table = read_shard(f)
             counters = tuple(C.STAGE_COUNTERS.values())

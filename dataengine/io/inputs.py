@@ -70,7 +70,7 @@ def read_input_file(path: Path, spec: InputSpec, row_groups: tuple[int, ...] | N
     """Read one file (or, for Parquet, some of its row groups) into columns url, caption, source_id,
     boxes (all strings, invalid UTF-8 replaced)."""
     fmt = file_format(path, spec)
-    wanted = [c for c in (spec.url_col, spec.caption_col, spec.id_col, spec.boxes_col) if c]
+    wanted = _wanted_columns(spec)
     try:
         if fmt == "parquet":
             names = pq.read_schema(path).names
@@ -116,7 +116,7 @@ _last_group: dict[tuple, pa.Table] = {}
 def read_parquet_rows(path: Path, spec: InputSpec, start: int, rows: int) -> pa.Table:
     """Rows [start, start + rows) of a Parquet file, as `read_input_file` gives them. Only the row
     groups that hold them are read (the last one decoded is kept for the next shard of this process)."""
-    wanted = [c for c in (spec.url_col, spec.caption_col, spec.id_col, spec.boxes_col) if c]
+    wanted = _wanted_columns(spec)
     try:
         parquet = pq.ParquetFile(path)
         _check_columns(path, parquet.schema_arrow.names, spec)
@@ -169,6 +169,11 @@ def _engine_columns(frame: pl.DataFrame, spec: InputSpec) -> pa.Table:
         C.SOURCE_ID: _as_strings(frame, spec.id_col, n),
         C.BOXES: _as_json_strings(frame, spec.boxes_col, n),
     })
+
+
+def _wanted_columns(spec: InputSpec) -> list[str]:
+    """The input columns the spec names (url, caption, id, boxes), in that order."""
+    return [c for c in (spec.url_col, spec.caption_col, spec.id_col, spec.boxes_col) if c]
 
 
 def _check_columns(path: Path, names: list[str], spec: InputSpec) -> None:
