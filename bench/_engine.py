@@ -11,11 +11,13 @@ from pathlib import Path
 import psutil
 
 
-def run_dataengine(spec_path: Path) -> tuple[float, int]:
+def run_dataengine(spec_path: Path, address: str | None = None) -> tuple[float, int]:
     """Wall seconds and the driver's peak RSS in bytes (the `dataengine run` process only, polled every
-    0.1 s; its Ray workers are not counted). Exits with the run's stderr if it fails."""
+    0.1 s; its Ray workers are not counted). Exits with the run's stderr if it fails. With `address`, the
+    run joins that running Ray (`--address`) instead of starting its embedded one."""
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "dataengine.cli", "run", str(spec_path), "--no-report"],
+    command = [sys.executable, "-m", "dataengine.cli", "run", str(spec_path), "--no-report"]
+    proc = subprocess.Popen(command + (["--address", address] if address else []),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = [0]
 

@@ -8,7 +8,8 @@ Prints rows/s, the engine's ratio to the floor (2 cores: 2x is the ideal) and th
 (polled: the `dataengine run` process only, not its Ray workers), at each size given, so the growth
 shows. Appends the report to bench/RESULTS.md.
 
-Run: `.venv/bin/python bench/scale.py --sizes 1000000 10000000`
+Run: `.venv/bin/python bench/scale.py --sizes 1000000 10000000`; with `--address 127.0.0.1:6379` after
+`ray start --head --num-cpus 2` the runs join that Ray (what a cluster user pays per run).
 """
 
 from __future__ import annotations
@@ -74,19 +75,22 @@ def floor(src: Path, out: Path) -> float:
     return time.perf_counter() - started
 
 
-def engine(src: Path, out: Path) -> tuple[float, int]:
-    """`dataengine run` on the same rows; returns seconds and the driver's peak RSS in bytes."""
+def engine(src: Path, out: Path, address: str | None = None) -> tuple[float, int]:
+    """`dataengine run` on the same rows (its embedded Ray, or the running one at `address`); returns
+    seconds and the driver's peak RSS in bytes."""
     spec = {"name": "scale", "input": {"path": str(src), "shard_rows": SHARD_ROWS}, "output": str(out),
             "stages": [{"op": "caption_rules_filter", "batch_size": BATCH}]}
     spec_path = out.parent / f"{out.name}.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
-    return run_dataengine(spec_path)
+    return run_dataengine(spec_path, address)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    parser.add_argument("--address", help="join this running Ray (e.g. `ray start --head` first) instead of the "
+                                          "embedded one each run starts and stops: Ray's start is then paid once")
     args = parser.parse_args()
     lines = [f"{'rows':>11} {'floor rows/s':>13} {'engine rows/s':>14} {'ratio':>6} {'driver peak RSS':>16}"]
     for n in args.sizes:
@@ -99,12 +103,13 @@ def main() -> None:
         os.sync()  # each side starts with the disk's write-back done (the input's, then the floor's ~1 GB at 10M)
         floor_s = floor(src, work / "floor")
         os.sync()
-        engine_s, rss = engine(src, work / "run")
+        engine_s, rss = engine(src, work / "run", args.address)
         lines.append(f"{n:>11,} {n / floor_s:>13,.0f} {n / engine_s:>14,.0f} {floor_s / engine_s:>5.2f}x "
                      f"{rss / 2**20:>12,.0f} MiB")
         print(lines[-1], flush=True)
         shutil.rmtree(work, ignore_errors=True)
-    report("scale (a): caption_rules_filter, engine vs one process", lines, record=not args.no_record)
+    ray = f", joining the running Ray at {args.address}" if args.address else ""
+    report(f"scale (a): caption_rules_filter, engine vs one process{ray}", lines, record=not args.no_record)
 
 
 if __name__ == "__main__":
