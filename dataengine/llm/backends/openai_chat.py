@@ -21,6 +21,7 @@ import os
 import queue
 import threading
 from collections.abc import Coroutine, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -140,10 +141,12 @@ class OpenAIChat:
     batches so the connection pools stay warm.
 
     The work is split so the loop thread does only the network: the calling thread builds each
-    request's body and cache key, reads the cache, writes replies to the cache and the usage ledger,
-    and parses; the loop thread waits on the bound, sends, and checks the reply. Requests are sent as
-    they are built (`complete_iter` takes an iterable), so the first is on the wire before the batch's
-    last prompt is written."""
+    request's body and cache key, reads the cache, and parses; the loop thread waits on the bound, sends,
+    and checks the reply; a writer thread puts each reply in the cache and the usage ledger as it
+    arrives, before the caller sees it (so a kill -9 re-sends only the requests in flight and the
+    replies still queued for the writer, whatever the caller was doing, and file writes never stall
+    the loop). Requests are sent as they are built (`complete_iter` takes an iterable), so the first is
+    on the wire before the batch's last prompt is written."""
 
     def __init__(self, config: OpenAIBackendConfig, cache: ResponseCache | None = None,
                  ledger: UsageLedger | None = None, fallback_key: str | None = None) -> None:
@@ -152,6 +155,7 @@ class OpenAIChat:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="openai-loop", daemon=True)
         self._thread.start()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="openai-cache")  # cache and ledger writes
         self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to its tasks
         lanes = 1 if config.http_client == "aiohttp" else -(-config.max_concurrency // CONNECTIONS_PER_CLIENT)
         sizes = [config.max_concurrency // lanes + (i < config.max_concurrency % lanes) for i in range(lanes)]
@@ -226,9 +230,7 @@ class OpenAIChat:
             elif isinstance(outcome, BaseException) and not isinstance(outcome, RequestFailed):
                 stop = stop or outcome  # BudgetExhausted, or a bug in the loop thread
             else:
-                if isinstance(outcome, Completion) and sent.key is not None:
-                    self._record(sent.key, outcome)
-                return sent.index, outcome
+                return sent.index, outcome  # a reply is already in the cache (`_attempt`)
             return None
 
         for i, messages in enumerate(requests):
@@ -265,11 +267,21 @@ class OpenAIChat:
         return json.dumps({"model": self.config.model, "messages": messages, **params},
                           ensure_ascii=False).encode("utf-8")
 
-    def _record(self, key: str, done: Completion) -> None:
-        """A reply's cache entry and usage line, written by the calling thread (the loop only sends)."""
+    def _record_then_deliver(self, sent: _Sent, arrived: queue.SimpleQueue[_Sent]) -> None:
+        """On the writer thread: a reply's cache entry and usage line, then the reply to the caller (a
+        failed write reaches the caller as the outcome, like a bug in the loop)."""
+        try:
+            self._record(sent.key, sent.outcome)  # type: ignore[arg-type]
+        except BaseException as e:
+            arrived.put(_Sent(sent.index, e))
+            return
+        arrived.put(sent)
+
+    def _record(self, key: str | None, done: Completion) -> None:
+        """A reply's cache entry and usage line (the loop only sends)."""
         if self.ledger is not None:
             self.ledger.record(done.prompt_tokens, done.completion_tokens, done.cost_usd)
-        if self.cache is not None:
+        if self.cache is not None and key is not None:
             self.cache.put(key, CachedReply(done.content, done.finish_reason, done.prompt_tokens,
                                             done.completion_tokens))
 
@@ -280,7 +292,13 @@ class OpenAIChat:
                 sent = await self._one(request)
                 if isinstance(sent.outcome, BudgetExhausted) or getattr(sent.outcome, "fatal", False):
                     self._halted = True
-                arrived.put(sent)
+                if isinstance(sent.outcome, Completion):
+                    # cached as it arrives, whatever the caller is doing, and before the caller sees it; the
+                    # writer hands it on (its slot is already free: holding it through a wave's queued
+                    # writes cost ~4% of the C/L rate at L = 1 s)
+                    self._writer.submit(self._record_then_deliver, sent, arrived)
+                else:
+                    arrived.put(sent)
             except BaseException as e:  # a bug, or the loop going away: the caller must not wait forever
                 arrived.put(_Sent(request.index, e))
                 if not isinstance(e, Exception):
@@ -328,13 +346,14 @@ class OpenAIChat:
                 data = await transport.complete(request.body)
             except RequestFailed as failed:
                 return _Sent(request.index, failed)
-        choice = data["choices"][0]
-        usage = data.get("usage") or {}
-        prompt_tokens, completion_tokens = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-        cost = config.cost(prompt_tokens, completion_tokens)
-        self._known_usage.add(prompt_tokens, completion_tokens, cost)
-        return _Sent(request.index, Completion(choice["message"].get("content"), choice.get("finish_reason"),
-                                               prompt_tokens, completion_tokens, cost, False), request.key)
+            choice = data["choices"][0]
+            usage = data.get("usage") or {}
+            prompt_tokens, completion_tokens = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+            cost = config.cost(prompt_tokens, completion_tokens)
+            self._known_usage.add(prompt_tokens, completion_tokens, cost)
+            done = Completion(choice["message"].get("content"), choice.get("finish_reason"), prompt_tokens,
+                              completion_tokens, cost, False)
+        return _Sent(request.index, done, request.key)
 
     def close(self) -> None:
         """Close the clients and stop the loop, waiting at most CLOSE_TIMEOUT_S for each: called from
@@ -349,6 +368,7 @@ class OpenAIChat:
             finally:
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 self._thread.join(timeout=CLOSE_TIMEOUT_S)
+        self._writer.shutdown(wait=True)  # replies already received are written before the ledger closes
         if self.ledger is not None:
             self.ledger.close()
 

@@ -134,3 +134,31 @@ def test_status_failures_keep_the_endpoints_message_and_mark_refusals_fatal():
     assert status_failure(429, "slow down").reason == "rate_limited"
     assert status_failure(502, "<html>bad gateway</html>").reason == "server_error"
     assert status_failure(422, "{}").reason == "bad_request"
+
+
+def test_replies_are_cached_as_they_arrive_while_the_caller_is_busy(server, tmp_path):
+    """A kill -9 must not pay again for replies the server gave: each is in the cache (and the usage
+    ledger) when it arrives, not when the op gets round to it."""
+    from dataengine.llm.cache import ResponseCache, request_key
+    from dataengine.llm.usage import UsageLedger, read_usage
+
+    config = OpenAIBackendConfig(model="fake", base_url=server.base_url, api_key_env=None, max_concurrency=4,
+                                 timeout_s=5, max_retries=0)
+    cache = ResponseCache(tmp_path / "cache")
+    chat = OpenAIChat(config, cache=cache, ledger=UsageLedger(tmp_path / "usage"))
+    server.latency = 0.2  # every request is sent before the first reply is back
+    requests = _messages(8)
+    keys = [request_key("fake", m, config.generation_params(chat._structured)) for m in requests]
+    replies = chat.complete_iter(requests)
+    try:
+        next(replies)  # the caller takes one reply, then is busy elsewhere while the rest come back
+        deadline = time.monotonic() + 10
+        while server.requests < 8 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert server.requests == 8
+        assert sum(cache.get(k) is not None for k in keys) == 8  # all 8, not only the one taken
+        assert read_usage(tmp_path / "usage").requests == 8
+        assert len(dict(replies)) == 7 and server.requests == 8  # the rest, none sent twice
+    finally:
+        chat.close()
