@@ -8,8 +8,9 @@ Prints rows/s, the engine's ratio to the floor (2 cores: 2x is the ideal) and th
 (polled: the `dataengine run` process only, not its Ray workers), at each size given, so the growth
 shows. Appends the report to bench/RESULTS.md.
 
-Run: `.venv/bin/python bench/scale.py --sizes 1000000 10000000`; with `--address 127.0.0.1:6379` after
-`ray start --head --num-cpus 2` the runs join that Ray (what a cluster user pays per run).
+Run: `.venv/bin/python bench/scale.py --sizes 1000000 10000000`; with `--address HOST:6379` (the address
+`ray start --head --num-cpus 2` prints: the node's IP, not 127.0.0.1) the runs join that Ray (what a
+cluster user pays per run).
 """
 
 from __future__ import annotations

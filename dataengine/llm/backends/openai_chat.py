@@ -230,7 +230,7 @@ class OpenAIChat:
             elif isinstance(outcome, BaseException) and not isinstance(outcome, RequestFailed):
                 stop = stop or outcome  # BudgetExhausted, or a bug in the loop thread
             else:
-                return sent.index, outcome  # a reply is already in the cache (`_attempt`)
+                return sent.index, outcome  # a reply is already in the cache (`_record_then_deliver`)
             return None
 
         for i, messages in enumerate(requests):
@@ -270,8 +270,9 @@ class OpenAIChat:
     def _record_then_deliver(self, sent: _Sent, arrived: queue.SimpleQueue[_Sent]) -> None:
         """On the writer thread: a reply's cache entry and usage line, then the reply to the caller (a
         failed write reaches the caller as the outcome, like a bug in the loop)."""
+        assert isinstance(sent.outcome, Completion)
         try:
-            self._record(sent.key, sent.outcome)  # type: ignore[arg-type]
+            self._record(sent.key, sent.outcome)
         except BaseException as e:
             arrived.put(_Sent(sent.index, e))
             return
@@ -294,8 +295,7 @@ class OpenAIChat:
                     self._halted = True
                 if isinstance(sent.outcome, Completion):
                     # cached as it arrives, whatever the caller is doing, and before the caller sees it; the
-                    # writer hands it on (its slot is already free: holding it through a wave's queued
-                    # writes cost ~4% of the C/L rate at L = 1 s)
+                    # writer hands it on, off the loop (its connection slot is already free)
                     self._writer.submit(self._record_then_deliver, sent, arrived)
                 else:
                     arrived.put(sent)
@@ -346,14 +346,13 @@ class OpenAIChat:
                 data = await transport.complete(request.body)
             except RequestFailed as failed:
                 return _Sent(request.index, failed)
-            choice = data["choices"][0]
-            usage = data.get("usage") or {}
-            prompt_tokens, completion_tokens = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-            cost = config.cost(prompt_tokens, completion_tokens)
-            self._known_usage.add(prompt_tokens, completion_tokens, cost)
-            done = Completion(choice["message"].get("content"), choice.get("finish_reason"), prompt_tokens,
-                              completion_tokens, cost, False)
-        return _Sent(request.index, done, request.key)
+        choice = data["choices"][0]
+        usage = data.get("usage") or {}
+        prompt_tokens, completion_tokens = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        cost = config.cost(prompt_tokens, completion_tokens)
+        self._known_usage.add(prompt_tokens, completion_tokens, cost)
+        return _Sent(request.index, Completion(choice["message"].get("content"), choice.get("finish_reason"),
+                                               prompt_tokens, completion_tokens, cost, False), request.key)
 
     def close(self) -> None:
         """Close the clients and stop the loop, waiting at most CLOSE_TIMEOUT_S for each: called from

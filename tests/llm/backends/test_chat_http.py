@@ -148,7 +148,7 @@ def test_replies_are_cached_as_they_arrive_while_the_caller_is_busy(server, tmp_
     chat = OpenAIChat(config, cache=cache, ledger=UsageLedger(tmp_path / "usage"))
     server.latency = 0.2  # every request is sent before the first reply is back
     requests = _messages(8)
-    keys = [request_key("fake", m, config.generation_params(chat._structured)) for m in requests]
+    keys = [request_key("fake", m, config.generation_params(config.structured_mode())) for m in requests]
     replies = chat.complete_iter(requests)
     try:
         next(replies)  # the caller takes one reply, then is busy elsewhere while the rest come back
