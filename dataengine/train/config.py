@@ -171,6 +171,19 @@ class TrainSpec(_Strict):
     def stage(self, n: int) -> StageSpec:
         return self.stage1 if n == 1 else self.stage2
 
-    def train_hash(self) -> str:
-        """Hash of everything that decides the trained weights (workers, GPUs and checkpoint cadence not)."""
-        return hashlib.sha256(json.dumps(decisive(self), sort_keys=True).encode()).hexdigest()[:16]
+    def train_hash(self, stage: int = 2) -> str:
+        """Hash of everything that decides stage `stage`'s weights (workers, GPUs and checkpoint cadence not).
+        Which stages a command runs decides no weights, and stage 1 does not depend on stage 2's settings:
+        adding stage 2, or changing its learning rate, must not make a trained stage 1 refuse to resume."""
+        fields = decisive(self)
+        fields.pop("stages")
+        if stage == 1:
+            for name in ("stage2", "stage2_init"):
+                fields.pop(name)
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+    def matches_train_hash(self, recorded: str, stage: int) -> bool:
+        """Whether a trained stage's recorded hash is this section's: its stage hash, or the whole section's
+        hash that results written before stage hashes existed record (a rerun of the same spec resumes)."""
+        whole = hashlib.sha256(json.dumps(decisive(self), sort_keys=True).encode()).hexdigest()[:16]
+        return recorded in (self.train_hash(stage), whole)

@@ -82,7 +82,7 @@ def lineage(run_dir: Path, spec: TrainSpec, stage: int, counts: dict[str, int], 
     mixture, its id and each source's data version."""
     run = json.loads((run_dir / MANIFEST).read_text()) if (run_dir / MANIFEST).is_file() else {}
     record = {"run_dir": str(run_dir.resolve()), "run_name": run.get("name"), "run_started_at": run.get("started_at"),
-              "spec_hash": run.get("spec_hash"), "train_hash": spec.train_hash(), "stage": stage,
+              "spec_hash": run.get("spec_hash"), "train_hash": spec.train_hash(stage), "stage": stage,
               "seed": spec.seed, "data_version": data.version, "run_totals": run.get("totals"), "samples": counts}
     if data.mixture is not None:
         record["mixture"] = data.mixture
@@ -149,9 +149,9 @@ def train_stage(run_dir: str | Path, spec: TrainSpec, stage: int, resume: bool =
     fail_at_step = fail_at_step or int(os.environ.get(FAIL_ENV, "0")) or None
     if (out / RESULT_FILE).is_file():  # finished: `--resume` continues only a stage that did not finish
         done = json.loads((out / RESULT_FILE).read_text())
-        if done["lineage"]["train_hash"] != spec.train_hash():
+        if not spec.matches_train_hash(done["lineage"]["train_hash"], stage):
             raise TrainError(f"{out} was trained with another train: section (hash {done['lineage']['train_hash']}, "
-                             f"this one {spec.train_hash()}); delete {out} to retrain it")
+                             f"this one {spec.train_hash(stage)}); delete {out} to retrain it")
         log.info("stage %d already trained (%s); delete it to retrain", stage, out / RESULT_FILE)
         return done
     checkpoints = out / CHECKPOINTS_DIR

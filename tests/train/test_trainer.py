@@ -63,7 +63,7 @@ def test_training_runs_and_loss_goes_down(reference, tiny_vlm_parts):
     lineage = result["lineage"]
     assert lineage["spec_hash"] == "feedc0de" and lineage["samples"]["train"] == 32 and lineage["stage"] == 2
     assert len(lineage["data_version"]) == 16
-    assert lineage["train_hash"] == _spec(tiny_vlm_parts).train_hash()
+    assert lineage["train_hash"] == _spec(tiny_vlm_parts).train_hash(2)
     final = stage_dir(run, 2) / "final"
     assert json.loads((final / "dataengine_lineage.json").read_text())["step"] == 3
 
@@ -147,6 +147,9 @@ def test_a_train_section_runs_after_the_data_stages_and_a_stopped_stage_resumes(
     assert "<h3>stage1" in (run / "report.html").read_text()  # `dataengine train` rewrote the report with it
     with pytest.raises(TrainError, match="trained with another train: section"):
         train_stage(run, edited.train, 1)
+    # stage 2's settings, and which stages run, decide nothing of stage 1: it is still done
+    more = spec.train.model_copy(update={"stages": [1, 2], "stage2": spec.train.stage2.model_copy(update={"lr": 1e-3})})
+    assert train_stage(run, more, 1) == trained
 
 
 def test_stage2_under_more_seeds_from_a_given_stage1_model(reference, tiny_vlm_parts, tmp_path):
