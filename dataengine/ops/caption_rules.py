@@ -30,7 +30,9 @@ DEFAULT_BOILERPLATE = (
 _FILENAME = re.compile(r"^\s*[\w\-. ()]+\.(jpe?g|png|gif|webp|bmp|tiff?|heic|avif)\s*$", re.IGNORECASE)
 _CAMERA_NAME = re.compile(r"^\s*(img|dsc|dscn|dcim|pxl|gopr|mvimg|p)[_\-]?\d{3,}\b", re.IGNORECASE)
 _URL = re.compile(r"(https?://|www\.)\S+|\b\S+\.(com|net|org|io)\b", re.IGNORECASE)
-_LETTER_WORD = re.compile(r"[^\W\d_]{2,}")
+#: words the vocabulary rule judges: Latin letters only (CJK scripts are one piece per character in any
+#: vocabulary, so a Chinese caption would look like random letters)
+_LETTER_WORD = re.compile(r"[A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f]{2,}")
 
 
 class CaptionRulesConfig(OpConfig):
@@ -52,7 +54,7 @@ class CaptionRulesConfig(OpConfig):
         "A tokenizer (hub id such as `bert-base-uncased`, a local directory, or a model source) whose subword "
         "vocabulary judges the words; null switches the `random_words` rule off."))
     min_chars_per_piece: float = Field(default=2.0, gt=0, description=(
-        "`random_words`: letters per subword piece over a caption's words of 2+ letters. Measured with BERT's "
+        "`random_words`: letters per subword piece over a caption's Latin-script words of 2+ letters. Measured with BERT's "
         "uncased WordPiece: 98% of random lowercase words fall below 2.0 (median 1.5); English captions with "
         "rare names 2.3-3.9, the demo's true captions 2.2 and up. English-centric: French and German captions "
         "sit near 2.1, Polish and Turkish near 1.9; use a multilingual vocabulary or switch it off for those."))
@@ -115,9 +117,9 @@ class CaptionRulesFilter(Op[CaptionRulesConfig]):
         return None
 
     def chars_per_piece(self, captions: list[str | None]) -> list[float]:
-        """Per caption, letters per subword piece over its words of two or more letters (inf without such
-        words). The words are joined by spaces and the batch encoded at once by the fast tokenizer's backend
-        (one call per word took 6x as long as the rest of the rules together)."""
+        """Per caption, letters per subword piece over its Latin-script words of two or more letters (inf
+        without such words). The words are joined by spaces and the batch encoded at once by the fast
+        tokenizer's backend (a call per word made the op 4x slower: 100k captions in 10.5 s, not 2.8 s)."""
         words = [_LETTER_WORD.findall(c) if c else [] for c in captions]
         joined = [" ".join(ws) for ws in words]
         todo = [i for i, text in enumerate(joined) if text]

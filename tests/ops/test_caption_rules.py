@@ -70,7 +70,8 @@ def test_random_words_are_rejected_with_a_vocabulary_and_pass_without(with_vocab
 
 @pytest.mark.parametrize("caption", [
     "Szechuan peppercorns in a bowl", "a yak in Kyrgyzstan", "Llanfairpwllgwyngyll railway station sign",
-    "Chihuahua in a tutu", "Quinoa salad with avocado and feta", "DJI Mavic Pro quadcopter", "a cyan hexagon"])
+    "Chihuahua in a tutu", "Quinoa salad with avocado and feta", "DJI Mavic Pro quadcopter", "a cyan hexagon",
+    "Dürer woodcut of a rhinoceros"])
 def test_real_captions_with_rare_words_pass_the_vocabulary_rule(with_vocabulary, caption):
     assert with_vocabulary.broken_rule(caption) is None
 
@@ -83,6 +84,8 @@ def test_the_batch_tokenized_at_once_gives_each_captions_own_verdict(with_vocabu
     assert reasons[2] == "caption_rule:random_words"
     ratios = with_vocabulary.chars_per_piece(captions)
     assert ratios[0] > 3 and ratios[1] == ratios[3] == float("inf")  # no words of 2+ letters: no verdict
+    # CJK scripts split into one piece per character in any vocabulary: the rule judges Latin words only
+    assert with_vocabulary.chars_per_piece(["一只猫坐在窗台上晒太阳", "窓辺の猫 Neko"]) == [float("inf"), 2.0]
 
 
 def test_a_vocabulary_that_does_not_exist_is_named(tmp_path):
