@@ -25,6 +25,7 @@ from _record import report  # noqa: E402  (bench/ is on sys.path when run as a s
 from dataengine.analysis.query import scan
 from dataengine.core import columns as C
 from dataengine.ops.clip_score import ClipScoreConfig, ClipScoreFilter
+from dataengine.testbed.synthweb import build as T
 from dataengine.testbed.synthweb import models as M
 
 BEFORE_CLIP = ("download", "caption_rules_filter", "perplexity_filter")
@@ -38,8 +39,8 @@ def rows_reaching_clip(run: Path) -> pl.DataFrame:
     rows = pl.concat([frames["dataset"].select(*columns, stage=pl.lit(None, pl.String)).collect(),
                       frames["rejected"].select(*columns, stage=pl.col(C.REJECT_STAGE)).collect()])
     rows = rows.filter(pl.col("stage").is_null() | ~pl.col("stage").is_in(BEFORE_CLIP))
-    truth = pl.read_parquet(run.with_name(run.name + "-web") / "truth.parquet").select("id", "caption_noise")
-    return rows.join(truth, left_on=C.SOURCE_ID, right_on="id")
+    truth = pl.read_parquet(run.with_name(run.name + "-web") / T.TRUTH_FILE).select(T.ID, T.CAPTION_NOISE)
+    return rows.join(truth, left_on=C.SOURCE_ID, right_on=T.ID)
 
 
 def main() -> None:
@@ -63,7 +64,7 @@ def main() -> None:
         scored = op.process(pa.table({C.UID: [str(i) for i in range(rows.height)], C.IMAGE: rows[C.IMAGE].to_arrow(),
                                       C.CAPTION: rows[C.CAPTION].to_arrow()}))
     score = np.asarray(scored.column(C.CLIP_SCORE).to_pylist(), dtype=np.float64)
-    mismatched = (rows["caption_noise"] == "mismatched").to_numpy()
+    mismatched = (rows[T.CAPTION_NOISE] == "mismatched").to_numpy()
     changed = {k: v for k, v in recipe.items() if M.DEMO_RECIPE.get(k) != v}
     lines = [f"CLIP {trained} (recipe v{recipe['version']}, overrides {changed or 'none'}); {rows.height} rows reach CLIP, "
              f"{int(mismatched.sum())} mismatched", f"{'min_score':>9} {'rejected':>8} {'precision':>9} {'recall':>6}"]

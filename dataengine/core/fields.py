@@ -7,6 +7,8 @@ LLM backends and the trainer's config all mark fields this way; the spec hashes 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from pydantic import BaseModel
@@ -26,3 +28,8 @@ def decisive(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): decisive(v) for k, v in value.items()}
     return to_jsonable_python(value)
+
+
+def payload_hash(payload: Any) -> str:
+    """16 hex digits of SHA-256 over `payload` as sorted-key JSON: the spec's and the trainer's hashes."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -11,7 +11,6 @@ Examples:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Union
@@ -19,7 +18,7 @@ from typing import Annotated, Any, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dataengine.core.fields import decisive
+from dataengine.core.fields import decisive, payload_hash
 from dataengine.core.layout import MANIFEST
 from dataengine.core.schemas import SCHEMA_DIR
 from dataengine.io.inputs import InputSpec
@@ -97,7 +96,7 @@ class PipelineSpec(_Strict):
         payload = decisive(self)
         payload.pop("output", None)
         payload.pop("train", None)  # training reads the data; it does not change it
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return payload_hash(payload)
 
 
 def missing_requirements(spec: PipelineSpec) -> list[str]:

@@ -119,7 +119,7 @@ class CaptionRulesFilter(Op[CaptionRulesConfig]):
     def chars_per_piece(self, captions: list[str | None]) -> list[float]:
         """Per caption, letters per subword piece over its Latin-script words of two or more letters (inf
         without such words). The words are joined by spaces and the batch encoded at once by the fast
-        tokenizer's backend (a call per word made the op 4x slower: 100k captions in 10.5 s, not 2.8 s)."""
+        tokenizer's backend (each word encoded as a sequence of its own: 100k captions in 10.5 s, not 2.8 s)."""
         words = [_LETTER_WORD.findall(c) if c else [] for c in captions]
         joined = [" ".join(ws) for ws in words]
         todo = [i for i, text in enumerate(joined) if text]

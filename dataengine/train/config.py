@@ -8,13 +8,11 @@ cosine schedule with 3% warmup, no weight decay, 2048 tokens. Every value can be
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from dataengine.core.fields import OPERATIONAL, decisive
+from dataengine.core.fields import OPERATIONAL, decisive, payload_hash
 from dataengine.core.plugins import BENCHMARKS, registered
 
 Projector = Literal["linear", "mlp2x_gelu"]
@@ -180,10 +178,9 @@ class TrainSpec(_Strict):
         if stage == 1:
             for name in ("stage2", "stage2_init"):
                 fields.pop(name)
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+        return payload_hash(fields)
 
     def matches_train_hash(self, recorded: str, stage: int) -> bool:
         """Whether a trained stage's recorded hash is this section's: its stage hash, or the whole section's
         hash that results written before stage hashes existed record (a rerun of the same spec resumes)."""
-        whole = hashlib.sha256(json.dumps(decisive(self), sort_keys=True).encode()).hexdigest()[:16]
-        return recorded in (self.train_hash(stage), whole)
+        return recorded in (self.train_hash(stage), payload_hash(decisive(self)))
