@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,9 @@ from dataengine.core import columns as C
 from dataengine.core import raytools
 from dataengine.core.layout import EXPORT_DIR, INIT_DIR, LOG_FILE, MANIFEST, RESULT_FILE, stage_dir
 from dataengine.core.progress import note
-from dataengine.engine.runner import RunError, format_summary, run_pipeline
+from dataengine.engine.runner import RunError, RunResult, format_summary, run_pipeline
 from dataengine.engine.spec import PipelineSpec, load_spec
-from dataengine.eval.train_then_eval import train_stage2_together
+from dataengine.eval.train_then_eval import train_run, train_stage2_together
 from dataengine.io.export import EXPORT_MANIFEST
 from dataengine.testbed.data_comparison import compare, format_training, training_rows, unfiltered_spec
 from dataengine.testbed.synthweb import SynthWebServer, build_synthweb, write_url_list
@@ -203,6 +204,38 @@ def fresh_run_dir(spec_path: Path, output: str | None = None) -> Path:
     return run_dir
 
 
+def _train_and_compare(result: RunResult, spec: PipelineSpec) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Train the curated run (`result`) and, when the spec trains stage 2, the unfiltered baseline's stage 2
+    beside it; return the untrained model's benchmark and the baseline's results (None without stage 2).
+
+    The baseline's data (its download and instruction writing, mostly waiting on the web and the LLM)
+    is made while the curated stage 1 trains, since it does not depend on it; stage 2 of both sides is
+    trained at the end, all seeds at once (`train_stage2_together`)."""
+    assert spec.train is not None
+    run_dir = result.run_dir.resolve()
+    baseline_data = unfiltered_spec(spec, run_dir, None) if 2 in spec.train.stages else None
+    with ThreadPoolExecutor(1, thread_name_prefix="baseline") as pool:
+        baseline_run = None
+        if baseline_data is not None:
+            note("the same input unfiltered, for comparison, while stage 1 trains: %s ...", baseline_data.output)
+            shutil.rmtree(baseline_data.output, ignore_errors=True)
+            baseline_run = pool.submit(run_pipeline, baseline_data)
+        first = [stage for stage in spec.train.stages if stage != 2]
+        result.manifest["train"] = train_run(run_dir, spec.train, stages=first) if first else {}
+        before = _benchmark_before_training(run_dir, spec)
+        if baseline_run is not None:
+            baseline_run.result()
+    if baseline_data is None:
+        return before, None
+    rows = json.loads((stage_dir(run_dir, 1) / RESULT_FILE).read_text())["lineage"]["samples"]["train"]
+    baseline = unfiltered_spec(spec, run_dir, rows)
+    note("stage 2 on each side (unfiltered: %d rows, as many as curated) under %d seeds, trained at once ...",
+         rows, 1 + len(spec.train.stage2_seeds))
+    curated_stage2, unfiltered = train_stage2_together([(run_dir, spec.train), (Path(baseline.output), baseline.train)])
+    result.manifest["train"].update(curated_stage2)
+    return before, unfiltered
+
+
 def run_demo(n: int = 1000, seed: int = 0, spec_path: Path = Path("pipelines/demo.yaml"), output: str | None = None,
              train: bool = True) -> str:
     """Build and serve the synthetic web, run the demo spec into `output` (see `fresh_run_dir`), score it;
@@ -227,23 +260,10 @@ def run_demo(n: int = 1000, seed: int = 0, spec_path: Path = Path("pipelines/dem
         if urls.resolve() != input_path.resolve():
             shutil.copyfile(urls, input_path)
         note("serving it at %s; running %s ...", server.base_url, spec_path)
-        # stage 2 of both sides is trained at the end, all seeds at once (train_stage2_together)
-        first = spec.model_copy(update={"train": spec.train.model_copy(update={"stages": [1]})}) \
-            if spec.train is not None and 2 in spec.train.stages else spec
-        result = run_pipeline(first, output=run_dir)
+        result = run_pipeline(spec.model_copy(update={"train": None}), output=run_dir)
         unfiltered = before = None
         if spec.train is not None:
-            before = _benchmark_before_training(result.run_dir, spec)
-            rows = json.loads((stage_dir(run_dir, 1) / RESULT_FILE).read_text())["lineage"]["samples"]["train"]
-            baseline = unfiltered_spec(spec, run_dir.resolve(), rows)
-            note("the same %d rows' worth of unfiltered data for comparison: %s ...", rows, baseline.output)
-            shutil.rmtree(baseline.output, ignore_errors=True)
-            run_pipeline(baseline.model_copy(update={"train": None}))
-            if 2 in spec.train.stages:
-                note("stage 2 on each side under %d seeds, trained at once ...", 1 + len(spec.train.stage2_seeds))
-                curated_stage2, unfiltered = train_stage2_together(
-                    [(result.run_dir.resolve(), spec.train), (Path(baseline.output), baseline.train)])
-                result.manifest["train"].update(curated_stage2)
+            before, unfiltered = _train_and_compare(result, spec)
     truth = pl.read_parquet(web_dir / T.TRUTH_FILE)
     scores = score_stages(result.run_dir, truth, result.manifest["stage_names"])
     capfilt = capfilt_report(result.run_dir, truth, result.manifest["stage_names"])

@@ -1,0 +1,31 @@
+"""The demo's unfiltered baseline: the same input through the downloader and the instruction writer only."""
+
+from pathlib import Path
+
+from dataengine.core.layout import FINAL_DIR, stage_dir
+from dataengine.engine.spec import load_spec
+from dataengine.testbed.data_comparison import UNFILTERED_STAGES, unfiltered_spec
+from tests.conftest import REPO
+
+
+def test_the_baseline_keeps_only_the_unfiltered_stages_and_trains_stage_2_on_as_many_rows(tmp_path):
+    spec = load_spec(REPO / "pipelines" / "demo.yaml")
+    run_dir = tmp_path / "runs" / "demo"
+    baseline = unfiltered_spec(spec, run_dir, 627)
+    assert [s.op for s in baseline.stages] == [s.op for s in spec.stages if s.op in UNFILTERED_STAGES]
+    assert [s.op for s in baseline.stages] == ["download", "llava_synthesis_mapper"]
+    assert Path(baseline.output) == tmp_path / "runs" / "demo-unfiltered"
+    assert baseline.train.max_samples == 627 and baseline.train.stages == [2]
+    assert baseline.train.stage2_init == str(stage_dir(run_dir, 1) / FINAL_DIR)
+    assert baseline.train.stage2 == spec.train.stage2 and baseline.train.stage2_seeds == spec.train.stage2_seeds
+
+
+def test_the_baselines_data_can_run_before_the_curated_stage_1_says_how_many_rows(tmp_path):
+    """The demo makes the baseline's data while the curated stage 1 trains, then trains its stage 2 in
+    the same directory: the data part must be the very run the trained spec later finds there."""
+    spec = load_spec(REPO / "pipelines" / "demo.yaml")
+    run_dir = tmp_path / "runs" / "demo"
+    data_only, trained = unfiltered_spec(spec, run_dir, None), unfiltered_spec(spec, run_dir, 627)
+    assert data_only.train is None and trained.train is not None
+    assert data_only.output == trained.output and data_only.stages == trained.stages
+    assert data_only.spec_hash() == trained.spec_hash()
