@@ -1,4 +1,5 @@
-"""What the demo's BLIP captioner and ITM filter learned, on held-out clean scenes of the synthetic web.
+"""What the demo's BLIP captioner and ITM filter learned, on held-out clean scenes of the synthetic web
+(drawn in the web's shapes and squashed square, as the demo's downloads reach the models).
 
 CapFilt on the demo can only be as good as these two tiny models. For each kind of one-edit hard
 negative (colour, shape, count, binding, size, place, background: `blip_models.hard_negative`'s edits)
@@ -19,7 +20,7 @@ import numpy as np
 from _record import report  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from dataengine.testbed.synthweb import blip_models as B
-from dataengine.testbed.synthweb.models import _clean_pairs, ensure_demo_models
+from dataengine.testbed.synthweb.models import _web_like_pairs, ensure_demo_models
 
 HELD_OUT_SEED = 987654  # never a training seed
 
@@ -38,7 +39,7 @@ def main() -> None:
     else:
         paths = ensure_demo_models(vlm=False)
         captioner_dir, itm_dir = paths["blip-captioner"], paths["blip-itm"]
-    images, captions = _clean_pairs(args.n, 256, HELD_OUT_SEED)
+    images, captions = _web_like_pairs(args.n, 128, HELD_OUT_SEED)  # web-shaped, squashed as the processor does
     processor = BlipProcessor.from_pretrained(str(itm_dir))
     itm = BlipForImageTextRetrieval.from_pretrained(str(itm_dir)).eval()
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]

@@ -22,7 +22,7 @@ from dataengine.testbed.synthweb.blip_models import (
     train_demo_blip_captioner,
     train_demo_blip_itm,
 )
-from dataengine.testbed.synthweb.models import _clean_pairs
+from dataengine.testbed.synthweb.models import _clean_pairs, _web_like_pairs
 
 CAPTION = "a photo of two red circles and a cyan hexagon on a light grey background"
 
@@ -148,10 +148,10 @@ def test_hard_negatives_are_false_and_close():
 
 
 def _quality(captioner, itm, n=100):
-    """Held-out clean pairs (another seed): captioner colour / (colour, shape) accuracy, ITM accept rates."""
+    """Held-out clean pairs drawn as the web draws them (another seed): captioner colour / (colour, shape) accuracy, ITM accept rates."""
     from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
 
-    ims, caps = _clean_pairs(n, 64, seed=99)
+    ims, caps = _web_like_pairs(n, 64, seed=99)  # as the demo's downloads reach the models
     truth = [colour_shape_pairs(c) for c in caps]
     cap_model = BlipForConditionalGeneration.from_pretrained(captioner).eval()
     processor = BlipProcessor.from_pretrained(captioner)
@@ -177,7 +177,7 @@ def _quality(captioner, itm, n=100):
 
 
 def _train(root, recipe):
-    ims, caps = _clean_pairs(recipe["pairs"], recipe["image_size"], recipe["seed"])
+    ims, caps = _web_like_pairs(recipe["pairs"], recipe["image_size"], recipe["seed"])
     captioner = train_demo_blip_captioner(root / "cap", ims, caps, recipe)
     itm = train_demo_blip_itm(root / "itm", ims, caps, recipe, init_from=captioner)
     return captioner, itm

@@ -232,8 +232,11 @@ def hard_negative(caption: str, rng: Any) -> str:
 #: Version 2: 16-pixel patches (16 image tokens instead of 64) and 30% hard negatives: 33 s instead of
 #: 57 s; on 100 held-out scenes colours 0.85 (was 0.91), ITM accepts 0.97 of true captions (0.97) and
 #: rejects 0.92 of other scenes' captions (0.93).
+#: Version 3: trained on web-shaped renders squashed square (`models._web_like_pairs`), as the demo's
+#: downloads reach the models, not on square ones: on the demo's 713 true captions that reach CapFilt the
+#: ITM filter rejects 29 at 0.5, not 72 (bench/demo_models.py).
 BLIP_RECIPE: dict[str, Any] = {
-    "version": 2, "pairs": 4000, "image_size": 64, "patch_size": 16, "hidden": 96, "layers": 2, "heads": 4,
+    "version": 3, "pairs": 4000, "image_size": 64, "patch_size": 16, "hidden": 96, "layers": 2, "heads": 4,
     "vocab": "captions", "cap_epochs": 6, "cap_batch": 64, "cap_lr": 2e-3, "cap_prompt_frac": 0.5,
     "itm_epochs": 3, "itm_batch": 64, "itm_lr": 1e-3, "itm_hard_frac": 0.3, "seed": 1234,
 }
