@@ -4,7 +4,7 @@ trainer and the evaluator (the runner's `train:` section and `dataengine train` 
 from __future__ import annotations
 
 import json
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,8 @@ def _seed_specs(spec: TrainSpec) -> list[tuple[int | None, TrainSpec]]:
 def train_stage2_together(jobs: list[tuple[Path, TrainSpec]], resume: bool = False) -> list[dict[str, Any]]:
     """Stage 2 of each (run, train spec) under its `seed` and each of its `stage2_seeds`, trained a few at
     once (one more than the cluster has CPUs: each run's fixed cost, worker processes starting and the
-    model loading, overlaps the others' steps). Each is evaluated as it finishes when the evaluation has no
-    held-out rows (one task), else one at a time at the end (an evaluation's Ray Data tasks need a CPU
-    besides its own task's). Unless a spec sets `cpus_per_worker`, the CPUs are shared
+    model loading, overlaps the others' steps), then evaluated one at a time (an evaluation's Ray Data
+    tasks need a CPU besides its own task's). Unless a spec sets `cpus_per_worker`, the CPUs are shared
     evenly between the runs in flight.
     Returns, per job, its results by name (`stage2`, `stage2-seed<N>`)."""
     from transformers import AutoImageProcessor  # noqa: F401 - resolved here: transformers' lazy imports race in threads
@@ -53,21 +52,10 @@ def train_stage2_together(jobs: list[tuple[Path, TrainSpec]], resume: bool = Fal
     share = max(0.1, max(1.0, cpus - 1) / at_once / max(r[3].workers for r in runs))
     runs = [(i, run_dir, seed, spec if spec.cpus_per_worker else spec.model_copy(update={"cpus_per_worker": share}))
             for i, run_dir, seed, spec in runs]
-
-    def train(run: tuple[int, Path, int | None, TrainSpec]) -> dict[str, Any] | Future[dict[str, Any]]:
-        _, run_dir, seed, spec = run
-        summary = train_stage(run_dir, spec, 2, resume=resume, out=stage_dir(run_dir, 2, seed))
-        if spec.eval.heldout_fraction > 0:  # its Ray Data tasks and the trainers' could wait on each other for CPUs
-            return summary
-        # without held-out rows an evaluation is one task: it runs beside the runs still training, on a
-        # thread of its own, so the next run starts at once
-        return evaluations.submit(_evaluated, run_dir, spec, 2, seed, summary)
-
-    with ThreadPoolExecutor(1, thread_name_prefix="stage2-eval") as evaluations, \
-            ThreadPoolExecutor(at_once, thread_name_prefix="stage2") as pool:
-        trained = [r.result() if isinstance(r, Future) else r for r in pool.map(train, runs)]
+    with ThreadPoolExecutor(at_once, thread_name_prefix="stage2") as pool:
+        summaries = list(pool.map(lambda r: train_stage(r[1], r[3], 2, resume=resume, out=stage_dir(r[1], 2, r[2])), runs))
     results: list[dict[str, Any]] = [{} for _ in jobs]
-    for (i, run_dir, seed, spec), summary in zip(runs, trained):
+    for (i, run_dir, seed, spec), summary in zip(runs, summaries):
         results[i]["stage2" if seed is None else f"stage2-seed{seed}"] = _evaluated(run_dir, spec, 2, seed, summary)
     return results
 

@@ -26,7 +26,7 @@ def unfiltered_spec(spec: PipelineSpec, run_dir: Path, train_rows: int | None) -
     """The same input, downloader and instruction writer without any filter, its stage 2 trained on
     `train_rows` rows from the curated run's stage-1 model (`run_dir`): the baseline the curated data is
     compared with, differing only in the instruction data. `train_rows` None: the data part alone (no
-    `train:`), which can run before the curated stage 1 has said how many rows it trained on."""
+    `train:`), the run whose directory the trained spec's stage 2 then reads."""
     keep = [s for s in spec.stages if s.op in UNFILTERED_STAGES]
     start = stage_dir(run_dir, 1) / FINAL_DIR
     train = spec.train.model_copy(update={"max_samples": train_rows, "stages": [2], "stage2_init": str(start)}) \

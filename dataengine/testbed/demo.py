@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -208,29 +207,23 @@ def _train_and_compare(result: RunResult, spec: PipelineSpec) -> tuple[dict[str,
     """Train the curated run (`result`) and, when the spec trains stage 2, the unfiltered baseline's stage 2
     beside it; return the untrained model's benchmark and the baseline's results (None without stage 2).
 
-    The baseline's data (its download and instruction writing, mostly waiting on the web and the LLM)
-    is made while the curated stage 1 trains, since it does not depend on it; stage 2 of both sides is
-    trained at the end, all seeds at once (`train_stage2_together`)."""
+    The baseline's data is made after the curated stage 1, not while it trains: the two compete for the
+    CPU the trainer's Ray Data feed needs, and on 2 cores that hung once (Ray Data: "Cluster resources are
+    not enough to run any task"). Stage 2 of both sides is trained at the end, all seeds at once
+    (`train_stage2_together`)."""
     assert spec.train is not None
     run_dir = result.run_dir.resolve()
-    baseline_data = unfiltered_spec(spec, run_dir, None) if 2 in spec.train.stages else None
-    with ThreadPoolExecutor(1, thread_name_prefix="baseline") as pool:
-        baseline_run = None
-        if baseline_data is not None:
-            note("the same input unfiltered, for comparison, while stage 1 trains: %s ...", baseline_data.output)
-            shutil.rmtree(baseline_data.output, ignore_errors=True)
-            baseline_run = pool.submit(run_pipeline, baseline_data)
-        first = [stage for stage in spec.train.stages if stage != 2]
-        result.manifest["train"] = train_run(run_dir, spec.train, stages=first) if first else {}
-        before = _benchmark_before_training(run_dir, spec)
-        if baseline_run is not None:
-            baseline_run.result()
-    if baseline_data is None:
+    first = [stage for stage in spec.train.stages if stage != 2]
+    result.manifest["train"] = train_run(run_dir, spec.train, stages=first) if first else {}
+    before = _benchmark_before_training(run_dir, spec)
+    if 2 not in spec.train.stages:
         return before, None
     rows = json.loads((stage_dir(run_dir, 1) / RESULT_FILE).read_text())["lineage"]["samples"]["train"]
     baseline = unfiltered_spec(spec, run_dir, rows)
-    note("stage 2 on each side (unfiltered: %d rows, as many as curated) under %d seeds, trained at once ...",
-         rows, 1 + len(spec.train.stage2_seeds))
+    note("the same %d rows' worth of unfiltered data for comparison: %s ...", rows, baseline.output)
+    shutil.rmtree(baseline.output, ignore_errors=True)
+    run_pipeline(unfiltered_spec(spec, run_dir, None))  # its data; `baseline.train` then trains its stage 2 there
+    note("stage 2 on each side under %d seeds, trained at once ...", 1 + len(spec.train.stage2_seeds))
     curated_stage2, unfiltered = train_stage2_together([(run_dir, spec.train), (Path(baseline.output), baseline.train)])
     result.manifest["train"].update(curated_stage2)
     return before, unfiltered

@@ -20,9 +20,9 @@ def test_the_baseline_keeps_only_the_unfiltered_stages_and_trains_stage_2_on_as_
     assert baseline.train.stage2 == spec.train.stage2 and baseline.train.stage2_seeds == spec.train.stage2_seeds
 
 
-def test_the_baselines_data_can_run_before_the_curated_stage_1_says_how_many_rows(tmp_path):
-    """The demo makes the baseline's data while the curated stage 1 trains, then trains its stage 2 in
-    the same directory: the data part must be the very run the trained spec later finds there."""
+def test_the_baselines_data_part_is_the_run_its_trained_spec_finds(tmp_path):
+    """The demo makes the baseline's data without a `train:` section, then trains its stage 2 in the same
+    directory: the data part must be the very run the trained spec later finds there."""
     spec = load_spec(REPO / "pipelines" / "demo.yaml")
     run_dir = tmp_path / "runs" / "demo"
     data_only, trained = unfiltered_spec(spec, run_dir, None), unfiltered_spec(spec, run_dir, 627)
