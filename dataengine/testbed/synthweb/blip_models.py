@@ -234,7 +234,7 @@ def hard_negative(caption: str, rng: Any) -> str:
 #: rejects 0.92 of other scenes' captions (0.93).
 #: Version 3: trained on web-shaped renders squashed square (`models._web_like_pairs`), as the demo's
 #: downloads reach the models, not on square ones: on the demo's 713 true captions that reach CapFilt the
-#: ITM filter rejects 29 at 0.5, not 72 (bench/demo_models.py).
+#: ITM filter rejects 29 at 0.5, not 72 (`make demo`'s CapFilt report; held-out figures: bench/demo_models.py).
 BLIP_RECIPE: dict[str, Any] = {
     "version": 3, "pairs": 4000, "image_size": 64, "patch_size": 16, "hidden": 96, "layers": 2, "heads": 4,
     "vocab": "captions", "cap_epochs": 6, "cap_batch": 64, "cap_lr": 2e-3, "cap_prompt_frac": 0.5,
