@@ -22,15 +22,14 @@ _T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31,
 UNFILTERED_STAGES = ("download", "llava_synthesis_mapper")
 
 
-def unfiltered_spec(spec: PipelineSpec, run_dir: Path, train_rows: int | None) -> PipelineSpec:
+def unfiltered_spec(spec: PipelineSpec, run_dir: Path, train_rows: int) -> PipelineSpec:
     """The same input, downloader and instruction writer without any filter, its stage 2 trained on
     `train_rows` rows from the curated run's stage-1 model (`run_dir`): the baseline the curated data is
-    compared with, differing only in the instruction data. `train_rows` None: the data part alone (no
-    `train:`), the run whose directory the trained spec's stage 2 then reads."""
+    compared with, differing only in the instruction data."""
     keep = [s for s in spec.stages if s.op in UNFILTERED_STAGES]
     start = stage_dir(run_dir, 1) / FINAL_DIR
     train = spec.train.model_copy(update={"max_samples": train_rows, "stages": [2], "stage2_init": str(start)}) \
-        if spec.train and train_rows is not None else None
+        if spec.train else None
     return spec.model_copy(update={"name": spec.name + "-unfiltered", "stages": keep, "train": train,
                                    "output": str(run_dir.with_name(run_dir.name + "-unfiltered"))})
 

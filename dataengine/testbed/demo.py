@@ -222,7 +222,7 @@ def _train_and_compare(result: RunResult, spec: PipelineSpec) -> tuple[dict[str,
     baseline = unfiltered_spec(spec, run_dir, rows)
     note("the same %d rows' worth of unfiltered data for comparison: %s ...", rows, baseline.output)
     shutil.rmtree(baseline.output, ignore_errors=True)
-    run_pipeline(unfiltered_spec(spec, run_dir, None))  # its data; `baseline.train` then trains its stage 2 there
+    run_pipeline(baseline.model_copy(update={"train": None}))  # its data; `baseline.train` trains its stage 2 there
     note("stage 2 on each side under %d seeds, trained at once ...", 1 + len(spec.train.stage2_seeds))
     curated_stage2, unfiltered = train_stage2_together([(run_dir, spec.train), (Path(baseline.output), baseline.train)])
     result.manifest["train"].update(curated_stage2)
