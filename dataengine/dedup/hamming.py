@@ -6,6 +6,10 @@ bucketing, candidates are the pairs inside a bucket, and each candidate is check
 distance. The answer is exactly the all-pairs search's, at the cost of the candidates instead of n^2
 (Norouzi et al., "Fast Search in Hamming Space with Multi-Index Hashing", CVPR 2012). With many bits
 allowed to differ the bands get too narrow to separate anything; then the all-pairs search is used.
+
+A code may carry a colour layout after its `hash_bytes` hash bytes (`descriptors.colour_layout`); with
+a `colour_tolerance`, a pair is near only if also every one of those bytes differs by at most that much.
+The bands are cut from the hash bytes alone, so the candidates, and the guarantee, are unchanged.
 """
 
 from __future__ import annotations
@@ -41,6 +45,22 @@ def bucket_pairs(keys: np.ndarray) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros((0, 2), dtype=np.int64)
 
 
+def within(codes: np.ndarray, pairs: np.ndarray, max_distance: float, hash_bytes: int | None = None,
+           colour_tolerance: int | None = None) -> np.ndarray:
+    """Which `pairs` are near: at most `max_distance` differing bits in the first `hash_bytes` bytes of
+    their codes (all of them by default) and, with `colour_tolerance`, no byte after those further apart
+    than it."""
+    hash_bytes = hash_bytes or codes.shape[1]
+    near = distances(codes[:, :hash_bytes], pairs) <= max_distance
+    if colour_tolerance is not None and codes.shape[1] > hash_bytes:
+        hits = np.flatnonzero(near)
+        for k in range(0, len(hits), 1 << 16):  # a chunk of pairs' colours at a time: 2 x 65536 x 192 x 2 bytes
+            p = pairs[hits[k:k + (1 << 16)]]
+            gap = np.abs(codes[p[:, 0], hash_bytes:].astype(np.int16) - codes[p[:, 1], hash_bytes:]).max(axis=1)
+            near[hits[k:k + (1 << 16)]] = gap <= colour_tolerance
+    return near
+
+
 def distances(codes: np.ndarray, pairs: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
     """Hamming distance of each pair of codes (uint8 rows)."""
     out = np.empty(len(pairs), dtype=np.int32)
@@ -50,10 +70,12 @@ def distances(codes: np.ndarray, pairs: np.ndarray, chunk: int = 1 << 20) -> np.
     return out
 
 
-def near_pairs(codes: np.ndarray, max_distance: int) -> np.ndarray:
-    """All pairs (i < j) of codes within `max_distance` bits, sorted; the same as comparing every pair."""
+def near_pairs(codes: np.ndarray, max_distance: int, hash_bytes: int | None = None,
+               colour_tolerance: int | None = None) -> np.ndarray:
+    """All pairs (i < j) of codes within `max_distance` bits (and `colour_tolerance`: see `within`),
+    sorted; the same as comparing every pair."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
-    n, width = codes.shape[0], codes.shape[1] * 8
+    n, width = codes.shape[0], (hash_bytes or codes.shape[1]) * 8
     if n < 2:
         return np.zeros((0, 2), dtype=np.int64)
     bands = max(max_distance + 1, -(-width // 64))  # more bands than r + 1 keep the guarantee; keys fit 64 bits
@@ -61,9 +83,9 @@ def near_pairs(codes: np.ndarray, max_distance: int) -> np.ndarray:
         i, j = np.triu_indices(n, k=1)
         candidates = np.stack([i, j], axis=1)
     else:
-        bits = np.unpackbits(codes, axis=1)
+        bits = np.unpackbits(codes[:, :width // 8], axis=1)
         found = [bucket_pairs(keys) for keys in band_keys(bits, bands)]
         candidates = np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), dtype=np.int64)
     if not len(candidates):
         return np.zeros((0, 2), dtype=np.int64)
-    return candidates[distances(codes, candidates) <= max_distance].astype(np.int64)
+    return candidates[within(codes, candidates, max_distance, hash_bytes, colour_tolerance)].astype(np.int64)

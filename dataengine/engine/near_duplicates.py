@@ -31,7 +31,7 @@ from dataengine.core import columns as C
 from dataengine.core import raytools
 from dataengine.core.atomic import write_parquet_atomic
 from dataengine.dedup.descriptors import descriptor_matrix
-from dataengine.dedup.hamming import MIN_BAND_BITS, band_keys, bucket_pairs, distances
+from dataengine.dedup.hamming import MIN_BAND_BITS, band_keys, bucket_pairs, within
 from dataengine.dedup.index import (
     assign_partitions,
     greedy_keep,
@@ -91,7 +91,7 @@ def decide(spec: NearDuplicates, files: list[str], out_dir: Path) -> dict[str, A
 def _bands(spec: NearDuplicates, width: int) -> int | None:
     """Multi-index hashing's band count for codes of `width` bytes; None where the bands would be too
     narrow to separate anything (then one task compares all pairs)."""
-    bits = width * 8
+    bits = (spec.hash_bytes or width) * 8
     bands = max(int(spec.threshold) + 1, -(-bits // 64))
     return bands if bits // bands >= MIN_BAND_BITS else None
 
@@ -173,7 +173,8 @@ def _place(spec: NearDuplicates, files: list[str], base: int, chunk: int, work: 
         extra = {"partition": keys, "home": np.arange(len(index)) < len(home)}
         bucket = keys % buckets
     else:
-        bands = band_keys(np.unpackbits(data, axis=1), _bands(spec, data.shape[1]) or 1)
+        hashed = data[:, :spec.hash_bytes or data.shape[1]]  # a colour layout after the hash takes no part in banding
+        bands = band_keys(np.unpackbits(hashed, axis=1), _bands(spec, data.shape[1]) or 1)
         index = np.tile(np.arange(len(data)), len(bands))
         band = np.repeat(np.arange(len(bands), dtype=np.int64), len(data))
         keys = np.concatenate(bands) if bands else np.zeros(0, np.uint64)
@@ -223,7 +224,7 @@ def _search(spec: NearDuplicates, work: str, bucket: int) -> int:
                 pairs = members[bucket_pairs(key[members])]
                 candidates += len(pairs)
                 if len(pairs):
-                    found.append(pairs[distances(codes, pairs) <= spec.threshold])
+                    found.append(pairs[within(codes, pairs, spec.threshold, spec.hash_bytes, spec.colour_tolerance)])
         local = np.concatenate(found) if found else np.zeros((0, 2), np.int64)
         rows = table.column("row").to_numpy()
         glob = np.sort(rows[local], axis=1)

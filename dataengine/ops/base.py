@@ -206,7 +206,8 @@ class Quantile:
 @dataclass(frozen=True)
 class NearDuplicates:
     """Group rows whose descriptors in `column` are near (cosine >= `threshold`, or at most `threshold`
-    differing bits for binary codes); keep one per group, the highest `priority` first, ties by smaller
+    differing bits for binary codes, and colours within `colour_tolerance` where the codes carry a colour
+    layout after `hash_bytes`); keep one per group, the highest `priority` first, ties by smaller
     uid; reject the others as `duplicate_of:<kept uid>`. `screen(uids, descriptors)` rejects rows before
     grouping (uid -> reason: copies of a benchmark) and must be picklable (tasks call it)."""
 
@@ -218,6 +219,8 @@ class NearDuplicates:
     partitions: int | None = None
     assign: int = 8
     screen: Callable[[list[str], np.ndarray], dict[str, str]] | None = None
+    hash_bytes: int | None = None  # binary codes: the bytes Hamming distance counts (the rest: a colour layout)
+    colour_tolerance: int | None = None  # binary codes: the most any colour-layout byte may differ (`dedup.hamming.within`)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Descriptors: pHash invariances and SSCD TorchScript embeddings."""
+"""Descriptors: pHash invariances, the colour layout beside it, and SSCD TorchScript embeddings."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataengine.dedup.descriptors import SscdModel, decode_rgb, hamming, phash
+from dataengine.dedup.descriptors import SscdModel, colour_layout, decode_rgb, hamming, phash
 from dataengine.testbed.synthweb.models import build_tiny_sscd
 from tests.conftest import encode_jpeg
 
@@ -29,6 +29,29 @@ def test_phash_is_flip_invariant_and_robust_to_resize_and_reencode(hash_size):
     assert _bits(h, phash(small, hash_size)) <= hash_size**2 // 16
     other = np.roll(base, 60, axis=0)
     assert _bits(h, phash(other, hash_size)) > hash_size**2 // 8
+
+
+def _scene(star_colour):
+    """A flat scene with one small star-sized patch: what pHash, being greyscale, barely tells apart."""
+    scene = np.full((144, 256, 3), (235, 235, 230), np.uint8)
+    scene[20:40, 200:220] = star_colour
+    return scene
+
+
+def test_colour_layout_keeps_copies_close_and_tells_recoloured_scenes_apart():
+    blue, pink = _scene((40, 60, 220)), _scene((230, 120, 200))
+    assert _bits(phash(blue), phash(pink)) <= 10  # pHash alone calls them copies
+    layout = np.frombuffer(colour_layout(blue), np.uint8).astype(int)
+    assert layout.shape == (8 * 8 * 3,)
+
+    def gap(other: np.ndarray) -> int:
+        return int(np.abs(layout - np.frombuffer(colour_layout(other), np.uint8)).max())
+
+    assert gap(blue[:, ::-1].copy()) == 0  # mirror-averaged
+    resized = decode_rgb(encode_jpeg(np.asarray(Image.fromarray(blue).resize((160, 90))), quality=25))
+    assert gap(resized) <= 4
+    assert gap(pink) >= 17  # the star's cell: a large change where a whole-image mean moves by ~1
+    assert colour_layout(blue, flip_invariant=False) != colour_layout(blue[:, ::-1].copy(), flip_invariant=False)
 
 
 def test_sscd_torchscript_descriptors(tmp_path):

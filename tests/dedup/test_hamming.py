@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dataengine.dedup.descriptors import hamming
-from dataengine.dedup.hamming import band_keys, bucket_pairs, near_pairs
+from dataengine.dedup.hamming import band_keys, bucket_pairs, near_pairs, within
 
 
 def _codes(n=3000, nbytes=32, copies=200, flips=(0, 12), seed=0):
@@ -48,3 +48,18 @@ def test_bands_are_disjoint_and_bucket_pairs_pairs_equal_keys():
     keys = band_keys(bits, 11)
     assert len(keys) == 11 and all(k.dtype == np.uint64 for k in keys)
     assert sorted(bucket_pairs(np.array([5, 3, 5, 5, 3], dtype=np.uint64)).tolist()) == [[0, 2], [0, 3], [1, 4], [2, 3]]
+
+
+def test_colour_layouts_after_the_hash_veto_pairs_and_leave_the_rest():
+    codes = _codes(n=1500, copies=150)
+    plain = near_pairs(codes, 10)
+    rng = np.random.default_rng(4)
+    colours = rng.integers(0, 240, (len(codes), 12), dtype=np.uint8)
+    for k, (a, b) in enumerate(plain):  # most copies keep their colours (within 2); every tenth is recoloured
+        colours[b] = 255 - colours[a] if k % 10 == 0 else colours[a] + rng.integers(0, 3, 12, dtype=np.uint8)
+    with_colour = np.concatenate([codes, colours], axis=1)
+    assert np.array_equal(near_pairs(with_colour, 10, hash_bytes=32), plain)  # no tolerance: colours ignored
+    found = near_pairs(with_colour, 10, hash_bytes=32, colour_tolerance=4)
+    assert len(plain) > 100 and np.array_equal(found, np.delete(plain, np.arange(0, len(plain), 10), axis=0))
+    assert within(with_colour, plain, 10, 32, 4).sum() == len(found)
+    assert within(with_colour, plain, 10).sum() < len(plain)  # without hash_bytes every byte counts as bits

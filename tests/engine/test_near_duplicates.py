@@ -85,6 +85,24 @@ def test_hash_groups_across_tasks_equal_all_pairs(ray_local, tmp_path, small_tas
     assert len(expected) == 100 and _saved(tmp_path / "decision") == expected
 
 
+def test_hash_groups_with_colour_layouts_across_tasks_equal_one_process(ray_local, tmp_path, small_tasks):
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 256, size=(1200, 32), dtype=np.uint8)
+    colours = rng.integers(0, 190, size=(1200, 192), dtype=np.uint8)
+    for i in range(0, 300, 2):  # a copy 3 bits away; every third one recoloured
+        codes[i + 1] = codes[i]
+        codes[i + 1, 0] ^= 0b111
+        colours[i + 1] = colours[i] + (rng.integers(0, 3, 192) if i % 3 else np.full(192, 60)).astype(np.uint8)
+    files = _write(tmp_path, C.PHASH, pa.array([bytes(c) + bytes(k) for c, k in zip(codes, colours)], pa.binary()),
+                   rng.random(len(codes)).astype(np.float32))
+    config = DedupConfig(descriptor="phash", max_hamming=10, colour_tolerance=8, exact_max_rows=100)
+    decision = near_duplicates.decide(Dedup.near_duplicates(config), files, tmp_path / "decision")
+    assert decision["method"] == "partitioned" and decision["chunks"] > 1 and decision["buckets"] > 1
+    expected = _one_process(files, config)
+    assert len(expected) == 100 and _saved(tmp_path / "decision") == expected  # 150 copies, 50 recoloured
+    assert len(_one_process(files, config.model_copy(update={"colour_tolerance": None}))) == 150
+
+
 def test_at_or_below_exact_max_rows_the_one_task_decides(ray_local, tmp_path):
     files = _write(tmp_path, C.SSCD_EMBEDDING, pa.array(list(_planted_vectors(n=300, copies=5)), pa.list_(pa.float32())),
                    np.zeros(300, np.float32))

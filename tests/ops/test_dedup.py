@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -32,11 +33,43 @@ def test_dedup_op_with_sscd_on_a_batch(tmp_path):
     assert reasons == [None, None, "duplicate_of:u0", None]
 
 
+def _star_scene(colour):
+    scene = np.full((144, 256, 3), (235, 235, 230), np.uint8)
+    scene[20:40, 200:220] = colour
+    return scene
+
+
+def test_colour_tolerance_tells_a_recoloured_scene_from_a_copy(tmp_path):
+    """pHash alone merges a blue star with a pink one in the same place; with colour_tolerance only the
+    real copy (a half-size JPEG q30 mirror) is a duplicate, and only the real copy of a reference contaminates."""
+    blue, pink = _star_scene((40, 60, 220)), _star_scene((230, 120, 200))
+    copy = np.ascontiguousarray(cv2.resize(blue, (128, 72), interpolation=cv2.INTER_AREA)[:, ::-1])
+    green = _star_scene((40, 200, 60))
+    batch = pa.table({C.UID: ["blue", "pink", "copy", "green"],
+                      C.IMAGE: [encode_jpeg(blue, 90), encode_jpeg(pink, 90), encode_jpeg(copy, 30), encode_jpeg(green, 90)]})
+    refs = tmp_path / "benchmark"
+    refs.mkdir()
+    (refs / "green.png").write_bytes(cv2.imencode(".png", cv2.cvtColor(green, cv2.COLOR_RGB2BGR))[1].tobytes())
+
+    def decided(**options):
+        config = DedupConfig(descriptor="phash", against=str(refs), **options)
+        scored = apply_stage(Dedup(config), batch, "dedup", 0)
+        return config, Dedup.decide(config, scored.select([C.UID, C.PHASH]))["rejected"], scored
+
+    grey = decided()[1]
+    assert grey == dict.fromkeys(["blue", "pink", "copy", "green"], "contaminates:green.png")  # greyscale: one scene
+    config, rejected, scored = decided(colour_tolerance=8)
+    assert rejected == {"copy": "duplicate_of:blue", "green": "contaminates:green.png"}
+    assert {len(code) for code in scored.column(C.PHASH).to_pylist()} == {config.hash_bytes() + 192}
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="needs model"):
         DedupConfig(descriptor="sscd", model=None)
     with pytest.raises(ValueError, match="against needs descriptor sscd or phash"):
         DedupConfig(descriptor="clip", against="/tmp/x")
+    with pytest.raises(ValueError, match="colour_tolerance is for descriptor phash"):
+        DedupConfig(descriptor="sscd", colour_tolerance=8)
 
 
 @pytest.mark.slow
