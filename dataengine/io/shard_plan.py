@@ -51,6 +51,14 @@ log = logging.getLogger(__name__)
 
 INPUT_STAGE = "input"
 SHARD_DIR = "_shards"
+FILE_DIGITS, ROW_DIGITS = 4, 10  # a uid: `<file>-<row in file>`, zero-padded so uid order is input order
+
+
+def row_uid(file_index: int, row: int) -> str:
+    """The uid of one input row (`_uids` writes the same for a run of rows, as an Arrow column)."""
+    return f"{file_index:0{FILE_DIGITS}d}-{row:0{ROW_DIGITS}d}"
+
+
 #: rows a piece task reads at once (a Parquet file's row groups are grouped up to this)
 PIECE_ROWS = 1_000_000
 #: (id, uid) rows per duplicate-id partition
@@ -83,7 +91,7 @@ class Piece:
 
     @property
     def name(self) -> str:
-        return f"{self.file_index:04d}-{self.first_row:010d}"
+        return row_uid(self.file_index, self.first_row)  # its first row's uid
 
 
 def plan_path(run_dir: Path) -> Path:
@@ -255,10 +263,10 @@ def _read_piece(piece: Piece, spec: InputSpec, work: Path, partitions: int) -> i
 
 
 def _uids(file_index: int, first_row: int, rows: int) -> pa.Array:
-    """`<file>-<row in file>`: uid order is input order."""
+    """The uids of `rows` consecutive rows of one input file (`row_uid`'s, as an Arrow column)."""
     return pc.binary_join_element_wise(
-        pa.array([f"{file_index:04d}"] * rows, pa.string()),
-        pc.utf8_lpad(pa.array(np.arange(first_row, first_row + rows)).cast(pa.string()), 10, "0"), "-")
+        pa.array([f"{file_index:0{FILE_DIGITS}d}"] * rows, pa.string()),
+        pc.utf8_lpad(pa.array(np.arange(first_row, first_row + rows)).cast(pa.string()), ROW_DIGITS, "0"), "-")
 
 
 def _with_uids(table: pa.Table, file_index: int, first_row: int) -> pa.Table:
@@ -336,4 +344,4 @@ def _uid_at(piece_range: tuple[str, int, int], k: int) -> str:
     """The uid of row `k` of a (piece name, offset, rows) range."""
     name, offset, _ = piece_range
     file_index, first_row = name.split("-")
-    return f"{file_index}-{int(first_row) + offset + k:010d}"
+    return row_uid(int(file_index), int(first_row) + offset + k)

@@ -179,3 +179,10 @@ def test_a_rewritten_file_is_never_read_from_the_row_group_a_process_kept(tmp_pa
     assert read_parquet_rows(path, spec, 1, 1).column(C.CAPTION).to_pylist() == ["old"]
     pq.write_table(pa.table({"url": ["http://a/0", "http://a/1", "http://a/2"], "caption": ["new"] * 3}), path)
     assert read_parquet_rows(path, spec, 1, 1).column(C.CAPTION).to_pylist() == ["new"]
+
+
+def test_one_uid_format_for_a_row_and_for_a_run_of_rows():
+    row_uid = shard_plan.row_uid
+    assert row_uid(3, 98) == "0003-0000000098"
+    assert shard_plan._uids(3, 98, 4).to_pylist() == [row_uid(3, r) for r in range(98, 102)]
+    assert shard_plan._uid_at((row_uid(3, 90), 8, 4), 2) == row_uid(3, 100)  # a piece from row 90, its range from offset 8
