@@ -22,9 +22,9 @@ import polars as pl
 import pyarrow as pa
 from _record import report  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from dataengine.analysis.query import scan
 from dataengine.core import columns as C
 from dataengine.ops.clip_score import ClipScoreConfig, ClipScoreFilter
+from dataengine.testbed.demo import outcomes
 from dataengine.testbed.synthweb import build as T
 from dataengine.testbed.synthweb import models as M
 
@@ -34,13 +34,9 @@ CUTS = (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 
 def rows_reaching_clip(run: Path) -> pl.DataFrame:
     """The run's rows that no stage before CLIP rejected, with their image, web caption and truth."""
-    frames = scan(run, include_images=True)
-    columns = [C.SOURCE_ID, C.IMAGE, C.CAPTION]
-    rows = pl.concat([frames["dataset"].select(*columns, stage=pl.lit(None, pl.String)).collect(),
-                      frames["rejected"].select(*columns, stage=pl.col(C.REJECT_STAGE)).collect()])
-    rows = rows.filter(pl.col("stage").is_null() | ~pl.col("stage").is_in(BEFORE_CLIP))
-    truth = pl.read_parquet(run.with_name(run.name + "-web") / T.TRUTH_FILE).select(T.ID, T.CAPTION_NOISE)
-    return rows.join(truth, left_on=C.SOURCE_ID, right_on=T.ID)
+    truth = pl.read_parquet(run.with_name(run.name + "-web") / T.TRUTH_FILE)
+    rows = outcomes(run, truth, (C.IMAGE, C.CAPTION), include_images=True)
+    return rows.filter(pl.col("stage").is_null() | ~pl.col("stage").is_in(BEFORE_CLIP))
 
 
 def main() -> None:
@@ -56,8 +52,7 @@ def main() -> None:
         trained = "reused"
         if not clip.exists():
             started = time.perf_counter()
-            images, captions = M._web_like_pairs(recipe["clip_pairs"], recipe["image_size"], recipe["seed"])
-            M.train_demo_clip(clip, images, captions, recipe)
+            M.train_clip_recipe(clip, recipe)
             trained = f"trained in {time.perf_counter() - started:.0f} s"
         rows = rows_reaching_clip(Path(args.run))
         op = ClipScoreFilter(ClipScoreConfig(model=str(clip), pretrained=None, min_score=0.5, device="cpu"))

@@ -63,10 +63,13 @@ def caption_is_right(caption: str | None, objects: list[dict[str, Any]] | None) 
     return caption is not None and colour_shape_pairs(caption) == scene_pairs(objects)
 
 
-def _outcomes(run_dir: Path, truth: pl.DataFrame) -> pl.DataFrame:
-    frames = scan(run_dir, include_images=False)
+def outcomes(run_dir: Path, truth: pl.DataFrame, names: tuple[str, ...] = _OUTCOME_COLUMNS,
+             include_images: bool = False) -> pl.DataFrame:
+    """Every row of a run with its end (`stage`, `reason`: null where kept), the run's `names` columns and
+    its truth (the truth's own caption dropped: the run's is the one seen)."""
+    frames = scan(run_dir, include_images=include_images)
     columns = []
-    for name in _OUTCOME_COLUMNS:  # columns of stages the spec may not have are null
+    for name in names:  # columns of stages the spec may not have are null
         columns.append(pl.col(name) if name in frames["dataset"].collect_schema().names() else pl.lit(None, pl.String).alias(name))
     outcome = pl.concat([
         frames["dataset"].select(C.SOURCE_ID, *columns, stage=pl.lit(None, pl.String), reason=pl.lit(None, pl.String)).collect(),
@@ -79,7 +82,7 @@ def capfilt_report(run_dir: Path, truth: pl.DataFrame, stage_names: list[str]) -
     """What CapFilt did to the web captions it saw, by whether they were mismatched (truth)."""
     if "capfilt_filter" not in stage_names:
         return None
-    joined = _outcomes(run_dir, truth)
+    joined = outcomes(run_dir, truth)
     order = stage_names.index("capfilt_filter")
     reached = joined.filter(pl.col("stage").is_null() | pl.col("stage").is_in(stage_names[order:]))
     report: dict[str, Any] = {}
@@ -115,7 +118,7 @@ def _precision_recall(tp: int, fp: int, fn: int) -> dict[str, Any]:
 
 def score_stages(run_dir: Path, truth: pl.DataFrame, stage_names: list[str]) -> list[dict[str, Any]]:
     """For every stage the truth can judge: precision and recall of its rejections among the rows it saw."""
-    joined = _outcomes(run_dir, truth)
+    joined = outcomes(run_dir, truth)
     order = {name: i for i, name in enumerate(stage_names)}
     joined = joined.with_columns(rejected_at=pl.col("stage").replace_strict(order, default=len(order), return_dtype=pl.Int64))
     scores = []

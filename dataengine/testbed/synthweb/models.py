@@ -329,11 +329,18 @@ def _train_family(root: Path, family: str, force: bool, train: Any) -> None:
         note("demo %s models ready in %s (%.0fs)", family, root, time.perf_counter() - started)
 
 
+def train_clip_recipe(out: Path, recipe: dict[str, Any]) -> list[str]:
+    """The demo CLIP under `recipe` (`DEMO_RECIPE`, or a variant a bench measures) into `out`, from its
+    web-like pairs; returns their captions."""
+    images, captions = _web_like_pairs(recipe["clip_pairs"], recipe["image_size"], recipe["seed"])
+    note("training the demo CLIP on %d clean synthetic pairs ...", len(images))
+    train_demo_clip(out, images, captions, recipe)
+    return captions
+
+
 def _train_core(out: Path) -> None:
     # pair i is drawn from (seed, i) alone: the LM's captions are the first `pairs` of the CLIP's
-    images, captions = _web_like_pairs(DEMO_RECIPE["clip_pairs"], DEMO_RECIPE["image_size"], DEMO_RECIPE["seed"])
-    note("training the demo CLIP on %d clean synthetic pairs ...", len(images))
-    train_demo_clip(out / "clip", images, captions, DEMO_RECIPE)
+    captions = train_clip_recipe(out / "clip", DEMO_RECIPE)
     lm_captions = captions[:DEMO_RECIPE["pairs"]]
     note("training the demo LM on %d true captions ...", len(lm_captions))
     train_demo_lm(out / "lm", lm_captions, DEMO_RECIPE)
