@@ -19,10 +19,8 @@ from dataengine.testbed.synthweb.blip_models import (
     colour_shape_pairs,
     hard_negative,
     tiny_blip_config,
-    train_demo_blip_captioner,
-    train_demo_blip_itm,
 )
-from dataengine.testbed.synthweb.models import _clean_pairs, _web_like_pairs
+from dataengine.testbed.synthweb.models import _clean_pairs, _web_like_pairs, train_blip_recipe
 
 CAPTION = "a photo of two red circles and a cyan hexagon on a light grey background"
 
@@ -176,19 +174,12 @@ def _quality(captioner, itm, n=100):
             "ranked": float(np.mean(probs["true"] > probs["other"]))}
 
 
-def _train(root, recipe):
-    ims, caps = _web_like_pairs(recipe["pairs"], recipe["image_size"], recipe["seed"])
-    captioner = train_demo_blip_captioner(root / "cap", ims, caps, recipe)
-    itm = train_demo_blip_itm(root / "itm", ims, caps, recipe, init_from=captioner)
-    return captioner, itm
-
-
 def test_training_saves_models_the_ops_load(tmp_path):
     """A few steps of both trainers: HF directories with the captions' small vocab, shared by the ITM model."""
     from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
 
     recipe = {**BLIP_RECIPE, "pairs": 256, "cap_epochs": 1, "itm_epochs": 1}
-    captioner, itm = _train(tmp_path, recipe)
+    captioner, itm = train_blip_recipe(tmp_path, recipe)
     cap_model = BlipForConditionalGeneration.from_pretrained(captioner).eval()
     itm_model = BlipForImageTextRetrieval.from_pretrained(itm).eval()
     processor = BlipProcessor.from_pretrained(itm)

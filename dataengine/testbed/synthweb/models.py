@@ -346,18 +346,28 @@ def _train_core(out: Path) -> None:
     train_demo_lm(out / "lm", lm_captions, DEMO_RECIPE)
 
 
-def _train_blip(out: Path) -> None:
-    from dataengine.testbed.synthweb.blip_models import BLIP_RECIPE, train_demo_blip_captioner, train_demo_blip_itm
+def train_blip_recipe(out: Path, recipe: dict[str, Any]) -> tuple[Path, Path]:
+    """The demo's BLIP captioner and ITM filter under `recipe` (`BLIP_RECIPE`, or a variant a test or
+    bench measures) into `out`/blip-captioner and `out`/blip-itm; returns both directories."""
+    from dataengine.testbed.synthweb.blip_models import train_demo_blip_captioner, train_demo_blip_itm
 
     # drawn as the web draws its images and squashed square, as BLIP's processor squashes the demo's
     # downloads: trained on square renders, the ITM filter rejected 10% of the demo's true captions
-    images, captions = _web_like_pairs(BLIP_RECIPE["pairs"], BLIP_RECIPE["image_size"], BLIP_RECIPE["seed"])
+    images, captions = _web_like_pairs(recipe["pairs"], recipe["image_size"], recipe["seed"])
     note("training the demo BLIP captioner on %d clean synthetic pairs ...", len(images))
-    train_demo_blip_captioner(out / "blip-captioner", images, captions, BLIP_RECIPE)
+    captioner = out / "blip-captioner"
+    train_demo_blip_captioner(captioner, images, captions, recipe)
     note("training the demo BLIP ITM filter (a separate model) ...")
     # BLIP starts captioner and filter from one pre-trained model, then fine-tunes them apart: the ITM
     # filter here starts from the captioner's weights and is trained on its own objective
-    train_demo_blip_itm(out / "blip-itm", images, captions, BLIP_RECIPE, init_from=out / "blip-captioner")
+    train_demo_blip_itm(out / "blip-itm", images, captions, recipe, init_from=captioner)
+    return captioner, out / "blip-itm"
+
+
+def _train_blip(out: Path) -> None:
+    from dataengine.testbed.synthweb.blip_models import BLIP_RECIPE
+
+    train_blip_recipe(out, BLIP_RECIPE)
 
 
 def _train_vlm(out: Path) -> None:
