@@ -122,6 +122,33 @@ def test_watch_steps_reports_each_new_step_of_a_metrics_file_and_the_last_as_don
     assert final.step_seconds == pytest.approx(0.3) and final.describe().startswith("train stage 2: step 3/3, loss 0.000, done")
 
 
+def test_watch_steps_warns_when_no_step_comes(tmp_path):
+    """A training that makes no step (its data feed starved, say) is said on the console, again after each
+    further stall period, and the warning names the stage and where it stopped."""
+    metrics = tmp_path / "metrics.jsonl"
+    warnings: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            if record.levelno == logging.WARNING:
+                warnings.append(record.getMessage())
+
+    collect = Collect()
+    logging.getLogger("dataengine.progress").addHandler(collect)
+    try:
+        with watch_steps(metrics, "t/steps", "train stage 2", total=9, poll=0.01, stall_after=0.1):
+            time.sleep(0.3)  # not started: about three stall periods
+            metrics.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+            time.sleep(0.35)  # stopped at step 1
+    finally:
+        logging.getLogger("dataengine.progress").removeHandler(collect)
+    where = ["not started" if "not started" in w else "at step 1/9" if "at step 1/9" in w else w for w in warnings]
+    assert where[0] == "not started" and where[-1] == "at step 1/9"
+    assert where == sorted(where, key=lambda w: w != "not started")  # once a step came, never "not started" again
+    assert len(warnings) <= 8  # once per stall period, not once per poll (65 polls)
+    assert all(w.startswith("train stage 2: no new step for") and "Cluster resources are not enough" in w for w in warnings)
+
+
 def test_verbose_prints_every_log_line_on_the_console(ray_local, synthweb_dir, synthweb_server, tmp_path, capfd):
     """`--verbose` after the command: our INFO lines on the console, no redirection (in-process, on the
     session's Ray)."""

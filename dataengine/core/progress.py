@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROGRESS_LOGGER = "dataengine.progress"
+#: no new training step for this long is said on the console (a stage's start takes 30-45 s on 2 busy cores)
+STALL_SECONDS = 300.0
 log = logging.getLogger(PROGRESS_LOGGER)
 
 
@@ -77,9 +79,12 @@ def note(message: str, *args: object) -> None:
 
 
 @contextlib.contextmanager
-def watch_steps(metrics_path: Path, key: str, label: str, total: int, poll: float = 0.5) -> Iterator[None]:
+def watch_steps(metrics_path: Path, key: str, label: str, total: int, poll: float = 0.5,
+                stall_after: float = STALL_SECONDS) -> Iterator[None]:
     """Report the steps a training loop appends to `metrics_path` (one JSON line per step, from
-    whichever process trains) while the body runs, then the last one as done."""
+    whichever process trains) while the body runs, then the last one as done. Every `stall_after`
+    seconds without a new step, a warning says so: a training whose data feed waits for a CPU that never
+    frees is silent otherwise (Ray Data writes why to the run's log, not to the console)."""
     stop = threading.Event()
     started = time.perf_counter()
     # steps an earlier attempt wrote (a resumed stage) are not this run's progress
@@ -100,13 +105,18 @@ def watch_steps(metrics_path: Path, key: str, label: str, total: int, poll: floa
         seen["offset"] += len(complete)
 
     def follow() -> None:
-        last = 0
+        last, moved, warned = 0, started, started
         while not stop.wait(poll):
             read_new()
+            now = time.perf_counter()
             if seen["step"] != last:
-                last = seen["step"]
-                report(StepProgress(key, label, last, total, seen["loss"], time.perf_counter() - started,
-                                    seen["seconds"]))
+                last, moved = seen["step"], now
+                report(StepProgress(key, label, last, total, seen["loss"], now - started, seen["seconds"]))
+            elif now - max(moved, warned) >= stall_after:
+                warned = now
+                log.warning("%s: no new step for %.0f s (%s); still waiting. If it never moves, the run's log says "
+                            "why (Ray Data: \"Cluster resources are not enough to run any task\" means the data feed "
+                            "has no free CPU)", label, now - moved, f"at step {last}/{total}" if last else "not started")
         read_new()
 
     thread = threading.Thread(target=follow, name=f"watch-{key}", daemon=True)
