@@ -151,6 +151,10 @@ def stream_pipeline(inputs: list[list[str]], steps: list[Step], parts_dir: Path,
         getattr(summaries, "close", lambda: None)()  # stopped early by the caller: the execution ends now
 
 
+#: how long a stopped segment waits for its cancelled shard tasks to end (a task mid-write finishes its file)
+CANCEL_WAIT_S = 30.0
+
+
 def shard_tasks(inputs: list[list[str]], steps: list[Step], parts_dir: Path, final: bool,
                 committing: ShardCommits | None = None) -> Iterator[pa.Table]:
     """A segment that needs no model: one Ray task per shard reads it, runs every step, writes its parts
@@ -185,6 +189,8 @@ def shard_tasks(inputs: list[list[str]], steps: list[Step], parts_dir: Path, fin
     finally:
         for ref in in_flight:  # stopped early (an error, the caller closed us): tasks under way end now
             ray.cancel(ref)
+        if in_flight:  # and are waited for: none commits its shard after we return (on a long-lived cluster
+            ray.wait(in_flight, num_returns=len(in_flight), timeout=CANCEL_WAIT_S)  # a rerun could race it)
 
 
 def build_stream(inputs: list[list[str]], steps: list[Step], parts_dir: Path, final: bool,

@@ -3,6 +3,8 @@ input), runs the steps, writes its parts and commits it; the driver gets one sum
 
 from __future__ import annotations
 
+import time
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -62,6 +64,9 @@ def test_a_stream_closed_early_cancels_its_tasks_and_a_rerun_finishes_the_rest(r
     first = next(stream)
     stream.close()
     assert first.column("committed").to_pylist() == [True]
+    committed = [committing.marker(s) is not None for s in committing.shards]
+    time.sleep(1.0)  # the tasks under way were cancelled and waited for: none commits after close() returns
+    assert [committing.marker(s) is not None for s in committing.shards] == committed
     again = pa.concat_tables(list(shard_tasks(inputs, steps, segment.parts_dir(run), True, committing)))
     assert sorted(again.column("shard").to_pylist()) == [s.id for s in shards]  # committed ones say so again
     files = list((run / "dataset").glob("*.parquet")) + list((run / "rejected").glob("*.parquet"))
