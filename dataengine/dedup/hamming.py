@@ -56,9 +56,14 @@ def within(codes: np.ndarray, pairs: np.ndarray, max_distance: float, hash_bytes
         hits = np.flatnonzero(near)
         for k in range(0, len(hits), 1 << 16):  # a chunk of pairs' colours at a time: 2 x 65536 x 192 x 2 bytes
             p = pairs[hits[k:k + (1 << 16)]]
-            gap = np.abs(codes[p[:, 0], hash_bytes:].astype(np.int16) - codes[p[:, 1], hash_bytes:]).max(axis=1)
-            near[hits[k:k + (1 << 16)]] = gap <= colour_tolerance
+            near[hits[k:k + (1 << 16)]] = colour_gaps(codes[p[:, 0]], codes[p[:, 1]], hash_bytes) <= colour_tolerance
     return near
+
+
+def colour_gaps(a: np.ndarray, b: np.ndarray, hash_bytes: int) -> np.ndarray:
+    """Row by row, the largest difference between the colour-layout bytes (those after `hash_bytes`) of
+    codes `a` and `b`."""
+    return np.abs(a[:, hash_bytes:].astype(np.int16) - b[:, hash_bytes:]).max(axis=1)
 
 
 def distances(codes: np.ndarray, pairs: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
@@ -75,7 +80,8 @@ def near_pairs(codes: np.ndarray, max_distance: int, hash_bytes: int | None = No
     """All pairs (i < j) of codes within `max_distance` bits (and `colour_tolerance`: see `within`),
     sorted; the same as comparing every pair."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
-    n, width = codes.shape[0], (hash_bytes or codes.shape[1]) * 8
+    hashed = codes[:, :hash_bytes or codes.shape[1]]  # a colour layout after the hash takes no part in banding
+    n, width = codes.shape[0], hashed.shape[1] * 8
     if n < 2:
         return np.zeros((0, 2), dtype=np.int64)
     bands = max(max_distance + 1, -(-width // 64))  # more bands than r + 1 keep the guarantee; keys fit 64 bits
@@ -83,7 +89,7 @@ def near_pairs(codes: np.ndarray, max_distance: int, hash_bytes: int | None = No
         i, j = np.triu_indices(n, k=1)
         candidates = np.stack([i, j], axis=1)
     else:
-        bits = np.unpackbits(codes[:, :width // 8], axis=1)
+        bits = np.unpackbits(hashed, axis=1)
         found = [bucket_pairs(keys) for keys in band_keys(bits, bands)]
         candidates = np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), dtype=np.int64)
     if not len(candidates):

@@ -37,7 +37,7 @@ from dataengine.dedup.descriptors import (
     phash,
     sscd_pixels,
 )
-from dataengine.dedup.hamming import near_pairs, within
+from dataengine.dedup.hamming import colour_gaps, near_pairs
 from dataengine.dedup.index import SearchConfig, greedy_keep, near_duplicate_pairs
 from dataengine.models.pixels import pixels_array, pixels_column, vectors_column
 from dataengine.ops.base import ModelOpConfig, NearDuplicates, Op, prepare_then_infer, register_op
@@ -208,8 +208,7 @@ def _contamination(config: DedupConfig, uids: list[str], data: np.ndarray) -> di
         distance = hamming(data[:, :bits], ref[:, :bits]).astype(np.int64)
         if config.colour_tolerance is not None:  # near in bits, then the colours of those pairs
             rows, refs = np.nonzero(distance <= limit)
-            pairs = np.stack([rows, len(data) + refs], axis=1)
-            apart = ~within(np.concatenate([data, ref]), pairs, limit, bits, config.colour_tolerance)
+            apart = colour_gaps(data[rows], ref[refs], bits) > config.colour_tolerance
             distance[rows[apart], refs[apart]] = limit + 1
         best = distance.argmin(axis=1)
         hit = distance[np.arange(len(data)), best] <= limit
