@@ -1,4 +1,6 @@
-"""CLI commands not covered elsewhere: synthweb, schema."""
+"""CLI commands not covered elsewhere: synthweb, schema, train's input errors."""
+
+import json
 
 import polars as pl
 
@@ -15,3 +17,15 @@ def test_synthweb_command_builds_the_truth(tmp_path, capsys):
 def test_schema_check_passes_on_a_clean_checkout(capsys):
     assert main(["schema", "--check"]) == 0
     assert "up to date" in capsys.readouterr().out
+
+
+def test_train_names_a_missing_run_or_train_section_without_a_traceback(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nowhere")]) == 2
+    assert "no run.json (not a run directory?)" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    spec = {"name": "t", "input": {"path": "urls.parquet"}, "stages": [{"op": "caption_rules_filter"}], "output": str(run)}
+    (run / "run.json").write_text(json.dumps({"spec": spec}))
+    assert main(["train", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "run.json: invalid pipeline spec" in err and "the spec has no train: section" in err

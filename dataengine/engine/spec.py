@@ -219,7 +219,7 @@ def train_section(run_dir: str | Path, spec_path: str | None) -> TrainSpec:
     elif run_json.is_file():
         spec = parse_spec(json.loads(run_json.read_text())["spec"], str(run_json))
     else:
-        raise SpecError(f"{run_dir}: no run.json (not a run directory?) and no --spec given")
+        raise FileNotFoundError(f"{run_dir}: no run.json (not a run directory?) and no --spec given")
     if spec.train is None:
-        raise SpecError(f"{spec_path or run_json}: the spec has no train: section (add one, or pass --spec)")
+        raise SpecError(str(spec_path or run_json), ["the spec has no train: section (add one, or pass --spec)"])
     return spec.train

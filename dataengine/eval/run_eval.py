@@ -48,7 +48,7 @@ def evaluate_model(model_dir: str, data: TrainingData | str | None, stage: int, 
 def evaluate_stage(run_dir: Path, spec: TrainSpec, stage: int, out: Path | None = None) -> dict[str, Any]:
     """`evaluate_model` on the final model in `out` (default: the stage's directory), as a Ray task (with
     a GPU when training used one)."""
-    model_dir = str((out or stage_dir(run_dir, stage)) / FINAL_DIR)
+    model_dir = str(((out or stage_dir(run_dir, stage)) / FINAL_DIR).resolve())  # read by a task elsewhere
     label = f"stage {stage}" + (f" ({out.name})" if out else "")
     if spec.eval.heldout_fraction == 0 and spec.eval.benchmark is None:
         return {"model": model_dir}  # nothing to measure: no task, no model load

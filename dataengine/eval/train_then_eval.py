@@ -13,19 +13,20 @@ from dataengine.core.atomic import write_text_atomic
 from dataengine.core.layout import RESULT_FILE, stage_dir
 from dataengine.eval.run_eval import evaluate_stage
 from dataengine.train.config import TrainSpec
-from dataengine.train.trainer import train_stage
+from dataengine.train.trainer import train_stage, train_stage_seeds
 
 
 def train_run(run_dir: str | Path, spec: TrainSpec, stages: list[int] | None = None, resume: bool = False) -> dict[str, Any]:
     """All requested stages in order, each followed by its evaluation; stage 2 again for each of
     `spec.stage2_seeds` (results `stage2-seed<N>`)."""
+    run_dir = Path(run_dir).resolve()  # Ray's workers run elsewhere: every path they are given is absolute
     results = {}
     for stage in stages or spec.stages:
         if stage == 2 and spec.stage2_seeds:
-            results.update(train_stage2_together([(Path(run_dir), spec)], resume)[0])
+            results.update(train_stage2_together([(run_dir, spec)], resume)[0])
         else:
             summary = train_stage(run_dir, spec, stage, resume=resume)
-            results[f"stage{stage}"] = _evaluated(Path(run_dir), spec, stage, None, summary)
+            results[f"stage{stage}"] = _evaluated(run_dir, spec, stage, None, summary)
     return results
 
 
@@ -35,28 +36,37 @@ def _seed_specs(spec: TrainSpec) -> list[tuple[int | None, TrainSpec]]:
 
 
 def train_stage2_together(jobs: list[tuple[Path, TrainSpec]], resume: bool = False) -> list[dict[str, Any]]:
-    """Stage 2 of each (run, train spec) under its `seed` and each of its `stage2_seeds`, trained a few at
-    once (one more than the cluster has CPUs: each run's fixed cost, worker processes starting and the
-    model loading, overlaps the others' steps), then evaluated one at a time (an evaluation's Ray Data
-    tasks need a CPU besides its own task's). Unless a spec sets `cpus_per_worker`, the CPUs are shared
-    evenly between the runs in flight.
+    """Stage 2 of each (run, train spec) under its `seed` and each of its `stage2_seeds`: a run's seeds one
+    after another in one Ray Train run (`train_stage_seeds`: its fixed cost paid once), the runs at once,
+    then each seed's model evaluated (several at once when none reads held-out rows). Unless a spec sets
+    `cpus_per_worker`, the CPUs are shared evenly between the runs.
     Returns, per job, its results by name (`stage2`, `stage2-seed<N>`)."""
     from transformers import AutoImageProcessor  # noqa: F401 - resolved here: transformers' lazy imports race in threads
 
-    runs = [(i, run_dir, seed, spec) for i, (run_dir, job) in enumerate(jobs) for seed, spec in _seed_specs(job)]
     cpus = raytools.cluster_cpus(default=1)
-    # measured on 2 cores, 3-epoch demo runs: one at a time 30 s each, three at once 28 s, six at once 34 s
-    at_once = min(len(runs), int(cpus) + 1)
+    at_once = min(len(jobs), max(1, int(cpus)))
     # one CPU stays free for the Ray Data tasks that feed streamed runs (they hang when workers hold every
     # CPU); a worker's PyTorch threads are max(1, its CPUs), so a smaller reservation does not slow it
-    share = max(0.1, max(1.0, cpus - 1) / at_once / max(r[3].workers for r in runs))
-    runs = [(i, run_dir, seed, spec if spec.cpus_per_worker else spec.model_copy(update={"cpus_per_worker": share}))
-            for i, run_dir, seed, spec in runs]
+    share = max(0.1, max(1.0, cpus - 1) / at_once / max(spec.workers for _, spec in jobs))
+    seeded = [[(seed, s if s.cpus_per_worker else s.model_copy(update={"cpus_per_worker": share}))
+               for seed, s in _seed_specs(spec)] for _, spec in jobs]
+
+    def train(i: int) -> list[dict[str, Any]]:
+        run_dir = jobs[i][0]
+        return train_stage_seeds(run_dir, [(s, stage_dir(run_dir, 2, seed)) for seed, s in seeded[i]], 2, resume)
+
     with ThreadPoolExecutor(at_once, thread_name_prefix="stage2") as pool:
-        summaries = list(pool.map(lambda r: train_stage(r[1], r[3], 2, resume=resume, out=stage_dir(r[1], 2, r[2])), runs))
+        summaries = list(pool.map(train, range(len(jobs))))
+    evaluations = [(i, seed, spec, summary) for i, runs in enumerate(seeded)
+                   for (seed, spec), summary in zip(runs, summaries[i])]
+    # an evaluation of held-out rows streams them through Ray Data tasks, which need a CPU besides the
+    # evaluations' own: those go one at a time; benchmark-only ones use every CPU
+    held_out = any(spec.eval.heldout_fraction for _, spec in jobs)
+    with ThreadPoolExecutor(1 if held_out else max(1, int(cpus)), thread_name_prefix="eval") as pool:
+        evaluated = list(pool.map(lambda e: _evaluated(jobs[e[0]][0], e[2], 2, e[1], e[3]), evaluations))
     results: list[dict[str, Any]] = [{} for _ in jobs]
-    for (i, run_dir, seed, spec), summary in zip(runs, summaries):
-        results[i]["stage2" if seed is None else f"stage2-seed{seed}"] = _evaluated(run_dir, spec, 2, seed, summary)
+    for (i, seed, _, _), summary in zip(evaluations, evaluated):
+        results[i]["stage2" if seed is None else f"stage2-seed{seed}"] = summary
     return results
 
 

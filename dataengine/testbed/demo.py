@@ -212,8 +212,8 @@ def _train_and_compare(result: RunResult, spec: PipelineSpec) -> tuple[dict[str,
 
     The baseline's data is made after the curated stage 1, not while it trains: the two compete for the
     CPU the trainer's Ray Data feed needs, and on 2 cores that hung once (Ray Data: "Cluster resources are
-    not enough to run any task"). Stage 2 of both sides is trained at the end, all seeds at once
-    (`train_stage2_together`)."""
+    not enough to run any task"). Stage 2 of both sides is trained at the end, the sides at once and
+    each side's seeds one after another in one Ray Train run (`train_stage2_together`)."""
     assert spec.train is not None
     run_dir = result.run_dir.resolve()
     first = [stage for stage in spec.train.stages if stage != 2]
@@ -226,7 +226,8 @@ def _train_and_compare(result: RunResult, spec: PipelineSpec) -> tuple[dict[str,
     note("the same %d rows' worth of unfiltered data for comparison: %s ...", rows, baseline.output)
     shutil.rmtree(baseline.output, ignore_errors=True)
     run_pipeline(baseline.model_copy(update={"train": None}))  # its data; `baseline.train` trains its stage 2 there
-    note("stage 2 on each side under %d seeds, trained at once ...", 1 + len(spec.train.stage2_seeds))
+    note("stage 2 under %d seeds on each side (the sides at once, seeds one after another) ...",
+         1 + len(spec.train.stage2_seeds))
     curated_stage2, unfiltered = train_stage2_together([(run_dir, spec.train), (Path(baseline.output), baseline.train)])
     result.manifest["train"].update(curated_stage2)
     return before, unfiltered

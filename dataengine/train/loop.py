@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dataengine.train import checkpoints as ckpt
 from dataengine.train.batching import MicroBatch, step_batches, token_loss_sum
 from dataengine.train.checkpoints import LINEAGE_FILE, OPTIMIZER_FILE, STATE_FILE, latest_checkpoint, write_file_list
 from dataengine.train.config import StageSpec
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("bad_image", "no_sample", "too_long")
 LOOP_KEY = "loop"  # Ray Train hands `train_loop` a dict: the LoopConfig sits under this key
+OWN_CHECKPOINTS = "seeds"  # under a seed's checkpoints_dir: the checkpoints its workers wrote themselves
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class LoopConfig:
     fail_at_step: int | None = None  # fault injection for tests (see `_maybe_fail`)
     fail_rank: int = 0
     shuffle_rows: int = 1024  # local shuffle buffer (rows); 0: the rows in the dataset's order every epoch
+    own_checkpoints: bool = False  # rank 0 writes them under checkpoints_dir (several seeds in one Ray Train run)
 
 
 def epoch_order_seed(seed: int, epoch: int) -> int:
@@ -290,7 +294,11 @@ def _checkpoint(w: _Worker, config: LoopConfig, final: bool) -> None:
     saved = w.state | {"skips": totals}
     weights = _state_dict_for_save(w.model, config.strategy) if (w.rank == 0 or config.strategy == "fsdp") else None
     metrics = {"step": w.state["step"], "samples": w.state["samples"], "final": final, "skips": totals}
-    if w.rank == 0:
+    if config.own_checkpoints:
+        if w.rank == 0:
+            _save_own_checkpoint(w, config, saved, weights)
+        ray.train.report(metrics, checkpoint=None)
+    elif w.rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
             _save_checkpoint(Path(tmp), w.model, w.processor, w.optimizer, w.scheduler, saved,
                              config.lineage | {"stage": config.stage}, weights)
@@ -299,14 +307,37 @@ def _checkpoint(w: _Worker, config: LoopConfig, final: bool) -> None:
         ray.train.report(metrics, checkpoint=None)
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point: `loop_config[LOOP_KEY]` is the `LoopConfig` the trainer built."""
-    import ray.train
+def _save_own_checkpoint(w: _Worker, config: LoopConfig, saved: dict[str, Any], weights: dict[str, Any]) -> None:
+    """A checkpoint written where `latest_checkpoint` finds it, without Ray Train: renamed into place whole."""
+    root = Path(config.checkpoints_dir) / OWN_CHECKPOINTS
+    target = root / f"checkpoint_{saved['step']:06d}"
+    partial = root / f".partial-{target.name}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    _save_checkpoint(partial, w.model, w.processor, w.optimizer, w.scheduler, saved,
+                     config.lineage | {"stage": config.stage}, weights)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
 
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point: `loop_config[LOOP_KEY]` is the `LoopConfig` the trainer built, or a list of
+    them (seeds of one stage, trained one after another; a restarted worker skips those that finished)."""
     from dataengine.core.raytools import quiet_worker_logs
 
     quiet_worker_logs()
-    config: LoopConfig = loop_config[LOOP_KEY]
+    configs = loop_config[LOOP_KEY]
+    for config in configs if isinstance(configs, list) else [configs]:
+        last = _broadcast(latest_checkpoint(Path(config.checkpoints_dir))) if config.own_checkpoints else None
+        if last is not None and (ckpt.checkpoint_step(last) or 0) >= config.total_steps:
+            continue  # this seed finished before a restart
+        _train_one(config)
+
+
+def _train_one(config: LoopConfig) -> None:
+    """One stage under one seed, from its start or its newest checkpoint."""
+    import ray.train
+
     w = _setup(config)
     state = w.state
     if state["step"] >= config.total_steps:  # restarted from the last step's checkpoint: only the final report

@@ -18,7 +18,8 @@ def test_a_train_section_runs_after_the_data_stages_and_a_stopped_stage_resumes(
                                                                                tmp_path, monkeypatch):
     """download -> template synthesis -> train (stage 1) in one `run_pipeline`. Its training stops at
     step 2 (an injected failure, no retries); `dataengine train RUN --resume` (spec from run.json)
-    continues from step 1's checkpoint and finishes; the checkpoint's lineage names the run."""
+    continues from step 1's checkpoint and finishes (given the run as a relative path); the checkpoint's
+    lineage names the run."""
     from dataengine import cli
     from dataengine.engine.runner import run_pipeline
     from dataengine.engine.spec import parse_spec
@@ -43,7 +44,8 @@ def test_a_train_section_runs_after_the_data_stages_and_a_stopped_stage_resumes(
     steps = [json.loads(line)["step"] for line in (stage_dir(run, 1) / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2] and not (stage_dir(run, 1) / "result.json").exists()
 
-    assert cli.main(["train", str(run), "--stage", "1", "--resume"]) == 0
+    monkeypatch.chdir(tmp_path)  # a relative run directory: the workers' working directory is not this one
+    assert cli.main(["train", "run", "--stage", "1", "--resume"]) == 0
     steps = [json.loads(line)["step"] for line in (stage_dir(run, 1) / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 2, 3]  # resumed after step 1's checkpoint, not from the start
     trained = json.loads((stage_dir(run, 1) / "result.json").read_text())

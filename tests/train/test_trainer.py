@@ -96,24 +96,33 @@ def test_two_workers_with_a_failure_give_the_result_of_one(reference, tiny_vlm_p
     assert [losses_two[i] for i in (0, 2, 3)] == pytest.approx(losses_one, rel=1e-4)
 
 
-def test_stage2_under_more_seeds_from_a_given_stage1_model(reference, tiny_vlm_parts, tmp_path):
-    """`stage2_seeds` trains stage 2 once more per seed, here with another run's stage 2 (all three at once,
-    sharing the CPUs), from `stage2_init` (the reference's model: no stage 1 in these runs); rows come in
-    another order per seed, so the runs differ, the same seed gives the same weights, and each lineage
-    names its seed. A stage2_init that is no model is refused by name."""
+def test_stage2_under_more_seeds_from_a_given_stage1_model(reference, tiny_vlm_parts, tmp_path, monkeypatch):
+    """`stage2_seeds` trains stage 2 once more per seed (one Ray Train run, the seeds one after another),
+    here beside another run's stage 2, from `stage2_init` (the reference's model: no stage 1 in these
+    runs); rows come in another order per seed, so the runs differ, the same seed gives the same weights,
+    and each lineage names its seed. Every seed's worker is killed once after step 2: the restarted
+    worker skips the seed that finished and resumes the other from its own checkpoint. A stage2_init
+    that is no model is refused by name."""
     from dataengine.eval.train_then_eval import stage2_runs, train_stage2_together
+    from dataengine.train.trainer import FAIL_ENV
 
     ref_run, _ = reference
     run, other = _dataset_only(ref_run, tmp_path / "seeds"), _dataset_only(ref_run, tmp_path / "other")
     start = stage_dir(ref_run, 2) / "final"
-    stage2 = {"lr": 3e-3, "global_batch": 8, "micro_batch": 8, "epochs": 1, "max_length": 512}
-    spec = _spec(tiny_vlm_parts, stage2_init=str(start), stage2_seeds=[7], stage2=stage2)
+    stage2 = {"lr": 3e-3, "global_batch": 8, "micro_batch": 8, "epochs": 1, "max_length": 512, "checkpoint_every": 1}
+    spec = _spec(tiny_vlm_parts, stage2_init=str(start), stage2_seeds=[7], stage2=stage2, max_failures=2)
+    monkeypatch.setenv(FAIL_ENV, "2")
     results, other_results = train_stage2_together([(run, spec), (other, _spec(tiny_vlm_parts, stage2_init=str(start),
-                                                                                stage2=stage2, seed=7))])
+                                                                                stage2=stage2, seed=7, max_failures=1))])
     assert list(results) == ["stage2", "stage2-seed7"] and len(stage2_runs(results)) == 2
     assert list(other_results) == ["stage2"] and other_results["stage2"]["lineage"]["seed"] == 7
     assert [r["lineage"]["seed"] for r in stage2_runs(results)] == [0, 7]
     assert [r["steps"] for r in stage2_runs(results)] == [4, 4]
+    for seed in (None, 7):  # killed after step 2, resumed from step 1's checkpoint; seed 0 not trained again
+        assert (stage_dir(run, 2, seed) / "failed-at-2").is_file()
+        steps = [json.loads(line)["step"] for line in (stage_dir(run, 2, seed) / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2, 2, 3, 4]
+        assert len(list((stage_dir(run, 2, seed) / "checkpoints").glob("**/checkpoint_*"))) == 2  # pruned to 2
     assert (stage_dir(run, 2, seed=7) / "final" / "config.json").is_file() and not (stage_dir(run, 1)).exists()
     losses = {seed: [json.loads(line)["loss"] for line in (stage_dir(run, 2, seed) / "metrics.jsonl").read_text().splitlines()]
               for seed in (None, 7)}
