@@ -150,10 +150,11 @@ def demo_models() -> dict[str, Path]:
     from dataengine.testbed.synthweb.models import ensure_demo_models
 
     threads = torch.get_num_threads()
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # the other worker has the other core: two threads would thrash
+    xdist = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+    if xdist:  # the other worker has the other core: two threads (or two training processes) would thrash
         torch.set_num_threads(1)
     try:
-        return ensure_demo_models(vlm=False)
+        return ensure_demo_models(vlm=False, parallel=not xdist)
     finally:
         torch.set_num_threads(threads)
 
