@@ -209,3 +209,13 @@ def test_demo_recipe_quality(demo_models):
     q = _quality(demo_models["blip-captioner"], demo_models["blip-itm"])
     assert q["accept_true"] >= 0.9 and q["reject_other"] >= 0.8, q
     assert q["colours"] >= 0.75, q
+
+
+def test_a_demo_family_trained_in_a_child_process_that_fails_is_named(tmp_path):
+    """`ensure_demo_models` trains families side by side in child processes: one that fails (here a
+    family no recipe knows) fails the call by name."""
+    from dataengine.testbed.synthweb.models import _train_in_processes
+
+    roots = {"nosuch": tmp_path / "nosuch", "other": tmp_path / "other"}
+    with pytest.raises(RuntimeError, match=r"training the demo nosuch models failed \(exit 1\)"):
+        _train_in_processes(["nosuch", "other"], roots, force=False)

@@ -414,6 +414,7 @@ def _train_in_processes(families: list[str], roots: dict[str, Path], force: bool
     of one 2-thread training. A child that fails fails the call."""
     import subprocess
     import sys
+    import time
     from concurrent.futures import ThreadPoolExecutor
 
     at_once = min(len(families), _cpus())
@@ -421,12 +422,17 @@ def _train_in_processes(families: list[str], roots: dict[str, Path], force: bool
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
     def train(family: str) -> None:
-        # the child's notes go straight to this console, as they would in-process
+        started = time.perf_counter()
+        # the child's own notes go to this process's stderr: during a demo, its run log
         done = subprocess.run([sys.executable, "-c", _CHILD, family, str(roots[family]), str(int(force)), str(threads)],
                               env=env, check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"training the demo {family} models failed (exit {done.returncode}); its output is above")
+            raise RuntimeError(f"training the demo {family} models failed (exit {done.returncode}); its output is "
+                               "on stderr (a demo's: in its run log)")
+        note("demo %s models trained (%.0f s)", family, time.perf_counter() - started)
 
+    note("training the demo's %s models, %d at once (a process each, %d PyTorch thread%s) ...", ", ".join(families),
+         at_once, threads, "" if threads == 1 else "s")
     with ThreadPoolExecutor(at_once) as pool:
         list(pool.map(train, families))
 
