@@ -34,6 +34,13 @@ def _prepare(rows: int) -> tuple[Path, dict[str, Path]]:
     run = write_train_run(WORK / "run", data)
     parts = {"vision": build_random_open_clip(WORK / "clip", image_size=64),
              "lm": build_random_llama(WORK / "llama", [r["caption"] for r in data], hidden=128)}
+    from dataengine.train.config import ModelSpec
+    from dataengine.train.model import build_llava
+
+    model, processor = build_llava(ModelSpec(vision=str(parts["vision"]), lm=str(parts["lm"])))
+    parts["start"] = WORK / "start"  # every seed's stage 2 starts from this one assembled model, as from a stage 1
+    model.save_pretrained(str(parts["start"]))
+    processor.save_pretrained(str(parts["start"]))
     return run, parts
 
 
@@ -42,6 +49,7 @@ def _specs(parts: dict[str, Path], seeds: int, steps: int, cpus_per_worker: floa
 
     return [TrainSpec.model_validate({
         "model": {"vision": str(parts["vision"]), "lm": str(parts["lm"])}, "stages": [2], "seed": seed,
+        "stage2_init": str(parts["start"]),
         "cpus_per_worker": cpus_per_worker,
         "stage2": {"lr": 1e-3, "global_batch": 32, "micro_batch": 32, "max_steps": steps, "max_length": 512,
                    "checkpoint_every": 10**6}, "eval": {"heldout_fraction": 0.0}}) for seed in range(seeds)]
