@@ -190,7 +190,7 @@ def _train(run_dir: Path, runs: list[tuple[TrainSpec, Path]], stage: int, resume
     if not todo:
         return [results[out] for _, out in runs]
     sweep = len(runs) > 1  # several seeds: the workers write the checkpoints (Ray Train's hold one run's)
-    spec, out = todo[0]
+    spec = todo[0][0]  # the seeds' specs differ in nothing the shared setup reads
     hp = spec.stage(stage)
     data = training_data(run_dir, spec)
     train_split, _, counts = plan_splits(data, stage, spec.eval.heldout_fraction, spec.max_samples)
@@ -201,8 +201,9 @@ def _train(run_dir: Path, runs: list[tuple[TrainSpec, Path]], stage: int, resume
     configs, resumed = [], []
     for seed_spec, seed_out in todo:
         checkpoints = seed_out / CHECKPOINTS_DIR
-        if resume and latest_checkpoint(checkpoints):
-            resumed.append(str(latest_checkpoint(checkpoints)))
+        newest = latest_checkpoint(checkpoints) if resume else None
+        if newest is not None:
+            resumed.append(str(newest))
         if not resume:
             for stale in (checkpoints, seed_out / FINAL_DIR, seed_out / METRICS_FILE):
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
