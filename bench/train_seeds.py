@@ -26,17 +26,13 @@ WORK = REPO / "bench" / "_work" / "train_seeds"
 
 
 def _prepare(rows: int) -> tuple[Path, dict[str, Path]]:
-    from dataengine.testbed.synthweb.models import build_random_open_clip
-    from dataengine.testbed.synthweb.train_rows import build_random_llama, make_train_rows, write_train_run
+    """bench/train.py's tiny run and model parts, and one assembled model every seed starts from."""
+    import train as train_bench  # bench/train.py
 
-    shutil.rmtree(WORK, ignore_errors=True)
-    data = make_train_rows(rows)
-    run = write_train_run(WORK / "run", data)
-    parts = {"vision": build_random_open_clip(WORK / "clip", image_size=64),
-             "lm": build_random_llama(WORK / "llama", [r["caption"] for r in data], hidden=128)}
     from dataengine.train.config import ModelSpec
     from dataengine.train.model import build_llava
 
+    run, parts = train_bench._prepare(rows, hidden=128)
     model, processor = build_llava(ModelSpec(vision=str(parts["vision"]), lm=str(parts["lm"])))
     parts["start"] = WORK / "start"  # every seed's stage 2 starts from this one assembled model, as from a stage 1
     model.save_pretrained(str(parts["start"]))

@@ -23,9 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dataengine.train import checkpoints as ckpt
 from dataengine.train.batching import MicroBatch, step_batches, token_loss_sum
-from dataengine.train.checkpoints import LINEAGE_FILE, OPTIMIZER_FILE, STATE_FILE, latest_checkpoint, write_file_list
+from dataengine.train.checkpoints import (
+    LINEAGE_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    checkpoint_step,
+    latest_checkpoint,
+    write_file_list,
+)
 from dataengine.train.config import StageSpec
 from dataengine.train.model import load_llava, set_trainable
 
@@ -329,7 +335,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     configs = loop_config[LOOP_KEY]
     for config in configs if isinstance(configs, list) else [configs]:
         last = _broadcast(latest_checkpoint(Path(config.checkpoints_dir))) if config.own_checkpoints else None
-        if last is not None and (ckpt.checkpoint_step(last) or 0) >= config.total_steps:
+        if last is not None and (checkpoint_step(last) or 0) >= config.total_steps:
             continue  # this seed finished before a restart
         _train_one(config)
 

@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,20 +264,20 @@ def _finish(config: LoopConfig, spec: TrainSpec, stage: int, out: Path, result: 
             seconds: float, sweep: bool) -> dict[str, Any]:
     """Copy a trained seed's last checkpoint to `final/`, write its result, prune its checkpoints."""
     checkpoints = Path(config.checkpoints_dir)
-    if sweep:
+    if sweep:  # the workers wrote this seed's checkpoints themselves
         last = latest_checkpoint(checkpoints)
         if last is None or checkpoint_step(last) != config.total_steps:
             raise TrainError(f"stage {stage}: {out} ended without its step-{config.total_steps} checkpoint "
                              f"(the newest is {last})")
+        source: Any = nullcontext(str(last))
     elif result.checkpoint is None:
         raise TrainError(f"stage {stage}: training ended without a checkpoint ({result.error})")
+    else:
+        source = result.checkpoint.as_directory()
     final = out / FINAL_DIR
     shutil.rmtree(final, ignore_errors=True)
-    if sweep:
-        shutil.copytree(last, final)
-    else:
-        with result.checkpoint.as_directory() as d:
-            shutil.copytree(d, final)
+    with source as d:
+        shutil.copytree(d, final)
     state = json.loads((final / STATE_FILE).read_text())
     summary = {"stage": stage, "steps": state["step"], "samples_trained": state["samples"],
                "skipped": state.get("skips", {}), "seconds": seconds,
