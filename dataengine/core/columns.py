@@ -27,6 +27,7 @@ CLIP_IMAGE_EMBEDDING = "clip_image_embedding"  # L2-normalised, when clip_score_
 TEXT_PPL = "text_ppl"  # caption perplexity under a causal LM
 SSCD_EMBEDDING = "sscd_embedding"  # dedup descriptor: L2-normalised SSCD copy-detection embedding
 PHASH = "phash"  # dedup descriptor: perceptual hash bits, packed bytes (then the colour layout, with colour_tolerance)
+DEDUP_THUMBNAIL = "dedup_thumbnail"  # dedup with crops: a 64-px RGB thumbnail (2 header bytes h, w, then pixels)
 METACLIP_ENTRIES = "metaclip_entries"  # metaclip_balance: the entries a caption matched
 
 # written by CapFilt (blip_caption_mapper, capfilt_filter)

@@ -64,6 +64,10 @@ def decide(spec: NearDuplicates, files: list[str], out_dir: Path) -> dict[str, A
     width = max((w for _, w in shapes), default=0)
     if n <= spec.exact_max_rows or width == 0 or (spec.metric == "hamming" and _bands(spec, width) is None):
         return None
+    if spec.one_task_only:
+        raise ValueError(f"dedup: {spec.one_task_only} is decided in one task, up to exact_max_rows rows "
+                         f"({spec.exact_max_rows:,}), and this stage has {n:,}: raise exact_max_rows (that task holds "
+                         f"every row's descriptors) or turn {spec.one_task_only} off")
     work = out_dir.with_name(out_dir.name + ".work")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

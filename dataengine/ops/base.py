@@ -221,6 +221,7 @@ class NearDuplicates:
     screen: Callable[[list[str], np.ndarray], dict[str, str]] | None = None
     hash_bytes: int | None = None  # binary codes: the bytes Hamming distance counts (the rest: a colour layout)
     colour_tolerance: int | None = None  # binary codes: the most any colour-layout byte may differ (`dedup.hamming.within`)
+    one_task_only: str | None = None  # an option decided in one task only (dedup's "crops"): above exact_max_rows, an error
 
 
 @dataclass(frozen=True)

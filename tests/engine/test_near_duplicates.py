@@ -109,6 +109,19 @@ def test_at_or_below_exact_max_rows_the_one_task_decides(ray_local, tmp_path):
     assert near_duplicates.decide(Dedup.near_duplicates(DedupConfig(exact_max_rows=300)), files, tmp_path / "d") is None
 
 
+def test_crops_above_exact_max_rows_is_a_clear_error(ray_local, tmp_path):
+    """Crop verification runs in one task: past its rows the decision stops with the fields to change, not
+    with pairs silently missing."""
+    files = _write(tmp_path, C.SSCD_EMBEDDING, pa.array(list(_planted_vectors(n=300, copies=5)), pa.list_(pa.float32())),
+                   np.zeros(300, np.float32))
+    spec = Dedup.near_duplicates(DedupConfig(exact_max_rows=299, crops=True))
+    with pytest.raises(ValueError, match=r"crops is decided in one task, up to exact_max_rows rows \(299\), and this "
+                                         r"stage has 300: raise exact_max_rows"):
+        near_duplicates.decide(spec, files, tmp_path / "d")
+    assert near_duplicates.decide(Dedup.near_duplicates(DedupConfig(exact_max_rows=300, crops=True)), files,
+                                  tmp_path / "d") is None
+
+
 def test_rows_without_a_descriptor_take_no_part(ray_local, tmp_path, small_tasks):
     vectors = _planted_vectors(n=600, copies=10)
     descriptors = pa.array(list(vectors) + [None] * 500, pa.list_(pa.float32()))  # 2nd file half, 3rd file all null

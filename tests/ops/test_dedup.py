@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import cv2
@@ -11,6 +12,7 @@ import pyarrow as pa
 import pytest
 
 from dataengine.core import columns as C
+from dataengine.dedup.crops import read_thumbnail
 from dataengine.engine.runner import run_pipeline
 from dataengine.engine.spec import parse_spec
 from dataengine.ops import apply_stage
@@ -70,6 +72,46 @@ def test_config_errors():
         DedupConfig(descriptor="clip", against="/tmp/x")
     with pytest.raises(ValueError, match="colour_tolerance is for descriptor phash"):
         DedupConfig(descriptor="sscd", colour_tolerance=8)
+    with pytest.raises(ValueError, match="crops needs descriptor phash or sscd"):
+        DedupConfig(descriptor="clip", crops=True)
+    with pytest.raises(ValueError, match="crop_min_side"):
+        DedupConfig(crops=True, crop_min_side=0.3)
+
+
+def test_crops_find_the_cropped_copy_phash_misses():
+    """An 88% crop of a scene, re-encoded at the download stage's size: pHash with colours misses it; with
+    crops the crop is rejected as a duplicate, and the same objects moved stay."""
+    from PIL import Image
+
+    from dataengine.testbed.synthweb.render import render_scene
+    from dataengine.testbed.synthweb.scenes import Scene, SceneObject
+
+    def scene(star_x):
+        return Scene((SceneObject("star", "blue", "medium", "left", (star_x, 0.2, star_x + 0.25, 0.5)),
+                      SceneObject("circle", "red", "medium", "right", (0.55, 0.45, 0.85, 0.8))), "beige", 0.6)
+
+    def stored(rgb):  # as the download stage keeps it: long side 256, JPEG
+        return encode_jpeg(cv2.resize(rgb, (256, round(256 * rgb.shape[0] / rgb.shape[1])), interpolation=cv2.INTER_AREA), 90)
+
+    original = np.asarray(render_scene(scene(0.15), 480, 360, np.random.default_rng(0)))
+    crop = original[20:337, 40:462]  # 88% of each side
+    moved = np.asarray(render_scene(scene(0.22), 480, 360, np.random.default_rng(1)))
+    batch = pa.table({C.UID: ["original", "crop", "moved"], C.IMAGE: [stored(original), stored(crop), stored(moved)],
+                      C.CLIP_SCORE: pa.array([0.5, 0.9, 0.5], pa.float32())})
+    assert Image.open(io.BytesIO(batch.column(C.IMAGE)[1].as_py())).size == (256, 192)
+
+    def decision(**options):
+        config = DedupConfig(descriptor="phash", colour_tolerance=8, **options)
+        scored = apply_stage(Dedup(config), batch, "dedup", 0)
+        return scored, Dedup.decide(config, scored.select([C.UID, *(c for c in Dedup.decision_columns(config)
+                                                                    if c in scored.column_names)]))
+
+    scored, without = decision()
+    assert without["rejected"] == {} and "crop_pairs" not in without and C.DEDUP_THUMBNAIL not in scored.column_names
+    scored, with_crops = decision(crops=True)
+    # the crop has the higher clip_score, so the original is the one rejected (one per group is kept)
+    assert with_crops["rejected"] == {"original": "duplicate_of:crop"} and with_crops["crop_pairs"] == 1
+    assert [read_thumbnail(t).shape for t in scored.column(C.DEDUP_THUMBNAIL).to_pylist()] == [(72, 96, 3)] * 3
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ BARS = {
     "caption_rules_filter": (0.9, 0.9),  # with the WordPiece vocabulary (0.853 recall without it)
     "perplexity_filter": (0.8, 0.8),
     "clip_score_filter": (0.8, 0.75),  # demo CLIP v4 at 0.6: 1.000 / 0.885 at n = 300 (v3 at 0.5: 0.92 / 0.885)
-    "dedup": (0.9, 0.4),  # pHash + colour layouts: 1.000 / 0.500 at n = 300 (4 of 8 copies: the rest are crops)
+    "dedup": (0.95, 0.95),  # pHash + colour layouts + crops: 1.000 / 1.000 at n = 300 (1.000 / 0.500 without crops)
 }
 
 
