@@ -230,6 +230,40 @@ def candidate_pairs(hists: np.ndarray, radius: float, neighbours: int) -> np.nda
     return np.unique(pairs, axis=0).astype(np.int64) if len(pairs) else np.zeros((0, 2), dtype=np.int64)
 
 
+def crops_of_references(thumbs: list[bytes | None], references: list[bytes], rule: CropRule = CropRule(),
+                        radius: float = 0.2, neighbours: int = 8) -> dict[int, int]:
+    """Row -> reference for rows of `thumbs` that are a crop of (or contain) one of `references` (all
+    `thumbnail` bytes): each row's `neighbours` nearest references by histogram within `radius`, verified.
+    Rows without a thumbnail (None) are skipped."""
+    import faiss
+
+    rows = [i for i, t in enumerate(thumbs) if t is not None]
+    if not rows or not references:
+        return {}
+    ref_pixels = [read_thumbnail(t) for t in references]
+    ref_hists = np.stack([histogram(p) for p in ref_pixels])
+    index = faiss.IndexFlatIP(ref_hists.shape[1])
+    index.add(np.ascontiguousarray(np.sqrt(ref_hists), dtype=np.float32))
+    found: dict[int, int] = {}
+    ref_views: dict[int, Prepared] = {}
+    for i in rows:
+        pixels = read_thumbnail(thumbs[i])  # type: ignore[arg-type]
+        hist = histogram(pixels)
+        _, ids = index.search(np.sqrt(hist)[None, :].astype(np.float32), min(len(references), neighbours))
+        view = None
+        for r in ids[0]:
+            if r < 0 or np.abs(hist - ref_hists[r]).sum() > radius:
+                continue
+            if view is None:
+                view = Prepared(pixels)
+            if r not in ref_views:
+                ref_views[r] = Prepared(ref_pixels[r])
+            if is_copy(view, ref_views[r], rule):
+                found[i] = int(r)
+                break
+    return found
+
+
 def crop_pairs(thumbs: list[bytes], rule: CropRule = CropRule(), radius: float = 0.2, neighbours: int = 8,
                known: np.ndarray | None = None) -> np.ndarray:
     """Pairs (i < j) of `thumbs` (`thumbnail` bytes) where one is a crop of the other; pairs in `known`

@@ -15,7 +15,8 @@ Cropped copies move every pixel in the frame, so no global descriptor above find
 merging distinct images that look alike (measured on the synthetic web: bench/copy_detection.py). With
 `crops`, each image's nearest neighbours by colour histogram are also verified by geometry, one image
 aligned inside the other on 96-px thumbnails (`dedup.crops`); the pairs that align join the
-descriptor's. That search runs in one task, so up to `exact_max_rows` rows.
+descriptor's, and with `against` a row that crops a reference image (or that one crops) contaminates.
+That search runs in one task, so up to `exact_max_rows` rows.
 
 pHash is greyscale: scenes that differ only in colour (a blue star and a pink one in the same place) are
 only a few bits apart. `colour_tolerance` appends each image's colour layout (8 x 8 CIELAB cell means) to its
@@ -33,7 +34,7 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from dataengine.core import columns as C
-from dataengine.dedup.crops import CropRule, crop_pairs, thumbnail
+from dataengine.dedup.crops import CropRule, crop_pairs, crops_of_references, thumbnail
 from dataengine.dedup.descriptors import (
     colour_layout,
     decode_rgb,
@@ -80,8 +81,9 @@ class DedupConfig(ModelOpConfig):
                     "inside the other (scaled to crop_min_side-100% of its width, shifted, mirrored) on 96-px PNG "
                     "thumbnails kept in the dedup_thumbnail column (about 7 KB a row on the synthetic web). Searched "
                     "in one task, so up to exact_max_rows rows (about 5 ms a row at the defaults on one core). "
-                    "Measured on the synthetic web (n = 1,000 and 2,000): every 86-93% crop found, no distinct pair "
-                    "merged (bench/copy_detection.py).")
+                    "With against, crops of (and crops that are) reference images are contamination too. Measured on "
+                    "the synthetic web (n = 1,000 and 2,000): every 86-93% crop found, no distinct pair merged "
+                    "(bench/copy_detection.py).")
     crop_min_side: float = Field(default=0.8, ge=0.5, le=1.0,
                                  description="crops: the smallest crop looked for, as a fraction of the original's side.")
     crop_neighbours: int = Field(default=8, ge=1, le=256,
@@ -196,8 +198,9 @@ class Dedup(Op[DedupConfig]):
         column = scores.column(descriptor_column(config))
         rejected: dict[str, str] = {}
         data = descriptor_matrix(column)
+        thumbs = scores.column(C.DEDUP_THUMBNAIL).to_pylist() if config.crops else None
         if config.against:
-            rejected.update(_contamination(config, uids, data))
+            rejected.update(_contamination(config, uids, data, thumbs))
         alive = np.array([u not in rejected for u in uids], dtype=bool)
         idx = np.flatnonzero(alive)
         method = "exact"
@@ -208,11 +211,9 @@ class Dedup(Op[DedupConfig]):
                                   partitions=config.partitions, assign=config.assign, use_gpu=config.use_gpu_index)
             pairs, method = near_duplicate_pairs(data[idx], search)
         cropped = np.zeros((0, 2), dtype=np.int64)
-        if config.crops:
-            thumbs = scores.column(C.DEDUP_THUMBNAIL).to_pylist()
-            rule = CropRule(min_side=config.crop_min_side)
-            cropped = crop_pairs([thumbs[i] for i in idx], rule, config.crop_histogram_radius, config.crop_neighbours,
-                                 known=pairs)
+        if thumbs is not None:
+            cropped = crop_pairs([thumbs[i] for i in idx], CropRule(min_side=config.crop_min_side),
+                                 config.crop_histogram_radius, config.crop_neighbours, known=pairs)
             pairs = np.concatenate([np.asarray(pairs, dtype=np.int64).reshape(-1, 2), cropped])
         if C.CLIP_SCORE in scores.column_names:
             priority = np.nan_to_num(np.asarray(scores.column(C.CLIP_SCORE).to_numpy(zero_copy_only=False), dtype=np.float64),
@@ -233,8 +234,10 @@ class Dedup(Op[DedupConfig]):
         return pa.table({C.REJECT_REASON: pa.array([rejected.get(u) for u in batch.column(C.UID).to_pylist()], pa.string())})
 
 
-def _contamination(config: DedupConfig, uids: list[str], data: np.ndarray) -> dict[str, str]:
-    """uid -> `contaminates:<reference>` for rows that copy a reference image."""
+def _contamination(config: DedupConfig, uids: list[str], data: np.ndarray,
+                   thumbs: list[bytes | None] | None = None) -> dict[str, str]:
+    """uid -> `contaminates:<reference>` for rows that copy a reference image (with `thumbs`, the rows'
+    `crops` thumbnails, also rows that crop one or that one crops)."""
     import faiss
 
     references = load_reference_images(config.against or "")
@@ -258,7 +261,13 @@ def _contamination(config: DedupConfig, uids: list[str], data: np.ndarray) -> di
         sims, best_ids = index.search(np.ascontiguousarray(data, dtype=np.float32), 1)
         limit_cos = config.against_threshold if config.against_threshold is not None else config.cosine()
         best, hit = best_ids[:, 0], sims[:, 0] >= limit_cos
-    return {uids[i]: f"contaminates:{names[best[i]]}" for i in np.flatnonzero(hit)}
+    found = {uids[i]: f"contaminates:{names[best[i]]}" for i in np.flatnonzero(hit)}
+    if thumbs is not None:
+        cropped = crops_of_references([None if hit[i] else t for i, t in enumerate(thumbs)],
+                                      [thumbnail(rgb) for _, rgb in references], CropRule(min_side=config.crop_min_side),
+                                      config.crop_histogram_radius, config.crop_neighbours)
+        found.update({uids[i]: f"contaminates:{names[r]}" for i, r in cropped.items()})
+    return found
 
 
 PIXELS, PHASH, THUMBNAIL = (f"{C.PREPARED_PREFIX}sscd_pixels", f"{C.PREPARED_PREFIX}phash",

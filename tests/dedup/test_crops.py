@@ -11,6 +11,7 @@ from dataengine.dedup.crops import (
     CropRule,
     candidate_pairs,
     crop_pairs,
+    crops_of_references,
     histogram,
     is_copy,
     read_thumbnail,
@@ -107,3 +108,16 @@ def test_crop_pairs_finds_the_crop_among_look_alikes_and_skips_known_pairs():
     assert crop_pairs(thumbs).tolist() == [[1, 2]]
     assert crop_pairs(thumbs, known=np.array([[1, 2]])).shape == (0, 2)
     assert crop_pairs(thumbs[:1]).shape == (0, 2)
+
+
+def test_crops_of_references_names_the_reference_each_row_crops():
+    original = _render(TWO)
+    h, w = original.shape[:2]
+    other = _render(_scene(("hexagon", "green", (0.5, 0.1, 0.8, 0.5)), background="dark grey"), seed=2)
+    references = [thumbnail(_downloaded(other)), thumbnail(_downloaded(original))]
+    rows = [thumbnail(_downloaded(original[: round(h * 0.9), round(w * 0.08):])), None,
+            thumbnail(_downloaded(_render(_scene(("star", "blue", (0.22, 0.2, 0.47, 0.5)),
+                                                 ("circle", "red", (0.5, 0.45, 0.8, 0.8))), seed=3))),
+            thumbnail(_downloaded(np.ascontiguousarray(other[:, ::-1])))]
+    assert crops_of_references(rows, references) == {0: 1, 3: 0}  # the crop, and the mirrored copy
+    assert crops_of_references(rows, []) == {} and crops_of_references([None], references) == {}

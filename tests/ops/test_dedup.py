@@ -78,25 +78,29 @@ def test_config_errors():
         DedupConfig(crops=True, crop_min_side=0.3)
 
 
+def _two_object_scene(star_x: float, seed: int) -> np.ndarray:
+    from dataengine.testbed.synthweb.render import render_scene
+    from dataengine.testbed.synthweb.scenes import Scene, SceneObject
+
+    scene = Scene((SceneObject("star", "blue", "medium", "left", (star_x, 0.2, star_x + 0.25, 0.5)),
+                   SceneObject("circle", "red", "medium", "right", (0.55, 0.45, 0.85, 0.8))), "beige", 0.6)
+    return np.asarray(render_scene(scene, 480, 360, np.random.default_rng(seed)))
+
+
+def _stored(rgb: np.ndarray) -> bytes:
+    """As the download stage keeps an image: long side 256, JPEG."""
+    return encode_jpeg(cv2.resize(rgb, (256, round(256 * rgb.shape[0] / rgb.shape[1])), interpolation=cv2.INTER_AREA), 90)
+
+
 def test_crops_find_the_cropped_copy_phash_misses():
     """An 88% crop of a scene, re-encoded at the download stage's size: pHash with colours misses it; with
     crops the crop is rejected as a duplicate, and the same objects moved stay."""
     from PIL import Image
 
-    from dataengine.testbed.synthweb.render import render_scene
-    from dataengine.testbed.synthweb.scenes import Scene, SceneObject
-
-    def scene(star_x):
-        return Scene((SceneObject("star", "blue", "medium", "left", (star_x, 0.2, star_x + 0.25, 0.5)),
-                      SceneObject("circle", "red", "medium", "right", (0.55, 0.45, 0.85, 0.8))), "beige", 0.6)
-
-    def stored(rgb):  # as the download stage keeps it: long side 256, JPEG
-        return encode_jpeg(cv2.resize(rgb, (256, round(256 * rgb.shape[0] / rgb.shape[1])), interpolation=cv2.INTER_AREA), 90)
-
-    original = np.asarray(render_scene(scene(0.15), 480, 360, np.random.default_rng(0)))
+    original = _two_object_scene(0.15, seed=0)
     crop = original[20:337, 40:462]  # 88% of each side
-    moved = np.asarray(render_scene(scene(0.22), 480, 360, np.random.default_rng(1)))
-    batch = pa.table({C.UID: ["original", "crop", "moved"], C.IMAGE: [stored(original), stored(crop), stored(moved)],
+    moved = _two_object_scene(0.22, seed=1)
+    batch = pa.table({C.UID: ["original", "crop", "moved"], C.IMAGE: [_stored(original), _stored(crop), _stored(moved)],
                       C.CLIP_SCORE: pa.array([0.5, 0.9, 0.5], pa.float32())})
     assert Image.open(io.BytesIO(batch.column(C.IMAGE)[1].as_py())).size == (256, 192)
 
@@ -112,6 +116,26 @@ def test_crops_find_the_cropped_copy_phash_misses():
     # the crop has the higher clip_score, so the original is the one rejected (one per group is kept)
     assert with_crops["rejected"] == {"original": "duplicate_of:crop"} and with_crops["crop_pairs"] == 1
     assert [read_thumbnail(t).shape for t in scored.column(C.DEDUP_THUMBNAIL).to_pylist()] == [(72, 96, 3)] * 3
+
+
+def test_crops_also_decontaminate_against_a_benchmark(tmp_path):
+    """A benchmark image cropped into the data is contamination too: with crops it is rejected as
+    `contaminates:<reference>`, and a look-alike scene is not."""
+    refs = tmp_path / "benchmark"
+    refs.mkdir()
+    original = _two_object_scene(0.15, seed=0)
+    (refs / "scene.png").write_bytes(cv2.imencode(".png", cv2.cvtColor(original, cv2.COLOR_RGB2BGR))[1].tobytes())
+    batch = pa.table({C.UID: ["crop", "moved"],
+                      C.IMAGE: [_stored(original[30:340, 10:440]), _stored(_two_object_scene(0.22, seed=1))]})
+
+    def rejected(**options):
+        config = DedupConfig(descriptor="phash", colour_tolerance=8, against=str(refs), **options)
+        scored = apply_stage(Dedup(config), batch, "dedup", 0)
+        return Dedup.decide(config, scored.select([C.UID, *(c for c in Dedup.decision_columns(config)
+                                                            if c in scored.column_names)]))["rejected"]
+
+    assert rejected() == {}
+    assert rejected(crops=True) == {"crop": "contaminates:scene.png"}
 
 
 @pytest.mark.slow
