@@ -264,15 +264,17 @@ def crops_of_references(thumbs: list[bytes | None], references: list[bytes], rul
     return found
 
 
-def crop_pairs(thumbs: list[bytes], rule: CropRule = CropRule(), radius: float = 0.2, neighbours: int = 8,
+def crop_pairs(thumbs: list[bytes | None], rule: CropRule = CropRule(), radius: float = 0.2, neighbours: int = 8,
                known: np.ndarray | None = None) -> np.ndarray:
-    """Pairs (i < j) of `thumbs` (`thumbnail` bytes) where one is a crop of the other; pairs in `known`
-    (already found by another descriptor) are not verified again and not returned.
+    """Pairs (i < j) of `thumbs` (`thumbnail` bytes; None: no image, never paired) where one is a crop of
+    the other; pairs in `known` (already found by another descriptor) are not verified again and not returned.
 
     Memory: the histograms, then a row's views (about 50 KB) only from its first candidate pair to its
     last."""
-    hists = np.stack([histogram(read_thumbnail(t)) for t in thumbs]) if thumbs else np.zeros((0, _HIST_LEVELS**3))
-    candidates = candidate_pairs(hists, radius, neighbours)
+    rows = np.array([i for i, t in enumerate(thumbs) if t is not None], dtype=np.int64)
+    hists = np.stack([histogram(read_thumbnail(thumbs[i])) for i in rows]) if len(rows) else \
+        np.zeros((0, _HIST_LEVELS**3), np.float32)
+    candidates = rows[candidate_pairs(hists, radius, neighbours)]
     if known is not None and len(known) and len(candidates):
         seen = {(int(i), int(j)) for i, j in known}
         candidates = np.array([p for p in candidates.tolist() if tuple(p) not in seen], dtype=np.int64).reshape(-1, 2)
@@ -282,7 +284,7 @@ def crop_pairs(thumbs: list[bytes], rule: CropRule = CropRule(), radius: float =
     for k, (i, j) in enumerate(candidates.tolist()):
         for row in (i, j):
             if row not in views:
-                views[row] = Prepared(read_thumbnail(thumbs[row]))
+                views[row] = Prepared(read_thumbnail(thumbs[row]))  # type: ignore[arg-type]
         if is_copy(views[i], views[j], rule):
             hits.append((i, j))
         for row in (i, j):

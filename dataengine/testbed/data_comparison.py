@@ -2,7 +2,9 @@
 
 The baseline is the same input through the downloader and the instruction writer with no filter,
 its stage 2 trained on as many rows as the curated run's, from the curated run's stage-1 model: the
-two sides differ only in their instruction data. Stage 2 is trained with several seeds on each side
+two sides differ only in their instruction data. Its input leaves out the URLs the curated run's
+download stage rejected (`downloadable_input`): they give no row either way, and the synthetic web's
+slow ones cost the baseline half a minute of timeouts. Stage 2 is trained with several seeds on each side
 (`train.stage2_seeds`), so the verdict's interval covers training variance (the spread over seeds)
 as well as benchmark sampling (the binomial variance of each side's exact match over its questions).
 """
@@ -13,6 +15,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
+from dataengine.core import columns as C
 from dataengine.core.layout import FINAL_DIR, stage_dir
 from dataengine.engine.spec import PipelineSpec
 from dataengine.eval.train_then_eval import stage2_runs
@@ -20,18 +25,36 @@ from dataengine.eval.train_then_eval import stage2_runs
 #: two-sided 95% Student t quantiles by degrees of freedom (beyond 10: 2.0)
 _T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
 UNFILTERED_STAGES = ("download", "llava_synthesis_mapper")
+UNFILTERED_INPUT = "demo_unfiltered_input.parquet"  # beside the curated run's other demo files
 
 
-def unfiltered_spec(spec: PipelineSpec, run_dir: Path, train_rows: int) -> PipelineSpec:
-    """The same input, downloader and instruction writer without any filter, its stage 2 trained on
-    `train_rows` rows from the curated run's stage-1 model (`run_dir`): the baseline the curated data is
-    compared with, differing only in the instruction data."""
+def unfiltered_spec(spec: PipelineSpec, run_dir: Path, train_rows: int, input_path: Path | None = None) -> PipelineSpec:
+    """The same input (or `input_path`, see `downloadable_input`), downloader and instruction writer
+    without any filter, its stage 2 trained on `train_rows` rows from the curated run's stage-1 model
+    (`run_dir`): the baseline the curated data is compared with, differing only in the instruction data."""
     keep = [s for s in spec.stages if s.op in UNFILTERED_STAGES]
     start = stage_dir(run_dir, 1) / FINAL_DIR
     train = spec.train.model_copy(update={"max_samples": train_rows, "stages": [2], "stage2_init": str(start)}) \
         if spec.train else None
-    return spec.model_copy(update={"name": spec.name + "-unfiltered", "stages": keep, "train": train,
+    source = spec.input.model_copy(update={"path": str(input_path)}) if input_path else spec.input
+    return spec.model_copy(update={"name": spec.name + "-unfiltered", "stages": keep, "train": train, "input": source,
                                    "output": str(run_dir.with_name(run_dir.name + "-unfiltered"))})
+
+
+def downloadable_input(spec: PipelineSpec, run_dir: Path) -> Path | None:
+    """The input rows whose URL the curated run (`run_dir`) did not reject at its download stage, written
+    to `run_dir / UNFILTERED_INPUT`; None when the input is not one Parquet file (the baseline then reads
+    the whole input)."""
+    source = Path(spec.input.path)
+    if not (source.is_file() and (spec.input.format or source.suffix.lstrip(".")) == "parquet"):
+        return None
+    parts = sorted((run_dir / "rejected").glob("*.parquet"))
+    failed = set(pl.read_parquet(parts, columns=[C.URL, C.REJECT_STAGE]).filter(pl.col(C.REJECT_STAGE) == "download")
+                 [C.URL].to_list()) if parts else set()
+    out = run_dir / UNFILTERED_INPUT
+    failed_urls = pl.Series(sorted(failed), dtype=pl.String).implode()
+    pl.read_parquet(source).filter(~pl.col(spec.input.url_col).is_in(failed_urls)).write_parquet(out)
+    return out
 
 
 def training_rows(before: dict[str, Any], curated: dict[str, Any], unfiltered: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:

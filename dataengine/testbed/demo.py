@@ -28,7 +28,13 @@ from dataengine.engine.runner import RunError, RunResult, format_summary, run_pi
 from dataengine.engine.spec import PipelineSpec, load_spec
 from dataengine.eval.train_then_eval import train_run, train_stage2_together
 from dataengine.io.export import EXPORT_MANIFEST
-from dataengine.testbed.data_comparison import compare, format_training, training_rows, unfiltered_spec
+from dataengine.testbed.data_comparison import (
+    compare,
+    downloadable_input,
+    format_training,
+    training_rows,
+    unfiltered_spec,
+)
 from dataengine.testbed.synthweb import SynthWebServer, build_synthweb, write_url_list
 from dataengine.testbed.synthweb import build as T  # the truth table's column names
 from dataengine.testbed.synthweb.caption_qa import CaptionQAResponder
@@ -222,7 +228,7 @@ def _train_and_compare(result: RunResult, spec: PipelineSpec) -> tuple[dict[str,
     if 2 not in spec.train.stages:
         return before, None
     rows = json.loads((stage_dir(run_dir, 1) / RESULT_FILE).read_text())["lineage"]["samples"]["train"]
-    baseline = unfiltered_spec(spec, run_dir, rows)
+    baseline = unfiltered_spec(spec, run_dir, rows, downloadable_input(spec, run_dir))
     note("the same %d rows' worth of unfiltered data for comparison: %s ...", rows, baseline.output)
     shutil.rmtree(baseline.output, ignore_errors=True)
     run_pipeline(baseline.model_copy(update={"train": None}))  # its data; `baseline.train` trains its stage 2 there

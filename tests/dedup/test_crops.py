@@ -106,6 +106,7 @@ def test_crop_pairs_finds_the_crop_among_look_alikes_and_skips_known_pairs():
     moved = _render(_scene(("star", "blue", (0.22, 0.2, 0.47, 0.5)), ("circle", "red", (0.5, 0.45, 0.8, 0.8))), seed=3)
     thumbs = [thumbnail(_downloaded(x)) for x in (moved, original, crop)]
     assert crop_pairs(thumbs).tolist() == [[1, 2]]
+    assert crop_pairs([None, thumbs[1], None, thumbs[2]]).tolist() == [[1, 3]]  # rows without an image take no part
     assert crop_pairs(thumbs, known=np.array([[1, 2]])).shape == (0, 2)
     assert crop_pairs(thumbs[:1]).shape == (0, 2)
 

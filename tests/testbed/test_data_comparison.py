@@ -2,9 +2,11 @@
 
 from pathlib import Path
 
+import polars as pl
+
 from dataengine.core.layout import FINAL_DIR, stage_dir
 from dataengine.engine.spec import load_spec
-from dataengine.testbed.data_comparison import UNFILTERED_STAGES, unfiltered_spec
+from dataengine.testbed.data_comparison import UNFILTERED_INPUT, UNFILTERED_STAGES, downloadable_input, unfiltered_spec
 from tests.conftest import REPO
 
 
@@ -29,3 +31,27 @@ def test_the_baselines_data_part_is_the_run_its_trained_spec_finds(tmp_path):
     data_only = trained.model_copy(update={"train": None})  # what the demo runs first
     assert data_only.train is None and trained.train is not None
     assert data_only.spec_hash() == trained.spec_hash()
+
+
+def test_the_baseline_reads_only_the_urls_the_curated_run_downloaded(tmp_path):
+    """A URL the curated run's download stage rejected gives the baseline no row either: its input leaves
+    those out (rows rejected later, by a filter, stay: the baseline has no filters)."""
+    spec = load_spec(REPO / "pipelines" / "demo.yaml")
+    urls = tmp_path / "urls.parquet"
+    pl.DataFrame({"url": [f"http://web/{i}" for i in range(5)], "caption": list("abcde"), "id": list(range(5))}) \
+        .write_parquet(urls)
+    spec = spec.model_copy(update={"input": spec.input.model_copy(update={"path": str(urls)})})
+    run_dir = tmp_path / "runs" / "demo"
+    (run_dir / "rejected").mkdir(parents=True)
+    pl.DataFrame({"url": ["http://web/1", "http://web/3", "http://web/4"],
+                  "reject_stage": ["download", "clip_score_filter", "download"]}) \
+        .write_parquet(run_dir / "rejected" / "shard-0.parquet")
+    path = downloadable_input(spec, run_dir)
+    assert path == run_dir / UNFILTERED_INPUT
+    assert pl.read_parquet(path).to_dict(as_series=False) == {"url": ["http://web/0", "http://web/2", "http://web/3"],
+                                                              "caption": ["a", "c", "d"], "id": [0, 2, 3]}
+    baseline = unfiltered_spec(spec, run_dir, 2, path)
+    assert baseline.input.path == str(path) and baseline.input.url_col == spec.input.url_col
+    assert unfiltered_spec(spec, run_dir, 2).input == spec.input
+    csv = spec.model_copy(update={"input": spec.input.model_copy(update={"path": str(tmp_path / "urls.csv")})})
+    assert downloadable_input(csv, run_dir) is None  # not one Parquet file: the whole input, as before
