@@ -135,7 +135,7 @@ DEMO_RECIPE = {
 
 
 #: demo model name -> the family (one recipe, one cache directory) it is trained in
-DEMO_FAMILIES = {"clip": "core", "lm": "core", "blip-captioner": "blip", "blip-itm": "blip", "vlm-lm": "vlm"}
+DEMO_FAMILIES = {"clip": "core", "lm": "lm", "blip-captioner": "blip", "blip-itm": "blip", "vlm-lm": "vlm"}
 
 
 def _family_recipe(family: str) -> dict[str, Any]:
@@ -341,11 +341,15 @@ def train_clip_recipe(out: Path, recipe: dict[str, Any]) -> list[str]:
 
 
 def _train_core(out: Path) -> None:
-    # pair i is drawn from (seed, i) alone: the LM's captions are the first `pairs` of the CLIP's
-    captions = train_clip_recipe(out / "clip", DEMO_RECIPE)
-    lm_captions = captions[:DEMO_RECIPE["pairs"]]
-    note("training the demo LM on %d true captions ...", len(lm_captions))
-    train_demo_lm(out / "lm", lm_captions, DEMO_RECIPE)
+    train_clip_recipe(out / "clip", DEMO_RECIPE)
+
+
+def _train_lm(out: Path) -> None:
+    # pair i is drawn from (seed, i) alone: these are the first `pairs` of the CLIP's captions. A family of
+    # its own since the CLIP is the longest training: the LM runs beside it instead of after it
+    _, captions = _web_like_pairs(DEMO_RECIPE["pairs"], DEMO_RECIPE["image_size"], DEMO_RECIPE["seed"])
+    note("training the demo LM on %d true captions ...", len(captions))
+    train_demo_lm(out / "lm", captions, DEMO_RECIPE)
 
 
 def train_blip_recipe(out: Path, recipe: dict[str, Any]) -> tuple[Path, Path]:
@@ -379,7 +383,8 @@ def _train_vlm(out: Path) -> None:
     train_demo_vlm_lm(out / "vlm-lm")
 
 
-_TRAINERS: dict[str, Callable[[Path], None]] = {"core": _train_core, "blip": _train_blip, "vlm": _train_vlm}
+_TRAINERS: dict[str, Callable[[Path], None]] = {"core": _train_core, "lm": _train_lm, "blip": _train_blip,
+                                                "vlm": _train_vlm}
 
 
 def ensure_demo_models(cache_dir: str | Path | None = None, force: bool = False, blip: bool = True,
@@ -387,7 +392,7 @@ def ensure_demo_models(cache_dir: str | Path | None = None, force: bool = False,
     """The demo's CLIP and LM (and BLIP captioner and ITM filter, and the VLM's language model), trained
     once per recipe on clean synthetic pairs and cached. With `parallel`, families still to train are
     trained side by side, a process each (`_train_in_processes`); without, here, one after another."""
-    wanted = ["core"] + (["blip"] if blip else []) + (["vlm"] if vlm else [])
+    wanted = ["core"] + (["blip"] if blip else []) + (["vlm"] if vlm else []) + ["lm"]  # the longest first
     roots = {family: demo_model_dir(cache_dir, family) for family in wanted}
     missing = [family for family in wanted if force or not (roots[family] / "recipe.json").exists()]
     if parallel and len(missing) > 1 and _cpus() > 1:
@@ -395,7 +400,7 @@ def ensure_demo_models(cache_dir: str | Path | None = None, force: bool = False,
         force = False  # trained just now
     for family in wanted:
         _train_family(roots[family], family, force, _TRAINERS[family])
-    paths = {"clip": roots["core"] / "clip", "lm": roots["core"] / "lm"}
+    paths = {"clip": roots["core"] / "clip", "lm": roots["lm"] / "lm"}
     if blip:
         paths.update({"blip-captioner": roots["blip"] / "blip-captioner", "blip-itm": roots["blip"] / "blip-itm"})
     if vlm:
@@ -408,8 +413,8 @@ def _cpus() -> int:
 
 
 def _train_in_processes(families: list[str], roots: dict[str, Path], force: bool) -> None:
-    """Train `families` in child processes, as many at once as there are CPUs (the largest, `core`,
-    first), the CPUs' PyTorch threads split between them. Why: these tiny models use a second thread
+    """Train `families` in child processes, as many at once as there are CPUs, in the order given (the
+    longest, `core`, the CLIP, first), the CPUs' PyTorch threads split between them. Why: these tiny models use a second thread
     poorly (a CLIP epoch: 20.0 s on 2 threads, 25.6 s on 1), so two 1-thread trainings do 1.56 x the work
     of one 2-thread training. A child that fails fails the call."""
     import subprocess
