@@ -180,48 +180,51 @@ class Prepared:
         self.coarse_mirror = self.coarse.mirrored()
 
 
-def is_copy(a: Prepared | np.ndarray, b: Prepared | np.ndarray, rule: CropRule = CropRule(), tries: int = 1) -> bool:
+def is_copy(a: Prepared | np.ndarray, b: Prepared | np.ndarray, rule: CropRule = CropRule()) -> bool:
     """Whether one thumbnail is a crop (scaled, maybe mirrored) of the other, or the same image.
 
     Each of the four placements (a inside b, b inside a, each mirrored or not) is searched on 32-px
-    versions; the `tries` cheapest are refined at full size near where they landed, and judged there."""
+    versions; the cheapest is refined at full size near where it landed, and judged there."""
     first = a if isinstance(a, Prepared) else Prepared(a)
     second = b if isinstance(b, Prepared) else Prepared(b)
     placements = [((first.coarse, second.coarse), (first.fine, second.fine)),
                   ((second.coarse, first.coarse), (second.fine, first.fine)),
                   ((first.coarse, second.coarse_mirror), (first.fine, second.fine_mirror)),
                   ((second.coarse_mirror, first.coarse), (second.fine_mirror, first.fine))]
-    found = [(place(big, small, _widths(big, rule.min_side, step=_COARSE_STEP)), k)
-             for k, ((big, small), _) in enumerate(placements)]
-    ranked = sorted(((f.cost, k, f) for f, k in found if f is not None), key=lambda t: t[:2])
-    for _, k, rough in ranked[:tries]:
-        if rough.cost > rule.max_coarse_cost:
-            break
-        (coarse_big, _), (big, small) = placements[k]
-        ratio = big.pixels.shape[1] / coarse_big.pixels.shape[1]
-        centre = round(rough.width * ratio)
-        near = (round(rough.at[0] * ratio), round(rough.at[1] * ratio))
-        spread = int(np.ceil(ratio * _COARSE_STEP / 2))  # the widths the coarse step skipped, either side
-        refined = place(big, small, range(centre - spread, centre + spread + 1), near, margin=spread + 1)
-        if refined is not None and _passes(agreement(big, small, refined), rule):
-            return True
-    return False
+    found = [(rough, k) for k, ((big, small), _) in enumerate(placements)
+             if (rough := place(big, small, _widths(big, rule.min_side, step=_COARSE_STEP))) is not None]
+    if not found:
+        return False
+    rough, k = min(found, key=lambda f: (f[0].cost, f[1]))
+    if rough.cost > rule.max_coarse_cost:
+        return False
+    (coarse_big, _), (big, small) = placements[k]
+    ratio = big.pixels.shape[1] / coarse_big.pixels.shape[1]
+    centre = round(rough.width * ratio)
+    near = (round(rough.at[0] * ratio), round(rough.at[1] * ratio))
+    spread = int(np.ceil(ratio * _COARSE_STEP / 2))  # the widths the coarse step skipped, either side
+    refined = place(big, small, range(centre - spread, centre + spread + 1), near, margin=spread + 1)
+    return refined is not None and _passes(agreement(big, small, refined), rule)
+
+
+def _nearest(queries: np.ndarray, base: np.ndarray, k: int) -> np.ndarray:
+    """Ids (queries x k, -1 where there are fewer) of each query histogram's `k` nearest `base` histograms,
+    searched exactly by inner product of square roots (the Bhattacharyya coefficient, a matrix product for
+    FAISS), not by L1, which has no fast exact search."""
+    import faiss
+
+    index = faiss.IndexFlatIP(base.shape[1])
+    index.add(np.ascontiguousarray(np.sqrt(base), dtype=np.float32))
+    return index.search(np.ascontiguousarray(np.sqrt(queries), dtype=np.float32), min(len(base), k))[1]
 
 
 def candidate_pairs(hists: np.ndarray, radius: float, neighbours: int) -> np.ndarray:
-    """Pairs (i < j) where j is among i's `neighbours` nearest histograms (or i among j's) and the two are
-    within `radius` in L1. The neighbours are searched exactly by inner product of square-rooted
-    histograms (the Bhattacharyya coefficient, a matrix product for FAISS), not by L1, which has no
-    fast exact search."""
-    import faiss
-
+    """Pairs (i < j) where j is among i's `neighbours` nearest histograms (or i among j's, `_nearest`) and
+    the two are within `radius` in L1."""
     n = len(hists)
     if n < 2:
         return np.zeros((0, 2), dtype=np.int64)
-    roots = np.ascontiguousarray(np.sqrt(hists), dtype=np.float32)
-    index = faiss.IndexFlatIP(roots.shape[1])
-    index.add(roots)
-    _, ids = index.search(roots, min(n, neighbours + 1))
+    ids = _nearest(hists, hists, neighbours + 1)
     rows, cols = np.repeat(np.arange(n), ids.shape[1]), ids.ravel()
     keep = (cols >= 0) & (cols != rows)
     rows, cols = rows[keep], cols[keep]
@@ -233,33 +236,27 @@ def candidate_pairs(hists: np.ndarray, radius: float, neighbours: int) -> np.nda
 def crops_of_references(thumbs: list[bytes | None], references: list[bytes], rule: CropRule = CropRule(),
                         radius: float = 0.2, neighbours: int = 8) -> dict[int, int]:
     """Row -> reference for rows of `thumbs` that are a crop of (or contain) one of `references` (all
-    `thumbnail` bytes): each row's `neighbours` nearest references by histogram within `radius`, verified.
-    Rows without a thumbnail (None) are skipped."""
-    import faiss
-
+    `thumbnail` bytes): each row's `neighbours` nearest references by histogram (one search for all rows)
+    within `radius`, verified. Rows without a thumbnail (None) are skipped."""
     rows = [i for i, t in enumerate(thumbs) if t is not None]
     if not rows or not references:
         return {}
     ref_pixels = [read_thumbnail(t) for t in references]
     ref_hists = np.stack([histogram(p) for p in ref_pixels])
-    index = faiss.IndexFlatIP(ref_hists.shape[1])
-    index.add(np.ascontiguousarray(np.sqrt(ref_hists), dtype=np.float32))
+    row_hists = np.stack([histogram(read_thumbnail(thumbs[i])) for i in rows])  # type: ignore[arg-type]
+    nearest = _nearest(row_hists, ref_hists, neighbours)
     found: dict[int, int] = {}
     ref_views: dict[int, Prepared] = {}
-    for i in rows:
-        pixels = read_thumbnail(thumbs[i])  # type: ignore[arg-type]
-        hist = histogram(pixels)
-        _, ids = index.search(np.sqrt(hist)[None, :].astype(np.float32), min(len(references), neighbours))
-        view = None
-        for r in ids[0]:
-            if r < 0 or np.abs(hist - ref_hists[r]).sum() > radius:
-                continue
-            if view is None:
-                view = Prepared(pixels)
+    for i, hist, ids in zip(rows, row_hists, nearest):
+        near = [int(r) for r in ids if r >= 0 and np.abs(hist - ref_hists[r]).sum() <= radius]
+        if not near:
+            continue
+        view = Prepared(read_thumbnail(thumbs[i]))  # type: ignore[arg-type]
+        for r in near:
             if r not in ref_views:
                 ref_views[r] = Prepared(ref_pixels[r])
             if is_copy(view, ref_views[r], rule):
-                found[i] = int(r)
+                found[i] = r
                 break
     return found
 

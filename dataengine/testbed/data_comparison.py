@@ -17,6 +17,7 @@ from typing import Any
 
 import polars as pl
 
+from dataengine.analysis.query import scan
 from dataengine.core import columns as C
 from dataengine.core.layout import FINAL_DIR, stage_dir
 from dataengine.engine.spec import PipelineSpec
@@ -48,12 +49,10 @@ def downloadable_input(spec: PipelineSpec, run_dir: Path) -> Path | None:
     source = Path(spec.input.path)
     if not (source.is_file() and (spec.input.format or source.suffix.lstrip(".")) == "parquet"):
         return None
-    parts = sorted((run_dir / "rejected").glob("*.parquet"))
-    failed = set(pl.read_parquet(parts, columns=[C.URL, C.REJECT_STAGE]).filter(pl.col(C.REJECT_STAGE) == "download")
-                 [C.URL].to_list()) if parts else set()
+    rejected = scan(run_dir)["rejected"]  # lazy: only the two columns below are read
+    failed = rejected.filter(pl.col(C.REJECT_STAGE) == "download").select(C.URL).collect()[C.URL].implode()
     out = run_dir / UNFILTERED_INPUT
-    failed_urls = pl.Series(sorted(failed), dtype=pl.String).implode()
-    pl.read_parquet(source).filter(~pl.col(spec.input.url_col).is_in(failed_urls)).write_parquet(out)
+    pl.read_parquet(source).filter(~pl.col(spec.input.url_col).is_in(failed)).write_parquet(out)
     return out
 
 

@@ -45,7 +45,7 @@ def test_the_baseline_reads_only_the_urls_the_curated_run_downloaded(tmp_path):
     (run_dir / "rejected").mkdir(parents=True)
     pl.DataFrame({"url": ["http://web/1", "http://web/3", "http://web/4"],
                   "reject_stage": ["download", "clip_score_filter", "download"]}) \
-        .write_parquet(run_dir / "rejected" / "shard-0.parquet")
+        .write_parquet(run_dir / "rejected" / "part-000000-s0.parquet")  # a run's file name: `analysis.query.scan` reads those
     path = downloadable_input(spec, run_dir)
     assert path == run_dir / UNFILTERED_INPUT
     assert pl.read_parquet(path).to_dict(as_series=False) == {"url": ["http://web/0", "http://web/2", "http://web/3"],
