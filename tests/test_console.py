@@ -149,6 +149,47 @@ def test_watch_steps_warns_when_no_step_comes(tmp_path):
     assert all(w.startswith("train stage 2: no new step for") and "Cluster resources are not enough" in w for w in warnings)
 
 
+def test_a_seed_waiting_its_turn_in_a_sweep_is_not_a_stall(tmp_path):
+    """Seeds of a sweep train one after another in one run: while seed 0 makes steps, seed 1 waiting is no
+    stall (one watcher per seed warned "not started" for it). A real stall names the seed that should move."""
+    from dataengine.core.progress import StepTrack, watch_sweep_steps
+
+    tracks = [StepTrack(tmp_path / f"seed{i}.jsonl", f"s{i}/steps", f"train stage 2 (seed {i})") for i in (0, 1)]
+    warnings: list[str] = []
+    steps: list = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            if record.levelno == logging.WARNING:
+                warnings.append(record.getMessage())
+            elif hasattr(record, "progress"):
+                steps.append(record.progress)
+
+    collect = Collect()
+    logging.getLogger("dataengine.progress").addHandler(collect)
+    logging.getLogger("dataengine.progress").setLevel(logging.INFO)
+
+    def step(track: StepTrack, n: int) -> None:
+        with track.metrics_path.open("a") as f:
+            f.write(json.dumps({"step": n, "loss": 1.0 / n}) + "\n")
+
+    try:
+        with watch_sweep_steps(tracks, total=12, poll=0.01, stall_after=0.5):
+            for n in range(1, 13):  # seed 0: 0.6 s of steps, longer than a stall period
+                step(tracks[0], n)
+                time.sleep(0.05)
+            assert warnings == []
+            step(tracks[1], 1)
+            step(tracks[1], 2)
+            time.sleep(1.2)  # seed 1 stops at step 2: two stall periods
+    finally:
+        logging.getLogger("dataengine.progress").removeHandler(collect)
+    assert 1 <= len(warnings) <= 2, warnings
+    assert all(w.startswith("train stage 2 (seed 1): no new step for") and "(at step 2/12)" in w for w in warnings)
+    assert [e.step for e in steps if e.key == "s0/steps" and not e.done] == list(range(1, 13))
+    assert [(e.key, e.step) for e in steps if e.done] == [("s0/steps", 12), ("s1/steps", 2)]
+
+
 def test_verbose_prints_every_log_line_on_the_console(ray_local, synthweb_dir, synthweb_server, tmp_path, capfd):
     """`--verbose` after the command: our INFO lines on the console, no redirection (in-process, on the
     session's Ray)."""

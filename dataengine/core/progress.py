@@ -78,6 +78,38 @@ def note(message: str, *args: object) -> None:
     log.info(message, *args)
 
 
+@dataclass(frozen=True)
+class StepTrack:
+    """One training's steps to follow: the metrics file it appends to, its progress key and label."""
+
+    metrics_path: Path
+    key: str
+    label: str
+
+
+class _Follow:
+    """What has been read of one track's metrics file."""
+
+    def __init__(self, track: StepTrack) -> None:
+        self.track = track
+        self.step, self.loss, self.seconds, self.reported = 0, None, None, 0
+        # steps an earlier attempt wrote (a resumed stage) are not this run's progress
+        self.offset = track.metrics_path.stat().st_size if track.metrics_path.exists() else 0
+
+    def read_new(self) -> None:
+        try:
+            with self.track.metrics_path.open("rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return
+        complete = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+        for line in complete.splitlines():
+            row = json.loads(line)
+            self.step, self.loss, self.seconds = row.get("step", self.step), row.get("loss"), row.get("seconds")
+        self.offset += len(complete)
+
+
 @contextlib.contextmanager
 def watch_steps(metrics_path: Path, key: str, label: str, total: int, poll: float = 0.5,
                 stall_after: float = STALL_SECONDS) -> Iterator[None]:
@@ -85,46 +117,46 @@ def watch_steps(metrics_path: Path, key: str, label: str, total: int, poll: floa
     whichever process trains) while the body runs, then the last one as done. Every `stall_after`
     seconds without a new step, a warning says so: a training whose data feed waits for a CPU that never
     frees is silent otherwise (Ray Data writes why to the run's log, not to the console)."""
+    with watch_sweep_steps([StepTrack(metrics_path, key, label)], total, poll, stall_after):
+        yield
+
+
+@contextlib.contextmanager
+def watch_sweep_steps(tracks: list[StepTrack], total: int, poll: float = 0.5,
+                      stall_after: float = STALL_SECONDS) -> Iterator[None]:
+    """`watch_steps` for trainings that run one after another in one run (a seed sweep), each `total`
+    steps. A stall is no new step in any of them for `stall_after`; the warning names the first one not
+    yet done, the one that should be moving. Why not a watcher each: a seed waiting its turn is not stalled."""
     stop = threading.Event()
     started = time.perf_counter()
-    # steps an earlier attempt wrote (a resumed stage) are not this run's progress
-    seen: dict = {"step": 0, "loss": None, "seconds": None,
-                  "offset": metrics_path.stat().st_size if metrics_path.exists() else 0}
-
-    def read_new() -> None:
-        try:
-            with metrics_path.open("rb") as f:
-                f.seek(seen["offset"])
-                chunk = f.read()
-        except FileNotFoundError:
-            return
-        complete = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
-        for line in complete.splitlines():
-            row = json.loads(line)
-            seen["step"], seen["loss"], seen["seconds"] = row.get("step", seen["step"]), row.get("loss"), row.get("seconds")
-        seen["offset"] += len(complete)
+    follows = [_Follow(track) for track in tracks]
 
     def follow() -> None:
-        last, moved, warned = 0, started, started
+        moved, warned = started, started
         while not stop.wait(poll):
-            read_new()
             now = time.perf_counter()
-            if seen["step"] != last:
-                last, moved = seen["step"], now
-                report(StepProgress(key, label, last, total, seen["loss"], now - started, seen["seconds"]))
-            elif now - max(moved, warned) >= stall_after:
+            for f in follows:
+                f.read_new()
+                if f.step != f.reported:
+                    f.reported, moved = f.step, now
+                    report(StepProgress(f.track.key, f.track.label, f.step, total, f.loss, now - started, f.seconds))
+            if now - max(moved, warned) >= stall_after:
                 warned = now
+                waiting = next((f for f in follows if f.step < total), follows[-1])
                 log.warning("%s: no new step for %.0f s (%s); still waiting. If it never moves, the run's log says "
                             "why (Ray Data: \"Cluster resources are not enough to run any task\" means the data feed "
-                            "has no free CPU)", label, now - moved, f"at step {last}/{total}" if last else "not started")
-        read_new()
+                            "has no free CPU)", waiting.track.label, now - moved,
+                            f"at step {waiting.step}/{total}" if waiting.step else "not started")
+        for f in follows:
+            f.read_new()
 
-    thread = threading.Thread(target=follow, name=f"watch-{key}", daemon=True)
+    thread = threading.Thread(target=follow, name=f"watch-{tracks[0].key}", daemon=True)
     thread.start()
     try:
         yield
     finally:
         stop.set()
         thread.join()
-    report(StepProgress(key, label, seen["step"], total, seen["loss"], time.perf_counter() - started,
-                        seen["seconds"], done=True))
+    for f in follows:
+        report(StepProgress(f.track.key, f.track.label, f.step, total, f.loss, time.perf_counter() - started,
+                            f.seconds, done=True))

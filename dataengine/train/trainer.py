@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from typing import Any
 from dataengine.core import raytools
 from dataengine.core.atomic import write_text_atomic
 from dataengine.core.layout import CHECKPOINTS_DIR, FINAL_DIR, INIT_DIR, MANIFEST, METRICS_FILE, RESULT_FILE, stage_dir
-from dataengine.core.progress import STALL_SECONDS, note, watch_steps
+from dataengine.core.progress import StepTrack, note, watch_sweep_steps
 from dataengine.train.checkpoints import LINEAGE_FILE, STATE_FILE, checkpoint_step, latest_checkpoint, prune_checkpoints
 from dataengine.train.config import StageSpec, TrainSpec
 from dataengine.train.data import TrainingData, encoded_split, plan_splits, run_data
@@ -244,11 +244,9 @@ def _train(run_dir: Path, runs: list[tuple[TrainSpec, Path]], stage: int, resume
     started = time.perf_counter()
     label = f"train stage {stage}"
     try:
-        with ExitStack() as watching:
-            for config, (_, seed_out) in zip(configs, todo):
-                watching.enter_context(watch_steps(Path(config.metrics_path), f"{seed_out}/steps",
-                                                   label + (f" (seed {config.seed})" if sweep else ""),
-                                                   plan.total_steps, stall_after=STALL_SECONDS * len(configs)))
+        tracks = [StepTrack(Path(config.metrics_path), f"{seed_out}/steps",
+                            label + (f" (seed {config.seed})" if sweep else "")) for config, (_, seed_out) in zip(configs, todo)]
+        with watch_sweep_steps(tracks, plan.total_steps):
             result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - Ray wraps the worker's error; name the stage and keep the cause
         raise TrainError(f"stage {stage} failed: {e}") from e

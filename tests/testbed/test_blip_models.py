@@ -219,3 +219,23 @@ def test_a_demo_family_trained_in_a_child_process_that_fails_is_named(tmp_path):
     roots = {"nosuch": tmp_path / "nosuch", "other": tmp_path / "other"}
     with pytest.raises(RuntimeError, match=r"training the demo nosuch models failed \(exit 1\)"):
         _train_in_processes(["nosuch", "other"], roots, force=False)
+
+
+def test_a_family_says_it_is_ready_once_where_it_was_asked_for(tmp_path, caplog):
+    """A family trained here says where it went; in a child process (`announce=False`) it says nothing,
+    since its parent says it once for the console (both said it before)."""
+    import logging
+
+    from dataengine.testbed.synthweb.models import _train_family
+
+    def train(out):
+        out.mkdir()
+        (out / "weights").write_text("w")
+
+    with caplog.at_level(logging.INFO, logger="dataengine.progress"):
+        _train_family(tmp_path / "lm-x", "lm", False, train, announce=False)
+        _train_family(tmp_path / "lm-y", "lm", False, train)
+        _train_family(tmp_path / "lm-y", "lm", False, train)  # cached: trained once, said once
+    ready = [r.getMessage() for r in caplog.records if "models ready in" in r.getMessage()]
+    assert ready == [f"demo lm models ready in {tmp_path / 'lm-y'} (0 s)"], ready
+    assert (tmp_path / "lm-x" / "weights").read_text() == "w" and (tmp_path / "lm-x" / "recipe.json").exists()

@@ -308,9 +308,10 @@ def train_demo_lm(out_dir: Path, captions: list[str], recipe: dict[str, Any]) ->
     return out_dir
 
 
-def _train_family(root: Path, family: str, force: bool, train: Any) -> None:
+def _train_family(root: Path, family: str, force: bool, train: Any, announce: bool = True) -> None:
     """Train a family into `root` once: atomic (a `.partial` directory renamed when complete) and locked,
-    so two processes asking at once (a test run and a demo) train it once and the second waits."""
+    so two processes asking at once (a test run and a demo) train it once and the second waits.
+    `announce`: say so when done (a child process does not: its parent says it, once)."""
     import fcntl
     import shutil
     import time
@@ -329,7 +330,8 @@ def _train_family(root: Path, family: str, force: bool, train: Any) -> None:
         (tmp / "recipe.json").write_text(json.dumps(_family_recipe(family), indent=2))
         shutil.rmtree(root, ignore_errors=True)
         tmp.rename(root)
-        note("demo %s models ready in %s (%.0fs)", family, root, time.perf_counter() - started)
+        if announce:
+            note("demo %s models ready in %s (%.0f s)", family, root, time.perf_counter() - started)
 
 
 def train_clip_recipe(out: Path, recipe: dict[str, Any]) -> list[str]:
@@ -435,7 +437,7 @@ def _train_in_processes(families: list[str], roots: dict[str, Path], force: bool
         if done.returncode != 0:
             raise RuntimeError(f"training the demo {family} models failed (exit {done.returncode}); its output is "
                                "on stderr (a demo's: in its run log)")
-        note("demo %s models trained (%.0f s)", family, time.perf_counter() - started)
+        note("demo %s models ready in %s (%.0f s)", family, roots[family], time.perf_counter() - started)
 
     note("training the demo's %s models, %d at once (a process each, %d PyTorch thread%s) ...", ", ".join(families),
          at_once, threads, "" if threads == 1 else "s")
@@ -457,4 +459,4 @@ def train_family_in_process(family: str, root: str, force: bool, threads: int) -
     import torch
 
     torch.set_num_threads(threads)
-    _train_family(Path(root), family, force, _TRAINERS[family])
+    _train_family(Path(root), family, force, _TRAINERS[family], announce=False)
