@@ -112,7 +112,7 @@ def format_capfilt(report: dict[str, Any]) -> str:
     share = m["synthetic_right"] / m["rows"] if m["rows"] else 0.0
     return (f"  CapFilt replaced {m['synthetic_right']} of {m['rows']} mismatched web captions with a correct synthetic "
             f"one ({share:.1%}); {m['synthetic_wrong']} got a wrong one, {m['kept_web']} kept the web caption, "
-            f"{m['rejected_no_match']} were rejected (no caption matched).\n"
+            f"{m['rejected_no_match']} rejected (no caption matched).\n"
             f"  Of {c['rows']} correct web captions: {c['kept_web']} kept, {c['synthetic_right']} replaced by a correct "
             f"synthetic one, {c['synthetic_wrong']} by a wrong one, {c['rejected_no_match']} rejected.")
 

@@ -181,6 +181,26 @@ def test_a_rewritten_file_is_never_read_from_the_row_group_a_process_kept(tmp_pa
     assert read_parquet_rows(path, spec, 1, 1).column(C.CAPTION).to_pylist() == ["new"]
 
 
+def test_a_file_rewritten_with_the_same_size_and_mtime_is_not_read_from_the_kept_row_group(tmp_path):
+    """Path, size and mtime alike (a rewrite within one mtime tick): the row group's footer entry differs."""
+    import os
+
+    spec = InputSpec(path=str(tmp_path))
+    path = tmp_path / "a.parquet"
+
+    def write(caption: str) -> None:
+        pq.write_table(pa.table({"url": ["http://a/0", "http://a/1"], "caption": [caption] * 2}), path,
+                       compression="none")
+
+    write("old")
+    stat = path.stat()
+    assert read_parquet_rows(path, spec, 1, 1).column(C.CAPTION).to_pylist() == ["old"]
+    write("new")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    assert read_parquet_rows(path, spec, 1, 1).column(C.CAPTION).to_pylist() == ["new"]
+
+
 def test_one_uid_format_for_a_row_and_for_a_run_of_rows():
     row_uid = shard_plan.row_uid
     assert row_uid(3, 98) == "0003-0000000098"
