@@ -38,6 +38,56 @@ def _console_handlers_removed():
         root.removeHandler(handler)
 
 
+#: seconds before pytest-timeout fails a test at which the busy Ray workers' stacks are dumped
+STACKS_BEFORE_TIMEOUT = 20.0
+#: Ray processes that run no task: an idle worker and Ray's own agents
+RAY_NOT_WORKING = {"ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent"}
+
+
+def busy_ray_worker_stacks() -> str:
+    """Every busy Ray worker's Python stack on this machine (py-spy, which ray[default] installs): a test
+    that hangs in a task shows where, instead of only its driver waiting in Ray Data's executor."""
+    import sys
+
+    import psutil
+
+    py_spy = Path(sys.executable).with_name("py-spy")
+    dumps = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        title = " ".join(proc.info["cmdline"] or []).strip()  # Ray pads its process titles with spaces
+        if not title.startswith("ray::") or title.split()[0] in RAY_NOT_WORKING:
+            continue
+        done = subprocess.run([str(py_spy), "dump", "--pid", str(proc.info["pid"])], capture_output=True, text=True,
+                              timeout=30, check=False)
+        dumps.append(f"--- {title} (pid {proc.info['pid']})\n{done.stdout or done.stderr}")
+    return "\n".join(dumps) or "no busy Ray worker"
+
+
+@pytest.fixture(autouse=True)
+def _ray_stacks_before_a_timeout(request):
+    """Shortly before pytest-timeout fails a test, print the busy Ray workers' stacks to its stderr (shown
+    with the failure). Why: a hang inside a task (seen once in a fresh clone's suite, a read task that never
+    returned) otherwise leaves only the driver's side of the wait."""
+    import sys
+    import threading
+
+    marker = request.node.get_closest_marker("timeout")
+    timeout = float(marker.args[0]) if marker and marker.args else float(request.config.getini("timeout") or 0)
+    if timeout <= 2 * STACKS_BEFORE_TIMEOUT:
+        yield
+        return
+
+    def dump() -> None:
+        print(f"\n{request.node.nodeid}: {timeout - STACKS_BEFORE_TIMEOUT:.0f} s, near its timeout; busy Ray "
+              f"workers' stacks:\n{busy_ray_worker_stacks()}", file=sys.stderr, flush=True)
+
+    timer = threading.Timer(timeout - STACKS_BEFORE_TIMEOUT, dump)
+    timer.daemon = True
+    timer.start()
+    yield
+    timer.cancel()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded Ray for the whole session (a Ray start costs seconds here)."""
