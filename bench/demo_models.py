@@ -27,15 +27,10 @@ HELD_OUT_SEED = 987654  # never a training seed
 
 
 def one_edit_captions(captions: list[str]) -> dict[str, tuple[list[int], list[str]]]:
-    """Per kind of one-edit hard negative (`blip_models.hard_negative`'s edits): the rows it applies to
-    and their edited captions, drawn once so every model is scored on the same ones."""
-    rng = np.random.default_rng(5)
-    edits = {"colour": lambda c: B._swap_word(c, B._COLOURS, rng), "shape": lambda c: B._swap_word(c, B._KINDS, rng),
-             "count": lambda c: B._change_count(c, rng), "binding": lambda c: B._swap_binding(c, rng),
-             "size": lambda c: B._swap_word(c, B._SIZES, rng), "place": lambda c: B._move(c, rng),
-             "background": lambda c: B._swap_word(c, B._BACKGROUNDS, rng)}
+    """Per kind of one-edit hard negative (`blip_models.one_edits`): the rows it applies to and their
+    edited captions, drawn once so every model is scored on the same ones."""
     out = {}
-    for name, edit in edits.items():
+    for name, edit in B.one_edits(np.random.default_rng(5)).items():
         rows, negatives = [], []
         for i, caption in enumerate(captions):
             changed = edit(caption)

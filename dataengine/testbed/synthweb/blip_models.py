@@ -208,14 +208,21 @@ def _move(caption: str, rng: Any) -> str | None:
     return caption[:m.start()] + other + caption[m.end():]
 
 
+def one_edits(rng: Any) -> dict[str, Any]:
+    """The one-word edits that make a true caption false, by name: each takes a caption and gives it
+    edited, or None where the caption has nothing to edit (`hard_negative` draws one; benches score each)."""
+    return {"colour": lambda c: _swap_word(c, _COLOURS, rng), "shape": lambda c: _swap_word(c, _KINDS, rng),
+            "count": lambda c: _change_count(c, rng), "binding": lambda c: _swap_binding(c, rng),
+            "size": lambda c: _swap_word(c, _SIZES, rng), "place": lambda c: _move(c, rng),
+            "background": lambda c: _swap_word(c, _BACKGROUNDS, rng)}
+
+
 def hard_negative(caption: str, rng: Any) -> str:
     """A false caption one edit away from a true one: colour, shape, count, binding, size, place or background.
 
     Captions name every shape in the scene, so each edit makes the caption wrong for its image.
     """
-    edits = [lambda c: _swap_word(c, _COLOURS, rng), lambda c: _swap_word(c, _KINDS, rng),
-             lambda c: _change_count(c, rng), lambda c: _swap_binding(c, rng),
-             lambda c: _swap_word(c, _SIZES, rng), lambda c: _move(c, rng), lambda c: _swap_word(c, _BACKGROUNDS, rng)]
+    edits = list(one_edits(rng).values())
     for k in rng.permutation(len(edits)):
         out = edits[int(k)](caption)
         if out is not None and out != caption:
